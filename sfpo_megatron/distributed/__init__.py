@@ -1,0 +1,1 @@
+"""Platform selection and megatron parallel-state initialisation."""

@@ -1,0 +1,134 @@
+"""torch.distributed + megatron ``parallel_state`` from torchrun's or Slurm's environment."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sfpo_megatron.distributed.platform import setup_platform
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout or batch configuration, caught before anything is built."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_dist_env() -> DistEnv:
+    """Rank and world from torchrun (RANK/WORLD_SIZE), else Slurm (SLURM_PROCID/NTASKS), else 1."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", "0"))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", "0"))
+    else:
+        rank, world, local = 0, 1, 0
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" in env:
+        port = int(env["MASTER_PORT"])
+    elif world == 1:
+        port = _free_port()
+    elif "SLURM_JOB_ID" in env:
+        # srun without torchrun: every task derives the same port from the job id.
+        port = 20000 + int(env["SLURM_JOB_ID"]) % 20000
+    else:
+        raise RuntimeError("MASTER_PORT is not set for a multi-process run (use torchrun or srun)")
+    return DistEnv(rank, world, local, addr, port)
+
+
+def check_layout(*, world_size: int, tp: int, pp: int, num_layers: int, num_attention_heads: int,
+                 num_query_groups: int, micro_batch_size: int, global_batch_size: int | None,
+                 vpp: int | None = None) -> int:
+    """Validate a layout; returns the data-parallel size. Errors name the numbers involved."""
+    for name, value in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
+                        ("micro-batch-size", micro_batch_size)):
+        if value < 1:
+            raise LayoutError(f"--{name} must be >= 1, got {value}")
+    if world_size % (tp * pp) != 0:
+        raise LayoutError(
+            f"world size {world_size} is not a multiple of tensor-model-parallel-size {tp} x "
+            f"pipeline-model-parallel-size {pp} = {tp * pp}")
+    if num_attention_heads % tp != 0:
+        raise LayoutError(f"tensor-model-parallel-size {tp} does not divide the number of "
+                          f"attention heads {num_attention_heads}")
+    if num_query_groups % tp != 0:
+        raise LayoutError(f"tensor-model-parallel-size {tp} does not divide the number of "
+                          f"key/value heads {num_query_groups}")
+    stages = pp * (vpp or 1)
+    if num_layers % stages != 0:
+        raise LayoutError(f"pipeline-model-parallel-size {pp}"
+                          + (f" x virtual-pipeline-model-parallel-size {vpp}" if vpp else "")
+                          + f" does not divide the number of layers {num_layers}")
+    dp = world_size // (tp * pp)
+    if global_batch_size is not None and global_batch_size % (micro_batch_size * dp) != 0:
+        raise LayoutError(
+            f"global-batch-size {global_batch_size} is not divisible by micro-batch-size "
+            f"{micro_batch_size} x data-parallel-size {dp} = {micro_batch_size * dp}")
+    return dp
+
+
+def set_seed(seed: int) -> None:
+    """Megatron-LM's seeding: distinct per pipeline stage, identical across TP/DP ranks."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234,
+               timeout_minutes: int = 30) -> DistEnv:
+    """Initialise torch.distributed and megatron's parallel groups (idempotent)."""
+    from megatron.core import parallel_state
+
+    platform = setup_platform()
+    env = read_dist_env()
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=platform.backend, rank=env.rank, world_size=env.world_size,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            timeout=datetime.timedelta(minutes=timeout_minutes))
+    if env.world_size % (tp * pp) != 0:
+        raise LayoutError(
+            f"world size {env.world_size} is not a multiple of tensor-model-parallel-size {tp} x "
+            f"pipeline-model-parallel-size {pp} = {tp * pp}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            distributed_timeout_minutes=timeout_minutes)
+    set_seed(seed)
+    return env
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,517 @@
+"""Trainer-side weight refit: push full HF-named tensors to rollout servers.
+
+The trainer (global rank 0 only) calls ``transport.push(named_tensors, version)`` with an iterator of
+``(hf_name, full torch.Tensor)`` pairs; the megatron-shard gathering that produces them lives in
+``rollout/refit.py``. Tensors are packed into buckets of ``bucket_bytes``
+(``--update-weight-buffer-size``) and sent through one of SGLang's three update paths:
+
+* ``disk``: each bucket becomes one safetensors shard of a new directory (written under a temporary
+  name, then renamed, so a server never reads a half-written checkpoint); then every server gets
+  ``POST /update_weights_from_disk`` with that directory. Servers must see the same filesystem.
+* ``distributed``: the trainer and the servers form a torch.distributed group with SGLang's
+  handshake (trainer = rank 0, server i = rank ``1 + i``); per bucket the trainer posts
+  ``/update_weights_from_distributed`` (names, dtypes, shapes) to every server from background
+  threads while broadcasting each tensor from rank 0.
+* ``tensor``: colocated GPUs only (CUDA IPC handles); a clear error elsewhere.
+
+Every push carries a ``weight_version`` string. It is attached to the last bucket only, so a server
+reports the new version once the whole model has landed; ``push`` then checks every server reports it.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import datetime
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from sfpo_megatron.rollout.client import RolloutClient
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GROUP_NAME = "weight_update_group"
+DEFAULT_BUCKET_BYTES = 512 * 1024**2
+
+
+class RefitError(RuntimeError):
+    """A weight push failed; the message names the server and its answer."""
+
+
+class TransportUnavailableError(RefitError):
+    """The requested transport cannot run on this machine (e.g. CUDA IPC without a GPU)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Process group with SGLang's handshake (shared by the trainer side and the CPU server)
+# --------------------------------------------------------------------------------------------
+
+
+def init_weight_update_group(
+    master_address: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    group_name: str = DEFAULT_GROUP_NAME,
+    backend: str = "gloo",
+    timeout_s: float = 600.0,
+) -> dist.ProcessGroup:
+    """Join the weight-update group exactly as SGLang's servers do.
+
+    SGLang (and the trainers that drive it) rendezvous through a TCP store at
+    ``tcp://master_address:master_port`` hosted by rank 0, namespace it with
+    ``PrefixStore(group_name)`` and build a standalone process group that leaves the default group
+    (the trainer's megatron world) untouched. Matching that key layout is what lets this trainer talk
+    to real SGLang and SGLang-style trainers talk to the CPU server. torch has no public API for a
+    second "world" group, hence the private helper (same as SGLang, OpenRLHF, verl).
+    """
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+        rendezvous,
+    )
+
+    if not group_name:
+        raise ValueError("group_name must be a non-empty string")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside the group's world_size {world_size}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise TransportUnavailableError(
+            "backend 'nccl' needs CUDA, and torch.cuda.is_available() is False here; use backend 'gloo'"
+        )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(
+        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+    )
+    store.set_timeout(timeout)
+    store = PrefixStore(group_name, store)
+    extra: dict[str, Any] = {}
+    if backend == "nccl":
+        # Eager NCCL init: otherwise the first broadcast, not this call, would do the rendezvous.
+        extra["device_id"] = torch.device("cuda", torch.cuda.current_device())
+    pg, _ = _new_process_group_helper(
+        world_size, rank, [], Backend(backend), store, group_name=group_name, timeout=timeout, **extra
+    )
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def destroy_weight_update_group(pg: dist.ProcessGroup) -> None:
+    dist.destroy_process_group(pg)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The dtype string SGLang expects in ``dtypes`` ("bfloat16", "float32", ...)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Inverse of ``dtype_name``; also accepts the ``torch.`` prefix. ValueError names bad input."""
+    attr = name.removeprefix("torch.") if isinstance(name, str) else None
+    dtype = getattr(torch, attr, None) if attr else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def iter_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group tensors in order into buckets of at most ``bucket_bytes``.
+
+    A tensor larger than ``bucket_bytes`` travels alone (it cannot be split without changing names).
+    Order is preserved, so a stream of tensors is never held in memory beyond one bucket.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"weight {name!r} is a {type(tensor).__name__}, expected a torch.Tensor")
+        if name in seen:
+            raise ValueError(f"weight {name!r} appears twice in one push")
+        seen.add(name)
+        nbytes = tensor_bytes(tensor)
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _with_last_flag(buckets: Iterator[list]) -> Iterator[tuple[list, bool]]:
+    """Yield (bucket, is_last) with one bucket of look-ahead."""
+    current = next(buckets, None)
+    while current is not None:
+        following = next(buckets, None)
+        yield current, following is None
+        current = following
+
+
+@dataclass
+class PushStats:
+    transport: str
+    weight_version: str
+    num_tensors: int
+    num_buckets: int
+    bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else float("inf")
+
+
+# --------------------------------------------------------------------------------------------
+# Transports
+# --------------------------------------------------------------------------------------------
+
+
+class WeightTransport(ABC):
+    """Pushes full HF-named tensors to every live server of ``client``. Call on global rank 0 only."""
+
+    name: str = ""
+
+    def __init__(self, client: RolloutClient, bucket_bytes: int = DEFAULT_BUCKET_BYTES, verify: bool = True):
+        if bucket_bytes <= 0:
+            raise ValueError(f"--update-weight-buffer-size must be positive, got {bucket_bytes}")
+        self.client = client
+        self.bucket_bytes = int(bucket_bytes)
+        self.verify = verify
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> PushStats:
+        if not isinstance(weight_version, str) or not weight_version:
+            raise ValueError(f"weight_version must be a non-empty string, got {weight_version!r}")
+        start = time.perf_counter()
+        num_tensors, num_buckets, nbytes = self._push(named_tensors, weight_version)
+        if num_tensors == 0:
+            raise ValueError("push got no tensors")
+        if self.verify:
+            self._verify_version(weight_version)
+        stats = PushStats(self.name, weight_version, num_tensors, num_buckets, nbytes, time.perf_counter() - start)
+        logger.info(
+            "refit via %s: version %s, %d tensors in %d buckets, %.3f GB in %.2fs (%.2f GB/s)",
+            self.name, weight_version, num_tensors, num_buckets, nbytes / 1e9, stats.seconds, stats.gb_per_s,
+        )
+        return stats
+
+    @abstractmethod
+    def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
+        """Send everything; return (num_tensors, num_buckets, bytes)."""
+
+    def close(self) -> None:
+        """Release transport resources (process groups, temp dirs)."""
+
+    def __enter__(self) -> WeightTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _verify_version(self, weight_version: str) -> None:
+        reported = self.client.get_weight_version()
+        wrong = {url: v for url, v in reported.items() if v != weight_version}
+        if wrong:
+            raise RefitError(f"after pushing weight_version {weight_version!r} these servers report {wrong}")
+
+    @staticmethod
+    def _check_results(results: dict[str, dict], what: str) -> None:
+        failed = {url: r for url, r in results.items() if not r.get("success", False)}
+        if failed:
+            raise RefitError(f"{what} failed on {len(failed)} server(s): {failed}")
+
+
+class DiskTransport(WeightTransport):
+    """Safetensors shards in a fresh directory per version, then /update_weights_from_disk everywhere."""
+
+    name = "disk"
+
+    def __init__(
+        self,
+        client: RolloutClient,
+        directory: str | os.PathLike,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        keep_last: int = 1,
+        config_dir: str | os.PathLike | None = None,
+        verify: bool = True,
+    ):
+        super().__init__(client, bucket_bytes, verify)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+        self.keep_last = keep_last
+        # SGLang reloads weights only, but copying config.json makes each version dir a loadable HF dir.
+        self.config_dir = Path(config_dir) if config_dir is not None else None
+        self._written: list[Path] = []
+
+    def version_dir(self, weight_version: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", weight_version)
+        return self.directory / f"weights_{safe}"
+
+    def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[Path, int, int, int]:
+        """Write one HF-style sharded safetensors dir atomically; return (dir, tensors, shards, bytes)."""
+        from safetensors.torch import save_file
+
+        final = self.version_dir(weight_version)
+        tmp = self.directory / f".tmp_{final.name}_{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            shard_names: list[list[str]] = []
+            nbytes = 0
+            for i, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
+                tensors = {n: t.detach().contiguous().cpu() for n, t in bucket}
+                save_file(tensors, str(tmp / f"shard-{i:05d}.safetensors"), metadata={"format": "pt"})
+                shard_names.append([n for n, _ in bucket])
+                nbytes += sum(tensor_bytes(t) for t in tensors.values())
+            total = len(shard_names)
+            weight_map = {}
+            for i, names in enumerate(shard_names):
+                # HF's sharded naming, known only once the stream has ended.
+                fname = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+                os.rename(tmp / f"shard-{i:05d}.safetensors", tmp / fname)
+                weight_map.update(dict.fromkeys(names, fname))
+            index = {"metadata": {"total_size": nbytes, "weight_version": weight_version}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+            if self.config_dir is not None:
+                for cfg in ("config.json", "generation_config.json"):
+                    if (self.config_dir / cfg).exists():
+                        shutil.copy2(self.config_dir / cfg, tmp / cfg)
+            if final.exists():  # same version pushed again: replace it
+                trash = self.directory / f".old_{final.name}_{uuid.uuid4().hex[:8]}"
+                os.rename(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final, len(weight_map), total, nbytes
+
+    def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
+        path, num_tensors, num_buckets, nbytes = self.write(named_tensors, weight_version)
+        results = self.client.update_weights_from_disk(str(path), weight_version=weight_version)
+        self._check_results(results, f"/update_weights_from_disk of {path}")
+        if path in self._written:
+            self._written.remove(path)
+        self._written.append(path)
+        while len(self._written) > self.keep_last:
+            shutil.rmtree(self._written.pop(0), ignore_errors=True)
+        return num_tensors, num_buckets, nbytes
+
+
+class DistributedTransport(WeightTransport):
+    """torch.distributed broadcast from the trainer (rank 0) to every server (ranks 1..N)."""
+
+    name = "distributed"
+
+    def __init__(
+        self,
+        client: RolloutClient,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        master_address: str = "127.0.0.1",
+        master_port: int | None = None,
+        backend: str | None = None,
+        group_name: str = DEFAULT_GROUP_NAME,
+        timeout_s: float = 600.0,
+        verify: bool = True,
+    ):
+        super().__init__(client, bucket_bytes, verify)
+        self.master_address = master_address
+        self.master_port = master_port
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
+        self.group_name = group_name
+        self.timeout_s = timeout_s
+        self._pg: dist.ProcessGroup | None = None
+        self._urls: list[str] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="refit-http")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+    def connect(self) -> None:
+        """Form the group: servers join from their /init_weights_update_group handlers while we join here."""
+        if self._pg is not None:
+            return
+        self._urls = self.client.live_urls()
+        if not self._urls:
+            raise RefitError("no live rollout server to connect the weight-update group to")
+        port = self.master_port or find_free_port(self.master_address)
+        world_size = 1 + len(self._urls)
+        futures = {
+            url: self._pool.submit(
+                self.client.init_weights_update_group,
+                master_address=self.master_address,
+                master_port=port,
+                rank_offset=1 + i,
+                world_size=world_size,
+                group_name=self.group_name,
+                backend=self.backend,
+                url=url,
+            )
+            for i, url in enumerate(self._urls)
+        }
+        try:
+            self._pg = init_weight_update_group(
+                self.master_address, port, 0, world_size, self.group_name, self.backend, self.timeout_s
+            )
+        except Exception as e:
+            failures = {u: repr(f.exception()) for u, f in futures.items() if f.done() and f.exception()}
+            raise RefitError(f"could not form the weight-update group on port {port}: {e}; server errors: {failures}") from e
+        results = {url: f.result() for url, f in futures.items()}
+        self._check_results(results, "/init_weights_update_group")
+        logger.info("weight-update group %r formed with %d server(s) on port %d", self.group_name, len(self._urls), port)
+
+    def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
+        self.connect()
+        if self.client.live_urls() != self._urls:
+            raise RefitError(
+                f"the live servers changed since the group formed ({self._urls} -> {self.client.live_urls()}); "
+                "close() this transport and build a new one"
+            )
+        num_tensors = num_buckets = nbytes = 0
+        for bucket, last in _with_last_flag(iter_buckets(named_tensors, self.bucket_bytes)):
+            self._push_bucket(bucket, weight_version if last else None, last)
+            num_tensors += len(bucket)
+            num_buckets += 1
+            nbytes += sum(tensor_bytes(t) for _, t in bucket)
+        return num_tensors, num_buckets, nbytes
+
+    def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None, last: bool) -> None:
+        tensors = [t.detach().to(self.device).contiguous() for _, t in bucket]
+        payload = {
+            "names": [n for n, _ in bucket],
+            "dtypes": [dtype_name(t.dtype) for t in tensors],
+            "shapes": [list(t.shape) for t in tensors],
+            "group_name": self.group_name,
+            "flush_cache": last,
+        }
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        posts = {
+            url: self._pool.submit(self.client.update_weights_from_distributed, url=url, **payload)
+            for url in self._urls
+        }
+        works = [dist.broadcast(t, src=0, group=self._pg, async_op=True) for t in tensors]
+        # Poll rather than wait(): a server that refused the request never receives, and waiting on
+        # the collective would then hang until the group timeout instead of reporting its answer.
+        deadline = time.monotonic() + self.timeout_s
+        while not all(w.is_completed() for w in works):
+            for url, f in posts.items():
+                if f.done() and (f.exception() is not None or not f.result().get("success", False)):
+                    answer = f.exception() or f.result()
+                    raise RefitError(f"{url} refused /update_weights_from_distributed mid-broadcast: {answer}")
+            if time.monotonic() > deadline:
+                raise RefitError(f"broadcast of {payload['names'][:3]}... timed out after {self.timeout_s}s")
+            time.sleep(0.001)
+        for w in works:
+            w.wait()
+        results = {}
+        for url, f in posts.items():
+            try:
+                results[url] = f.result(timeout=self.timeout_s)
+            except Exception as e:
+                raise RefitError(f"{url} failed /update_weights_from_distributed: {e}") from e
+        self._check_results(results, "/update_weights_from_distributed")
+
+    def close(self) -> None:
+        if self._pg is not None:
+            try:
+                self.client.destroy_weights_update_group(self.group_name, urls=self._urls)
+            except Exception as e:  # servers may already be gone; the local group must still go
+                logger.warning("could not destroy the servers' weight-update group: %s", e)
+            destroy_weight_update_group(self._pg)
+            self._pg = None
+        self._pool.shutdown(wait=False)
+
+
+class TensorTransport(WeightTransport):
+    """SGLang's /update_weights_from_tensor: CUDA IPC handles between colocated GPU processes.
+
+    GPU-only. The payload is SGLang's own serialisation (``MultiprocessingSerializer``: pickled CUDA
+    IPC handles, base64 in JSON), so this path needs ``sglang`` importable in the trainer process.
+    """
+
+    name = "tensor"
+
+    def __init__(self, client: RolloutClient, bucket_bytes: int = DEFAULT_BUCKET_BYTES, tp_size: int = 1, verify: bool = True):
+        if not torch.cuda.is_available():
+            raise TransportUnavailableError(
+                "the 'tensor' refit transport sends CUDA IPC handles to servers on the same GPUs "
+                "(--colocate); torch.cuda.is_available() is False here. Use --refit-transport disk or distributed."
+            )
+        if importlib.util.find_spec("sglang") is None:
+            raise TransportUnavailableError(
+                "the 'tensor' refit transport serialises with sglang's MultiprocessingSerializer, "
+                "and sglang is not importable in this Python; install sglang or use disk/distributed"
+            )
+        super().__init__(client, bucket_bytes, verify)
+        self.tp_size = tp_size
+
+    def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
+        from sglang.srt.utils import MultiprocessingSerializer  # GPU nodes only
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        num_tensors = num_buckets = nbytes = 0
+        for bucket, last in _with_last_flag(iter_buckets(named_tensors, self.bucket_bytes)):
+            on_gpu = [(n, t.detach().to(device).contiguous()) for n, t in bucket]
+            blob = MultiprocessingSerializer.serialize(on_gpu, output_str=True)
+            if isinstance(blob, bytes):
+                blob = base64.b64encode(blob).decode()
+            payload: dict[str, Any] = {"serialized_named_tensors": [blob] * self.tp_size, "flush_cache": last}
+            if last:
+                payload["weight_version"] = weight_version
+            self._check_results(self.client.update_weights_from_tensor(**payload), "/update_weights_from_tensor")
+            num_tensors += len(bucket)
+            num_buckets += 1
+            nbytes += sum(tensor_bytes(t) for _, t in on_gpu)
+        return num_tensors, num_buckets, nbytes
+
+
+TRANSPORTS = {"disk": DiskTransport, "distributed": DistributedTransport, "tensor": TensorTransport}
+
+
+def make_transport(kind: str, client: RolloutClient, **kwargs: Any) -> WeightTransport:
+    """Build the transport named by ``--refit-transport`` (disk | distributed | tensor)."""
+    if kind not in TRANSPORTS:
+        raise ValueError(f"unknown refit transport {kind!r}; choose one of {sorted(TRANSPORTS)}")
+    return TRANSPORTS[kind](client, **kwargs)

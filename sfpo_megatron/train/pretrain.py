@@ -1,0 +1,182 @@
+"""Megatron-style pretraining / SFT loop: next-token loss on an indexed token dataset.
+
+The RL loop reuses its pieces (model setup, forward/backward through megatron's schedules,
+checkpoints, metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from sfpo_megatron.distributed import parallel
+from sfpo_megatron.distributed.platform import setup_platform
+
+log = logging.getLogger("sfpo_megatron.pretrain")
+
+
+def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
+    """Layout and batch checks before anything is built; returns the data-parallel size."""
+    if args.global_batch_size is None:
+        dp = world_size // max(1, args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
+        args.global_batch_size = args.micro_batch_size * max(dp, 1)
+    dp = parallel.check_layout(
+        world_size=world_size, tp=args.tensor_model_parallel_size,
+        pp=args.pipeline_model_parallel_size, vpp=args.virtual_pipeline_model_parallel_size,
+        num_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads, micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size)
+    if args.sequence_parallel and args.transformer_impl != "transformer_engine":
+        raise parallel.LayoutError("--sequence-parallel needs --transformer-impl "
+                                   "transformer_engine (megatron's torch norms refuse it)")
+    if args.virtual_pipeline_model_parallel_size and args.pipeline_model_parallel_size < 2:
+        raise parallel.LayoutError("--virtual-pipeline-model-parallel-size needs "
+                                   "--pipeline-model-parallel-size >= 2")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        args.sequence_parallel = False
+    return dp
+
+
+def build_tokenizer(args: argparse.Namespace, arch):
+    from sfpo_megatron.components.pretrain_data import DatasetTokenizer
+
+    if args.tokenizer_type == "null" or args.tokenizer_path is None:
+        eos = arch.raw.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
+        return DatasetTokenizer(vocab_size=arch.vocab_size, eod=int(eos or 0), name="null")
+    from sfpo_megatron.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(args.tokenizer_path)
+
+
+def lm_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Per-token loss sum and token count: megatron divides by the global token count
+    (``calculate_per_token_loss``), so any micro-batch / DP split gives the same gradient."""
+    losses = output.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    reporting = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum, num_tokens, {"lm loss": reporting}
+
+
+def forward_step(data_iterator, model):
+    from sfpo_megatron.components.pretrain_data import get_batch
+    from sfpo_megatron.train.model_setup import device
+
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, device())
+    output = model(tokens, position_ids, attention_mask, labels=labels)
+    return output, partial(lm_loss_func, loss_mask)
+
+
+def reduce_lm_loss(losses: list[dict]) -> float:
+    """Token-mean loss over all micro-batches and DP ranks, known on every rank."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for d in losses:
+            total += d["lm loss"].double()
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    # The loss lives on the last stage; share it with the whole pipeline.
+    last = ps.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train_step(setup, data_iterator, num_microbatches: int, args) -> tuple[float, float]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from sfpo_megatron.train.model_setup import zero_grads
+
+    zero_grads(setup)
+    fb = get_forward_backward_func()
+    iters = data_iterator if len(setup.model) == 1 else [data_iterator] * len(setup.model)
+    losses = fb(forward_step_func=forward_step, data_iterator=iters,
+                model=setup.model if len(setup.model) > 1 else setup.model[0],
+                num_microbatches=num_microbatches, seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size, forward_only=False)
+    ok, grad_norm, _ = setup.optimizer.step()
+    if not ok:
+        raise FloatingPointError("optimizer step skipped (non-finite gradients)")
+    setup.scheduler.step(increment=1)
+    return reduce_lm_loss(losses), float(grad_norm or 0.0)
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Runs the loop; returns the last iteration's metrics (used by tests and benchmarks)."""
+    from megatron.core import parallel_state as ps
+
+    from sfpo_megatron.components.checkpoint import load_checkpoint, save_checkpoint
+    from sfpo_megatron.components.metrics import MetricsLogger, ThroughputMeter, memory_stats
+    from sfpo_megatron.components.optimizer import optimizer_state_bytes
+    from sfpo_megatron.components.pretrain_data import build_pretrain_data_iterators
+    from sfpo_megatron.models.hf_config import load_hf_config
+    from sfpo_megatron.train.model_setup import build_training_setup, device
+
+    setup_platform()
+    arch = load_hf_config(args.model_config)
+    env = parallel.read_dist_env()
+    check_args(args, arch, env.world_size)
+    parallel.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                        vpp=args.virtual_pipeline_model_parallel_size, seed=args.seed,
+                        timeout_minutes=args.distributed_timeout_minutes)
+    args.calculate_per_token_loss = True
+    setup = build_training_setup(args, arch, total_scheduler_steps=args.train_iters)
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+    iteration, extra = 0, {}
+    if args.load:
+        res = load_checkpoint(args.load, setup.model, setup.optimizer, setup.scheduler,
+                              load_optim=not (args.finetune or args.no_load_optim),
+                              load_rng=not (args.finetune or args.no_load_rng))
+        if res is not None and not args.finetune:
+            iteration, extra = res.iteration, res.extra_state
+    elif args.save:
+        # Resume a crashed run that is restarted with the same command line.
+        res = load_checkpoint(args.save, setup.model, setup.optimizer, setup.scheduler)
+        if res is not None:
+            iteration, extra = res.iteration, res.extra_state
+    consumed = int(extra.get("consumed_samples", iteration * args.global_batch_size))
+
+    tokenizer = build_tokenizer(args, arch)
+    train_iter, _ = build_pretrain_data_iterators(args, tokenizer, consumed, dp_rank, dp_size)
+    num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
+    metrics = MetricsLogger(args.log_dir, args.tensorboard_dir, rank=dist.get_rank(),
+                            start_iteration=iteration + 1)
+    meter = ThroughputMeter()
+    last: dict = {}
+    try:
+        while iteration < args.train_iters:
+            meter.start()
+            t0 = time.perf_counter()
+            loss, grad_norm = train_step(setup, train_iter, num_microbatches, args)
+            iteration += 1
+            consumed += args.global_batch_size
+            tokens = args.global_batch_size * args.seq_length
+            last = {"lm_loss": loss, "grad_norm": grad_norm,
+                    "lr": setup.optimizer.param_groups[0]["lr"],
+                    "tokens_per_second": meter.tokens_per_second(tokens),
+                    "iteration_time_s": time.perf_counter() - t0,
+                    "consumed_samples": consumed, **memory_stats(device())}
+            if iteration == 1 or iteration % args.log_interval == 0:
+                last.update(optimizer_state_bytes(setup.optimizer))
+                metrics.log(iteration, last)
+                if dist.get_rank() == 0:
+                    log.info("iter %d loss %.6f grad_norm %.4f", iteration, loss, grad_norm)
+            if args.save and args.save_interval and iteration % args.save_interval == 0:
+                save_checkpoint(args.save, iteration, setup.model, setup.optimizer,
+                                setup.scheduler, {"consumed_samples": consumed},
+                                optim_sharding=args.dist_ckpt_optim_sharding)
+        if args.save and (not args.save_interval or iteration % args.save_interval != 0):
+            save_checkpoint(args.save, iteration, setup.model, setup.optimizer, setup.scheduler,
+                            {"consumed_samples": consumed},
+                            optim_sharding=args.dist_ckpt_optim_sharding)
+    finally:
+        metrics.close()
+    return last

@@ -1,0 +1,151 @@
+"""HF → megatron torch_dist → HF through the real tools (torchrun, gloo), bit-exact.
+
+* Qwen2 (tied, bf16 safetensors, with a tokenizer): converted at TP=2, exported by one process
+  (TP=1, so megatron reshards TP=2 → TP=1 and re-pads the vocab).
+* Qwen3 (fp32): converted at PP=2, exported under torchrun at TP=2.
+
+Every tensor comes back identical (values and dtype), the directory loads with
+``AutoModelForCausalLM.from_pretrained`` and gives the original model's logits, and the tokenizer
+and generation config travel along. Exporting with a config of another architecture is refused.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_convert_parity import REPO, save_hf_models, torchrun
+
+TO_MCORE = REPO / "tools" / "convert_hf_to_mcore.py"
+TO_HF = REPO / "tools" / "convert_mcore_to_hf.py"
+
+
+def _save_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(99)} | {"<unk>": 99}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(directory)
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(glob.glob(str(directory / "*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+def _python(script: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{script.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+    root = tmp_path_factory.mktemp("roundtrip")
+    hf = save_hf_models(root / "hf", ("qwen2_tied",), dtype=torch.bfloat16)
+    hf |= save_hf_models(root / "hf", ("qwen3",))
+    _save_tokenizer(hf["qwen2_tied"])
+    out = {}
+    layouts = {"qwen2_tied": (["--tensor-model-parallel-size", "2"], None),
+               "qwen3": (["--pipeline-model-parallel-size", "2"],
+                         ["--tensor-model-parallel-size", "2", "--max-shard-size", "60KB"])}
+    for name, (convert_layout, export_layout) in layouts.items():
+        mcore, back = root / f"{name}_mcore", root / f"{name}_back"
+        log = torchrun(TO_MCORE, "--hf-dir", str(hf[name]), "--save", str(mcore),
+                       *convert_layout)
+        assert "saved" in log
+        args = ["--load", str(mcore), "--save", str(back)]
+        if export_layout is None:
+            _python(TO_HF, *args)
+        else:
+            torchrun(TO_HF, *args, *export_layout)
+        out[name] = (hf[name], mcore, back)
+    return out
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3"])
+def test_round_trip_bit_exact(converted, name):
+    original_dir, mcore, back = converted[name]
+    original, exported = _tensors(original_dir), _tensors(back)
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype, key
+        assert torch.equal(exported[key], tensor), key
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(original)
+    for f in set(index["weight_map"].values()):
+        assert (back / f).exists()
+    # the checkpoint layout the trainer's --load reads
+    assert (mcore / "latest_checkpointed_iteration.txt").read_text() == "0"
+    assert (mcore / "iter_0000000" / "metadata.json").exists()
+    assert (mcore / "hf" / "config.json").exists()
+
+
+def test_sharded_export(converted):
+    _, _, back = converted["qwen3"]
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[-1].endswith(f"-of-{len(files):05d}.safetensors")
+    total = sum(t.numel() * t.element_size() for t in _tensors(back).values())
+    assert index["metadata"]["total_size"] == total
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3"])
+def test_export_loads_with_automodel(converted, name):
+    from transformers import AutoModelForCausalLM
+
+    original_dir, _, back = converted[name]
+    a = AutoModelForCausalLM.from_pretrained(original_dir).eval()
+    b = AutoModelForCausalLM.from_pretrained(back).eval()
+    assert b.dtype == a.dtype
+    tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a(tokens).logits, b(tokens).logits)
+    assert (back / "generation_config.json").exists()
+    config = json.loads((back / "config.json").read_text())
+    assert config["architectures"] == [a.config.architectures[0]]
+
+
+def test_tokenizer_travels(converted):
+    from transformers import AutoTokenizer
+
+    original_dir, mcore, back = converted["qwen2_tied"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (back / name).read_bytes() == (original_dir / name).read_bytes()
+        assert (mcore / "hf" / name).exists()
+    text = "w1 w5 w98 nope"
+    assert AutoTokenizer.from_pretrained(back)(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(original_dir)(text)["input_ids"]
+
+
+def test_export_refuses_config_of_another_architecture(converted):
+    from sfpo_megatron.conversion.hf_mapping import ArchitectureMismatchError
+
+    spec = importlib.util.spec_from_file_location("convert_mcore_to_hf", TO_HF)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    qwen3_dir, _, _ = converted["qwen3"]
+    _, qwen2_mcore, _ = converted["qwen2_tied"]
+    with pytest.raises(ArchitectureMismatchError) as err:
+        tool.resolve_hf_config(str(qwen2_mcore), str(qwen3_dir))
+    assert str(err.value) == (
+        f"checkpoint was made for another architecture: checkpoint {qwen2_mcore} (its "
+        "hf/config.json) has model_type='qwen2' (expected 'qwen3'), head_dim=16 (expected 24), "
+        "qkv_bias=True (expected False), qk_norm=False (expected True)")

@@ -1,0 +1,206 @@
+"""RolloutClient over two real CPU servers (started by the launcher): dispatch, concurrency, refit
+(disk, and gloo broadcast from a separate trainer-like process), and servers dying mid-batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import torch
+
+from sfpo_megatron.rollout import DiskTransport, NoLiveServerError, RolloutClient
+from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
+from test_rollout_units import (
+    SERVER_ENV,
+    VOCAB,
+    build_tiny_model_dir,
+    hf_greedy,
+    hf_greedy_same_length,
+    hf_log_softmax,
+    load_hf,
+    make_prompts,
+    model_with_state,
+    perturbed_state,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("rollout_client") / "model")
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir: Path) -> torch.nn.Module:
+    return load_hf(model_dir)
+
+
+@pytest.fixture(scope="module")
+def launcher(model_dir: Path) -> Any:
+    cfg = LaunchConfig(model_path=str(model_dir), backend="cpu", num_engines=2, log_dir=str(model_dir.parent / "logs"),
+                       env=SERVER_ENV, health_timeout_s=180)
+    with RolloutLauncher(cfg) as launched:
+        yield launched
+
+
+@pytest.fixture(scope="module")
+def client(launcher: Any) -> RolloutClient:
+    return RolloutClient(launcher.urls, max_concurrency=64, timeout=60, retries=1, backoff_s=0.05)
+
+
+def full_distributions(url: str, prompt: list[int]) -> torch.Tensor:
+    """The server's log-softmax over the whole vocabulary at every prompt position after the first."""
+    r = requests.post(url + "/generate", json={"input_ids": prompt, "sampling_params": {"max_new_tokens": 0},
+                                               "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": VOCAB},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    rows = r.json()["meta_info"]["input_top_logprobs"][1:]
+    out = torch.full((len(rows), VOCAB), float("nan"))
+    for k, row in enumerate(rows):
+        for v, i, _ in row:
+            out[k, i] = v
+    return out
+
+
+def assert_servers_match(urls: list[str], model: torch.nn.Module, prompt: list[int]) -> None:
+    ref = hf_log_softmax(model, prompt)[:-1]
+    for url in urls:
+        assert (full_distributions(url, prompt) - ref).abs().max().item() < 1e-4, url
+
+
+def test_dispatch_spreads_samples_and_matches_transformers(client: RolloutClient, hf: torch.nn.Module) -> None:
+    prompts = make_prompts(8, seed=10)
+    results = client.generate(prompts, {"temperature": 0, "max_new_tokens": 12}, n=2)
+    assert len({s.server for row in results for s in row}) == 2  # least-loaded dispatch used both
+    for prompt, row in zip(prompts, results):
+        ref = hf_greedy(hf, prompt, 12)
+        for j, s in enumerate(row):
+            assert (s.prompt_index, s.sample_index, s.output_ids, s.weight_version) == (prompts.index(prompt), j, ref, "default")
+            assert len(s.output_logprobs) == len(ref) and s.attempts == 1 and s.finish_reason["type"] in ("stop", "length")
+
+
+def test_64_concurrent_requests_complete(client: RolloutClient, hf: torch.nn.Module) -> None:
+    prompts = make_prompts(64, length=6, seed=11)
+    refs = hf_greedy_same_length(hf, prompts, 10)
+    results = client.generate(prompts, {"temperature": 0, "max_new_tokens": 10})
+    assert [row[0].output_ids for row in results] == refs
+    seeded = client.generate(prompts[:4], {"temperature": 1.0, "max_new_tokens": 6}, n=2, seed=100)
+    again = client.generate(prompts[:4], {"temperature": 1.0, "max_new_tokens": 6}, n=2, seed=100)
+    assert [[s.output_ids for s in r] for r in seeded] == [[s.output_ids for s in r] for r in again]
+
+
+def test_admin_wrappers_reach_every_server(client: RolloutClient, model_dir: Path) -> None:
+    assert client.health() == {u: True for u in client.live_urls()}
+    assert client.health_generate() == {u: True for u in client.live_urls()}
+    assert {i["model_path"] for i in client.get_model_info().values()} == {str(model_dir)}
+    assert all(r["success"] for r in client.flush_cache().values())
+    assert all(r["status"] == "ok" for r in client.pause_generation("in_place").values())
+    assert all(r["status"] == "ok" for r in client.continue_generation().values())
+    assert all(r["success"] for r in client.release_memory_occupation(["weights"]).values())
+    assert all(r["success"] for r in client.resume_memory_occupation(["weights"]).values())
+
+
+def test_refit_from_disk_changes_the_servers_logits(client: RolloutClient, model_dir: Path, hf: torch.nn.Module,
+                                                    tmp_path: Path) -> None:
+    state = perturbed_state(model_dir, seed=21)
+    new_model = model_with_state(model_dir, state)
+    prompt = make_prompts(1, length=10, seed=12)[0]
+    old_ref = hf_log_softmax(hf, prompt)[:-1]
+    assert (hf_log_softmax(new_model, prompt)[:-1] - old_ref).abs().max().item() > 1e-2  # the update is visible
+    with DiskTransport(client, tmp_path / "refit", bucket_bytes=64 * 1024) as dt:
+        stats = dt.push(state.items(), "disk-1")
+    assert stats.num_buckets > 1 and stats.num_tensors == len(state)
+    assert client.get_weight_version() == {u: "disk-1" for u in client.live_urls()}
+    assert_servers_match(client.live_urls(), new_model, prompt)
+    sample = client.generate([prompt], {"temperature": 0, "max_new_tokens": 8})[0][0]
+    assert sample.weight_version == "disk-1" and sample.output_ids == hf_greedy(new_model, prompt, 8)
+
+
+BROADCASTER = textwrap.dedent("""
+    # A trainer stand-in: plain python, rank 0 of the weight-update group, using transport.py.
+    import json, sys
+    from safetensors.torch import save_file
+    sys.path.insert(0, sys.argv[1])
+    from test_rollout_units import perturbed_state
+    from sfpo_megatron.rollout import RolloutClient, DistributedTransport
+
+    model_dir, urls, out = sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+    client = RolloutClient(urls, timeout=120)
+    state = perturbed_state(__import__("pathlib").Path(model_dir), seed=int(sys.argv[5]))
+    save_file(state, out + ".safetensors")  # what the test compares the servers against
+    with DistributedTransport(client, bucket_bytes=48 * 1024, group_name="refit_test") as t:
+        first = t.push(state.items(), "dist-1")
+        second = t.push(state.items(), "dist-2")  # the same group serves later pushes
+    json.dump({"buckets": first.num_buckets, "tensors": first.num_tensors, "bytes": second.bytes}, open(out, "w"))
+""")
+
+
+def test_refit_through_gloo_broadcast_from_a_trainer_process(client: RolloutClient, model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    script = tmp_path / "broadcaster.py"
+    script.write_text(BROADCASTER)
+    out = tmp_path / "stats.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(Path(__file__).parent), str(model_dir), ",".join(client.live_urls()), str(out), "33"],
+        env={**os.environ, **SERVER_ENV}, capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(out.read_text())
+    state = load_file(str(out) + ".safetensors")
+    assert stats["buckets"] > 1 and stats["tensors"] == len(state)
+    assert client.get_weight_version() == {u: "dist-2" for u in client.live_urls()}
+    prompt = make_prompts(1, length=9, seed=13)[0]
+    assert_servers_match(client.live_urls(), model_with_state(model_dir, state), prompt)
+
+
+def test_killing_servers_mid_batch(launcher: Any) -> None:
+    """Runs last: it kills the module's servers. One dies mid-batch -> the batch completes on the
+    other; both dead -> NoLiveServerError quickly."""
+    client = RolloutClient(launcher.urls, max_concurrency=24, timeout=60, retries=1, backoff_s=0.05)
+    victim, survivor = launcher.urls
+    prompts = make_prompts(24, length=6, seed=14)
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["results"] = client.generate(prompts, {"temperature": 0, "max_new_tokens": 120, "ignore_eos": True})
+        except Exception as e:  # surfaced by the assertions below
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    while requests.get(victim + "/get_load", timeout=5).json()[0]["num_running_reqs"] == 0:
+        assert time.monotonic() < deadline, "the victim never started a batch"
+        time.sleep(0.01)
+    os.kill(launcher.processes[0].pid, signal.SIGKILL)
+    t.join(timeout=120)
+    assert "error" not in box, box.get("error")
+    results = [row[0] for row in box["results"]]
+    assert all(len(s.output_ids) == 120 and s.finish_reason == {"type": "length", "length": 120} for s in results)
+    retried = [s for s in results if s.attempts > 1]
+    assert retried and all(s.server == survivor for s in retried)
+    assert client.live_urls() == [survivor]
+    # Every sample, retried or not, equals the survivor's greedy answer (both servers held the same weights).
+    ref = requests.post(survivor + "/generate", json={"input_ids": prompts, "sampling_params": {
+        "temperature": 0, "max_new_tokens": 120, "ignore_eos": True}}, timeout=60).json()
+    assert [s.output_ids for s in results] == [r["output_ids"] for r in ref]
+
+    os.kill(launcher.processes[1].pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(NoLiveServerError, match="no live rollout server left"):
+        client.generate(prompts[:4], {"temperature": 0, "max_new_tokens": 4})
+    assert time.monotonic() - start < 30
+    assert client.live_urls() == []

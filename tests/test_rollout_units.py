@@ -1,0 +1,229 @@
+"""Rollout pieces that need no server: buckets, disk layout, launcher / transport / router errors.
+
+Also holds the helpers the server and client test modules import (tiny model + tokenizer, HF
+references), so every module builds the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfpo_megatron.rollout import transport
+from sfpo_megatron.rollout.client import RolloutClient, RouterUnavailableError
+from sfpo_megatron.rollout.server import RequestError, parse_generate_request
+from sfpo_megatron.rollout.sglang_launcher import (
+    LaunchConfig,
+    RolloutLauncher,
+    SGLangNotInstalledError,
+    split_sglang_args,
+)
+
+VOCAB = 320  # tokenizer: 300 BPE tokens + "<|endoftext|>" (id 300)
+EOS = 300
+SERVER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def build_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    """Random Qwen2 (hidden 64, 2 layers) + a BPE tokenizer trained here on a toy corpus, saved with
+    save_pretrained. EOS 300 is honoured by both the server and HF generate."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.2,
+        eos_token_id=EOS,
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config.eos_token_id = EOS
+    model.save_pretrained(path)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog " * 3, "one two three four five six seven eight nine ten"] * 10
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    )
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return path
+
+
+def load_hf(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers.generate, greedy, one prompt (no padding); stops after EOS like the server."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=EOS)
+    return out[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def hf_greedy_same_length(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Batched transformers.generate for equal-length prompts; rows cut after their first EOS."""
+    assert len({len(p) for p in prompts}) == 1
+    out = model.generate(torch.tensor(prompts), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=EOS)
+    rows = []
+    for row in out[:, len(prompts[0]):].tolist():
+        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
+    return rows
+
+
+@torch.no_grad()
+def hf_log_softmax(model: torch.nn.Module, ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / T) at every position of ``ids``: row k predicts token k + 1."""
+    logits = model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def make_prompts(count: int, length: int | None = None, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        n = length or int(torch.randint(3, 12, (1,), generator=g))
+        out.append(torch.randint(1, 299, (n,), generator=g).tolist())
+    return out
+
+
+def perturbed_state(path: Path, seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    """The tiny model's weights plus seeded noise: a stand-in for one trainer update."""
+    model = load_hf(path)
+    g = torch.Generator().manual_seed(seed)
+    return {n: (t + scale * torch.randn(t.shape, generator=g)).contiguous() for n, t in model.state_dict().items()}
+
+
+def model_with_state(path: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = load_hf(path)
+    model.load_state_dict(state)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+# ------------------------------------------------------------------------------------------------
+
+
+def _named(sizes: list[int]) -> list[tuple[str, torch.Tensor]]:
+    return [(f"w{i}", torch.zeros(s, dtype=torch.float32)) for i, s in enumerate(sizes)]
+
+
+def test_iter_buckets_packs_in_order_within_budget() -> None:
+    buckets = list(transport.iter_buckets(_named([10, 10, 10, 30, 5, 5]), bucket_bytes=80))
+    assert [[n for n, _ in b] for b in buckets] == [["w0", "w1"], ["w2"], ["w3"], ["w4", "w5"]]
+    for b in buckets:  # a tensor over the budget (w3: 120 bytes) travels alone
+        assert sum(transport.tensor_bytes(t) for _, t in b) <= 80 or len(b) == 1
+
+
+def test_iter_buckets_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="bucket_bytes must be positive, got 0"):
+        list(transport.iter_buckets(_named([1]), 0))
+    with pytest.raises(ValueError, match="weight 'w' appears twice"):
+        list(transport.iter_buckets([("w", torch.zeros(1)), ("w", torch.zeros(1))], 100))
+    with pytest.raises(TypeError, match="weight 'w' is a list"):
+        list(transport.iter_buckets([("w", [1.0])], 100))
+
+
+def test_dtype_names_round_trip() -> None:
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        assert transport.parse_dtype(transport.dtype_name(dt)) is dt
+    assert transport.parse_dtype("torch.bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'float99'"):
+        transport.parse_dtype("float99")
+
+
+def test_disk_transport_writes_a_loadable_sharded_checkpoint(tmp_path: Path) -> None:
+    model_dir = build_tiny_model_dir(tmp_path / "model")
+    state = perturbed_state(model_dir, seed=3)
+
+    class NoServer:  # DiskTransport.write needs no server
+        pass
+
+    dt = transport.DiskTransport(NoServer(), tmp_path / "push", bucket_bytes=50_000, config_dir=model_dir)  # type: ignore[arg-type]
+    path, ntensors, nshards, nbytes = dt.write(state.items(), "step-7")
+    assert path == tmp_path / "push" / "weights_step-7" and nshards > 1 and ntensors == len(state)
+    assert nbytes == sum(transport.tensor_bytes(t) for t in state.values())
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(state) and index["metadata"]["weight_version"] == "step-7"
+    assert sorted(os.listdir(path)) == sorted(
+        [f"model-{i:05d}-of-{nshards:05d}.safetensors" for i in range(1, nshards + 1)]
+        + ["model.safetensors.index.json", "config.json", "generation_config.json"]
+    )
+    assert not [p for p in (tmp_path / "push").iterdir() if p.name.startswith(".")]  # no temp dir left
+    reloaded = load_hf(path).state_dict()
+    assert all(torch.equal(reloaded[n], state[n]) for n in state)
+
+
+def test_split_sglang_args() -> None:
+    rest, sg = split_sglang_args(
+        ["--lr", "1e-5", "--sglang-context-length", "8192", "--sglang-enable-torch-compile", "--sglang-dp=2", "--x"]
+    )
+    assert rest == ["--lr", "1e-5", "--x"]
+    assert sg == ["--context-length", "8192", "--enable-torch-compile", "--dp", "2"]
+    with pytest.raises(ValueError, match="bad pass-through flag '--sglang-'"):
+        split_sglang_args(["--sglang-"])
+
+
+def test_launcher_validates_and_needs_sglang(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--rollout-tp-size must be 1, got 2"):
+        RolloutLauncher(LaunchConfig(model_path="m", backend="cpu", tp_size=2))
+    with pytest.raises(ValueError, match="--rollout-backend must be one of"):
+        RolloutLauncher(LaunchConfig(model_path="m", backend="vllm"))
+    if "sglang" in sys.modules or __import__("importlib").util.find_spec("sglang") is not None:
+        pytest.skip("sglang is installed here")
+    with pytest.raises(SGLangNotInstalledError, match="--rollout-backend sglang needs the sglang package"):
+        RolloutLauncher(LaunchConfig(model_path="m", backend="sglang"))
+
+
+def test_sglang_command_line_is_built_per_engine() -> None:
+    launcher = RolloutLauncher.__new__(RolloutLauncher)  # command building needs no sglang install
+    launcher.cfg = LaunchConfig(model_path="/m", backend="sglang", num_engines=2, tp_size=2, mem_fraction_static=0.7,
+                                extra_args=["--context-length", "4096"], api_key="k", weight_version="v0", gpu_offset=4)
+    cmd = launcher.build_command(1, 30001)
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    assert " ".join(cmd[3:]) == ("--model-path /m --tp-size 2 --host 127.0.0.1 --port 30001 --base-gpu-id 6 "
+                                 "--mem-fraction-static 0.7 --api-key k --weight-version v0 --context-length 4096")
+
+
+def test_gpu_only_paths_fail_clearly_on_cpu() -> None:
+    client = RolloutClient(["http://127.0.0.1:9"])
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(transport.TransportUnavailableError, match="CUDA IPC handles .* torch.cuda.is_available\\(\\) is False"):
+        transport.TensorTransport(client)
+    with pytest.raises(transport.TransportUnavailableError, match="backend 'nccl' needs CUDA"):
+        transport.init_weight_update_group("127.0.0.1", 1, 0, 2, backend="nccl")
+    with pytest.raises(ValueError, match="unknown refit transport 'rdma'"):
+        transport.make_transport("rdma", client)
+    if __import__("importlib").util.find_spec("sglang_router") is None:
+        with pytest.raises(RouterUnavailableError, match="needs the sglang_router package"):
+            RolloutClient(["http://127.0.0.1:9"], use_router=True)
+
+
+def test_request_parsing_expands_batches_like_sglang() -> None:
+    req = parse_generate_request(
+        {"input_ids": [[1, 2], [3]], "sampling_params": {"n": 2, "max_new_tokens": 4, "sampling_seed": 5}, "rid": "r"},
+        vocab_size=VOCAB, context_length=64, tokenizer=None,
+    )
+    # prompt-major order, as SGLang's tokenizer manager returns n > 1 batches
+    assert [(s.rid, s.prompt_ids, s.sample_index) for s in req.seqs] == [
+        ("r_0", [1, 2], 0), ("r_1", [1, 2], 1), ("r_2", [3], 0), ("r_3", [3], 1)
+    ]
+    assert not req.is_single and req.seqs[0].params.seed == 5
+    with pytest.raises(RequestError, match=r"^return_logprob: a per-prompt list cannot be combined with n=2"):
+        parse_generate_request({"input_ids": [[1], [2]], "sampling_params": {"n": 2}, "return_logprob": [True, False]},
+                               VOCAB, 64, None)

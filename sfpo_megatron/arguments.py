@@ -97,3 +97,110 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
                 add_logging_args, add_pretrain_data_args):
         add(p)
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# RL (`sfpo-megatron rl` / `eval`)
+# ---------------------------------------------------------------------------------------------
+
+
+def add_rl_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("RL prompts and rewards")
+    g.add_argument("--prompt-data", default=None,
+                   help="JSONL / Parquet file, or rg:TASK?size=N&seed=S (reasoning-gym)")
+    g.add_argument("--prompt-key", default="prompt")
+    g.add_argument("--answer-key", default="answer")
+    g.add_argument("--system-prompt", default=None)
+    g.add_argument("--prompt-template", default=None, help="format string with {prompt}")
+    g.add_argument("--no-chat-template", dest="apply_chat_template", action="store_false")
+    g.add_argument("--skip-malformed", action="store_true",
+                   help="skip (and count) malformed dataset rows instead of stopping")
+    g.add_argument("--tokenizer-path", default=None,
+                   help="HF tokenizer directory or SentencePiece .model (default: --model-config)")
+    g.add_argument("--reward-fn", default="auto", help="auto | math | rg | pkg.module:func")
+    g.add_argument("--reward-num-workers", type=int, default=2)
+    g.add_argument("--reward-timeout", type=float, default=10.0)
+    g.add_argument("--eval-prompt-data", nargs="*", default=[], metavar="NAME=PATH")
+    g.add_argument("--n-samples-per-eval-prompt", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-temperature", type=float, default=1.0)
+    g.add_argument("--eval-top-p", type=float, default=0.7)
+    g.add_argument("--eval-max-response-len", type=int, default=None)
+
+
+def add_rollout_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rollout")
+    g.add_argument("--rollout-backend", choices=["cpu", "sglang", "external"], default="cpu",
+                   help="cpu/sglang: the trainer launches servers; external: --rollout-urls")
+    g.add_argument("--rollout-urls", nargs="*", default=[])
+    g.add_argument("--rollout-num-servers", type=int, default=1)
+    g.add_argument("--rollout-host", default="127.0.0.1")
+    g.add_argument("--rollout-port-base", type=int, default=None)
+    g.add_argument("--rollout-tp-size", type=int, default=1, help="SGLang tensor parallel size")
+    g.add_argument("--rollout-mem-fraction", type=float, default=0.8)
+    g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per RL step")
+    g.add_argument("--n-samples-per-prompt", type=int, default=4)
+    g.add_argument("--rollout-max-response-len", type=int, default=64)
+    g.add_argument("--rollout-temperature", type=float, default=1.0)
+    g.add_argument("--rollout-top-p", type=float, default=1.0)
+    g.add_argument("--rollout-top-k", type=int, default=-1)
+    g.add_argument("--rollout-max-concurrency", type=int, default=64)
+    g.add_argument("--rollout-timeout", type=float, default=600.0)
+    g.add_argument("--rollout-retries", type=int, default=2)
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="drop groups whose rewards all agree and refill the batch")
+    g.add_argument("--max-resample-rounds", type=int, default=4)
+    g.add_argument("--weight-transport", choices=["distributed", "disk", "tensor"],
+                   default="distributed")
+    g.add_argument("--update-weight-buffer-size", type=int, default=512 * 2**20,
+                   help="bytes per refit bucket")
+    g.add_argument("--colocate", action="store_true",
+                   help="servers share the trainer's devices: release their memory while training")
+
+
+def add_algorithm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy optimisation (SFPO / GRPO)")
+    g.add_argument("--algorithm", choices=["sfpo", "grpo"], default="sfpo")
+    g.add_argument("--num-rollouts", type=int, default=10, help="RL steps (rollout batches)")
+    g.add_argument("--num-steps-per-rollout", type=int, default=1,
+                   help="mini-batches (optimizer steps) per pass over a rollout batch")
+    g.add_argument("--sfpo-inner-steps", type=int, default=3, help="K fast passes")
+    g.add_argument("--sfpo-alpha", type=float, default=0.8)
+    g.add_argument("--sfpo-zscore-window", type=int, default=30)
+    g.add_argument("--sfpo-zscore-threshold", type=float, default=1.0)
+    g.add_argument("--sfpo-zscore-two-sided", action="store_true",
+                   help="trigger on |z| >= tau (the paper's text) instead of z >= tau (its code)")
+    g.add_argument("--sfpo-stop-step", type=int, default=None,
+                   help="fixed switch-off step (ablation) instead of the entropy trigger")
+    g.add_argument("--sfpo-snapshot-offload", action="store_true",
+                   help="keep the theta0 snapshot of the main-param shard in host memory")
+    g.add_argument("--eps-clip", type=float, default=0.2)
+    g.add_argument("--eps-clip-high", type=float, default=None)
+    g.add_argument("--dual-clip-c", type=float, default=None)
+    g.add_argument("--loss-agg-mode", default="token-mean",
+                   choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    g.add_argument("--entropy-coef", type=float, default=0.0)
+    g.add_argument("--kl-coef", type=float, default=0.0)
+    g.add_argument("--kl-type", choices=["k3", "low_var_kl"], default="low_var_kl")
+    g.add_argument("--disable-std-normalization", action="store_true", help="Dr.GRPO advantages")
+    g.add_argument("--advantage-eps", type=float, default=1e-6)
+
+
+def add_async_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("asynchronous rollouts / VCPO")
+    g.add_argument("--async-rollout", action="store_true")
+    g.add_argument("--max-staleness", type=int, default=1)
+    g.add_argument("--tis-threshold", type=float, default=8.0)
+    g.add_argument("--ess-lr-scaling", choices=["sqrt", "linear", "none"], default="none")
+    g.add_argument("--ess-rho-base", type=float, default=1.0)
+    g.add_argument("--off-policy-baseline", choices=["none", "opob"], default="none")
+
+
+def build_rl_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("sfpo-megatron rl", description="SFPO / GRPO RL training")
+    for add in (add_model_args, add_parallel_args, add_training_args, add_checkpoint_args,
+                add_logging_args, add_rl_data_args, add_rollout_args, add_algorithm_args,
+                add_async_args):
+        add(p)
+    p.set_defaults(lr=1e-6, lr_decay_style="constant", train_iters=None)
+    return p

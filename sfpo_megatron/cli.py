@@ -31,7 +31,23 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _setup_logging()
-    cmd, rest = argv[0], argv[1:]
+    try:
+        return _run(argv[0], argv[1:])
+    except _user_errors() as e:
+        # Bad input: one line naming the problem, not a traceback.
+        print(f"sfpo-megatron {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from sfpo_megatron.components.checkpoint import CheckpointError
+    from sfpo_megatron.distributed.parallel import LayoutError
+    from sfpo_megatron.models.hf_config import ParallelLayoutError, UnsupportedModelError
+
+    return (LayoutError, CheckpointError, ParallelLayoutError, UnsupportedModelError)
+
+
+def _run(cmd: str, rest: list[str]) -> int:
     if cmd == "pretrain":
         from sfpo_megatron.arguments import build_pretrain_parser
         from sfpo_megatron.distributed import parallel

@@ -61,14 +61,14 @@ def _write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-def _hf_tokenizer_dir(path: Path) -> Path:
+def _hf_tokenizer_dir(path: Path, pad: bool = True) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<eos>"] + sorted(set(WORDS)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>" if pad else None,
                             unk_token="<unk>").save_pretrained(str(path))
     return path
 
@@ -182,6 +182,10 @@ def test_resume_from_consumed_samples_gives_the_same_batches(env, tmp_path):
     full = take(train, 6 * 4)  # 6 iterations x 4 micro-batches of 2 = global batch 8
     resumed, _ = build_pretrain_data_iterators(args, env.sp, 3 * args.global_batch_size, 0, 1)
     rest = take(resumed, 3 * 4)
+    # DataLoader worker processes change nothing about the order.
+    with_workers, _ = build_pretrain_data_iterators(
+        _args(data_path=[env.prefix], data_cache_path=str(tmp_path), num_workers=1), env.sp, 3 * 8, 0, 1)
+    assert _tokens(take(with_workers, 3 * 4)) == _tokens(rest)
     for a, b in zip(full[12:], rest, strict=True):
         assert a.keys() == b.keys()
         for key in a:
@@ -275,13 +279,19 @@ def test_data_flag_errors(env, tmp_path):
         build_pretrain_data_iterators(_args(mock_data=True, micro_batch_size=3), env.sp, 0, 0, 1)
 
 
-def test_tokenizer_adapter(env):
-    tok = as_dataset_tokenizer(env.sp)  # the project's SentencePiece tokenizer
-    assert (tok.vocab_size, tok.eod) == (env.sp.vocab_size, env.sp.eos_id) and tok.pad == env.sp.pad_id
-    hf = as_dataset_tokenizer(HFTokenizer(env.hf_dir).hf)  # a raw HF tokenizer: len() counts added tokens
-    assert (hf.vocab_size, hf.eod, hf.pad) == (len(HFTokenizer(env.hf_dir).hf), 2, 0)
-    with pytest.raises(AttributeError):  # no pad: megatron falls back to its own sentinel
-        DatasetTokenizer(vocab_size=10, eod=3).pad
+def test_tokenizer_adapter(env, tmp_path):
+    sp = as_dataset_tokenizer(env.sp)
+    assert (sp.vocab_size, sp.eod, sp.pad) == (env.sp.vocab_size, env.sp.eos_id, env.sp.pad_id)
+    hf = HFTokenizer(env.hf_dir)
+    assert (as_dataset_tokenizer(hf).vocab_size, as_dataset_tokenizer(hf).eod, as_dataset_tokenizer(hf).pad) == (
+        len(hf.hf), 2, 0)
+    # Without a pad token HFTokenizer reports pad = eos; megatron must not mask EOS out of the loss.
+    no_pad = HFTokenizer(_hf_tokenizer_dir(tmp_path / "no_pad", pad=False))
+    assert no_pad.pad_id == no_pad.eos_id
+    with pytest.raises(AttributeError, match="no pad token"):
+        as_dataset_tokenizer(no_pad).pad
+    with pytest.raises(DataConfigError, match=f"tokenizer of type {type(hf.hf).__name__} is not supported"):
+        as_dataset_tokenizer(hf.hf)
     with pytest.raises(DataConfigError, match="eod id 10 is outside the vocabulary"):
         DatasetTokenizer(vocab_size=10, eod=10)
 

@@ -128,17 +128,14 @@ def test_refit_from_disk_changes_the_servers_logits(client: RolloutClient, model
 
 
 BROADCASTER = textwrap.dedent("""
-    # A trainer stand-in: plain python, rank 0 of the weight-update group, using transport.py.
+    # A trainer stand-in: plain python (no transformers), rank 0 of the weight-update group, transport.py.
     import json, sys
-    from safetensors.torch import save_file
-    sys.path.insert(0, sys.argv[1])
-    from test_rollout_units import perturbed_state
+    from safetensors.torch import load_file
     from sfpo_megatron.rollout import RolloutClient, DistributedTransport
 
-    model_dir, urls, out = sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+    weights, urls, out = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+    state = load_file(weights)
     client = RolloutClient(urls, timeout=120)
-    state = perturbed_state(__import__("pathlib").Path(model_dir), seed=int(sys.argv[5]))
-    save_file(state, out + ".safetensors")  # what the test compares the servers against
     with DistributedTransport(client, bucket_bytes=48 * 1024, group_name="refit_test") as t:
         first = t.push(state.items(), "dist-1")
         second = t.push(state.items(), "dist-2")  # the same group serves later pushes
@@ -147,19 +144,21 @@ BROADCASTER = textwrap.dedent("""
 
 
 def test_refit_through_gloo_broadcast_from_a_trainer_process(client: RolloutClient, model_dir: Path, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
+    from safetensors.torch import save_file
 
+    state = perturbed_state(model_dir, seed=33)
+    save_file(state, str(tmp_path / "update.safetensors"))
     script = tmp_path / "broadcaster.py"
     script.write_text(BROADCASTER)
     out = tmp_path / "stats.json"
     proc = subprocess.run(
-        [sys.executable, str(script), str(Path(__file__).parent), str(model_dir), ",".join(client.live_urls()), str(out), "33"],
+        [sys.executable, str(script), str(tmp_path / "update.safetensors"), ",".join(client.live_urls()), str(out)],
         env={**os.environ, **SERVER_ENV}, capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads(out.read_text())
-    state = load_file(str(out) + ".safetensors")
     assert stats["buckets"] > 1 and stats["tensors"] == len(state)
+    assert stats["bytes"] == sum(t.numel() * t.element_size() for t in state.values())
     assert client.get_weight_version() == {u: "dist-2" for u in client.live_urls()}
     prompt = make_prompts(1, length=9, seed=13)[0]
     assert_servers_match(client.live_urls(), model_with_state(model_dir, state), prompt)

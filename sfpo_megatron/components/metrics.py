@@ -138,10 +138,10 @@ def memory_stats(device: torch.device | str) -> dict[str, float]:
             "memory/max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "memory/max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
         }
-    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = psutil.Process().memory_info().rss
+    # ru_maxrss is KiB on Linux, bytes on macOS; the max() covers pages touched since it was sampled.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"memory/peak_rss_gib": peak / 2**30,
-            "memory/rss_gib": psutil.Process().memory_info().rss / 2**30}
+    return {"memory/peak_rss_gib": max(peak, rss) / 2**30, "memory/rss_gib": rss / 2**30}
 
 
 class ThroughputMeter:

@@ -11,7 +11,9 @@ consumed-samples counter.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import math
 import re
 from collections import OrderedDict
 from typing import Any, Iterator, Optional, Sequence
@@ -22,7 +24,11 @@ from torch.utils.data import DataLoader, Dataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from megatron.core.datasets.utils import Split
+from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+from megatron.core.datasets.utils import Split, compile_helpers
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+from sfpo_megatron.data.tokenizer import Tokenizer
 
 Batch = dict[str, torch.Tensor]
 
@@ -71,40 +77,24 @@ class DatasetTokenizer:
         return f"DatasetTokenizer({dict(self.unique_identifiers)})"
 
 
-def _token_id(tokenizer: Any, names: Sequence[str]) -> Optional[int]:
-    """First non-negative integer id among attributes `names` (methods, like sentencepiece's, are called)."""
-    for name in names:
-        value = getattr(tokenizer, name, None)
-        if callable(value):
-            value = value()
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return None
-
-
 def as_dataset_tokenizer(tokenizer: Any) -> Any:
-    """Adapt a tokenizer (project, HF, SentencePiece or megatron) to what GPTDatasetConfig reads.
+    """The tokenizer facts GPTDatasetConfig reads, from this project's or megatron's tokenizers.
 
-    megatron tokenizers already carry `eod` and `unique_identifiers` and are returned unchanged.
-    Others need an EOS id (`eod`/`eos`/`eos_id`/`eos_token_id`) and a vocabulary size (`len()`,
-    which for HF tokenizers includes added tokens, else `vocab_size`).
+    A `sfpo_megatron.data.tokenizer.Tokenizer` becomes a DatasetTokenizer (its pad id counts only
+    when distinct from EOS: megatron masks pad labels out of the loss, and EOS must stay in it);
+    megatron tokenizers (`MegatronTokenizerBase`, legacy `MegatronLegacyTokenizer`) and
+    DatasetTokenizer are used as they are.
     """
-    if isinstance(tokenizer, DatasetTokenizer):
+    if isinstance(tokenizer, (DatasetTokenizer, MegatronTokenizerBase, MegatronLegacyTokenizer)):
         return tokenizer
-    if hasattr(tokenizer, "unique_identifiers") and _token_id(tokenizer, ["eod"]) is not None:
-        return tokenizer
-    eod = _token_id(tokenizer, ["eod", "eos", "eos_id", "eos_token_id"])
-    if eod is None:
-        raise DataConfigError(f"tokenizer {type(tokenizer).__name__} has no end-of-document (EOS) token id")
-    try:
-        vocab_size = len(tokenizer)
-    except TypeError:
-        vocab_size = _token_id(tokenizer, ["vocab_size"])
-    if not vocab_size:
-        raise DataConfigError(f"tokenizer {type(tokenizer).__name__} has no vocabulary size")
-    pad = _token_id(tokenizer, ["pad", "pad_id", "pad_token_id"])
-    name = str(getattr(tokenizer, "name_or_path", "") or getattr(tokenizer, "path", "") or type(tokenizer).__name__)
-    return DatasetTokenizer(vocab_size=vocab_size, eod=eod, pad=pad, name=name)
+    if isinstance(tokenizer, Tokenizer):
+        pad = tokenizer.pad_id if tokenizer.pad_id != tokenizer.eos_id else None
+        return DatasetTokenizer(vocab_size=tokenizer.vocab_size, eod=tokenizer.eos_id, pad=pad,
+                                name=str(getattr(tokenizer, "path", type(tokenizer).__name__)))
+    raise DataConfigError(
+        f"tokenizer of type {type(tokenizer).__name__} is not supported: pass a "
+        "sfpo_megatron.data.tokenizer.Tokenizer, a megatron tokenizer or a DatasetTokenizer"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,8 +123,7 @@ def parse_data_path(data_path: Sequence[str]) -> tuple[list[str], Optional[list[
     if weighted:
         weights = [float(n) for n in numbers[0::2]]
         prefixes = words[1::2]
-        bad = [w for w in weights if not w >= 0.0 or w == float("inf")]
-        if bad or sum(weights) <= 0.0:
+        if not all(math.isfinite(w) and w >= 0.0 for w in weights) or sum(weights) <= 0.0:
             raise DataConfigError(f"--data-path weights must be finite, >= 0 and not all 0, got {weights}")
     else:
         if any(n is not None for n in numbers):
@@ -217,10 +206,48 @@ def build_pretrain_datasets(
     if config.split_matrix[Split.train.value] is None:
         raise DataConfigError(f"--split {args.split!r} gives the train split no share")
     _check_split_documents(config, args)
+    _ensure_dataset_helpers()
     sizes = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
     cls = MockGPTDataset if config.mock else GPTDataset
-    train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    builds_blend = not config.mock and (len(config.blend[0]) > 1 or config.blend[1] is not None)
+    needs_group = builds_blend and config.path_to_cache is not None and not torch.distributed.is_initialized()
+    with _single_process_group() if needs_group else contextlib.nullcontext():
+        train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     return train, valid
+
+
+def _ensure_dataset_helpers() -> None:
+    """megatron's C++ index builders: compiled in the wheel; a source checkout builds them once.
+
+    As Megatron-LM's initialisation does, global rank 0 compiles (`make` in megatron's datasets
+    directory) while the other ranks wait at a barrier.
+    """
+    try:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401
+        return
+    except ImportError:
+        pass
+    distributed = torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        compile_helpers()
+    if distributed:
+        torch.distributed.barrier()
+    import megatron.core.datasets.helpers_cpp  # noqa: F401,F811
+
+
+@contextlib.contextmanager
+def _single_process_group() -> Iterator[None]:
+    """A throw-away 1-process gloo group for building outside torch.distributed.
+
+    megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() on a cache miss
+    without checking that torch.distributed is initialised (blended_dataset.py:153), unlike
+    GPTDataset; Megatron-LM never hits this because it always initialises torch.distributed.
+    """
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +346,10 @@ def get_batch(data_iterator: Iterator[Batch], device: torch.device | str = "cpu"
     """Next micro-batch as Megatron-LM's pretrain_gpt `get_batch` returns it:
     (tokens, labels, loss_mask, attention_mask or None, position_ids), on `device`."""
     batch = next(data_iterator)
-    move = lambda key: None if batch.get(key) is None else batch[key].to(device, non_blocking=True)
+
+    def move(key: str) -> Optional[torch.Tensor]:
+        return None if batch.get(key) is None else batch[key].to(device, non_blocking=True)
+
     return move("tokens"), move("labels"), move("loss_mask"), move("attention_mask"), move("position_ids")
 
 

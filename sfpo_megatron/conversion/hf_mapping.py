@@ -305,11 +305,13 @@ def check_hf_checkpoint(source: TensorSource, hf_config: Any,
         check_same_architecture(arch, checkpoint_config, "the HF checkpoint's config.json")
     expected = hf_shapes(arch)
     present = set(source.keys())
-    if not present & set(expected):
-        sample = ", ".join(sorted(present)[:3])
+    found = len(present & set(expected))
+    if found < len(expected) / 2:  # a truncated checkpoint still has most names; another model not
+        first_missing = next(n for n in expected if n not in present)
+        sample = ", ".join(sorted(present - set(expected))[:3])
         raise ArchitectureMismatchError(
-            f"checkpoint was made for another architecture: none of the {arch.architecture} "
-            f"tensors (e.g. model.embed_tokens.weight) is present; it holds {sample}, ...")
+            f"checkpoint was made for another architecture: only {found} of the {len(expected)} "
+            f"{arch.architecture} tensors are present (not {first_missing}); it holds {sample}, ...")
     missing = [n for n in expected if n not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -428,16 +430,16 @@ def _padded_vocab(model_chunks: Sequence[torch.nn.Module]) -> int:
 
 @torch.no_grad()
 def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any,
-                    source: TensorSource | dict[str, torch.Tensor] | str, *,
+                    source: TensorSource | dict[str, torch.Tensor] | str | os.PathLike, *,
                     progress: bool = False) -> None:
     """Fill this rank's model chunks from HF tensors (a directory of safetensors, a state dict
     or a ``TensorSource``), reading only this rank's slices."""
     arch = load_hf_config(hf_config)
     checkpoint_config = None
-    if isinstance(source, str):
+    if isinstance(source, (str, os.PathLike)):
         cfg_path = os.path.join(source, "config.json")
         checkpoint_config = cfg_path if os.path.exists(cfg_path) else None
-        source = SafetensorsSource(source)
+        source = SafetensorsSource(os.fspath(source))
     elif isinstance(source, dict):
         source = StateDictSource(source)
     rank, size, _ = _tp()

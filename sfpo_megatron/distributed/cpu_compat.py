@@ -166,8 +166,10 @@ class ParamGroupStepAdamW(torch.optim.Optimizer):
                 exp_avg_sqs.append(state["exp_avg_sq"])
             if not params:
                 continue
-            group["step"] = int(group.get("step", 0)) + 1
-            steps = [torch.tensor(float(group["step"])) for _ in params]
+            # torch's functional adam increments the step tensors itself before using them.
+            previous = int(group.get("step", 0))
+            steps = [torch.tensor(float(previous)) for _ in params]
+            group["step"] = previous + 1
             beta1, beta2 = group["betas"]
             adam_functional(
                 params, grads, exp_avgs, exp_avg_sqs, [], steps,

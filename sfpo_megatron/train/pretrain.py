@@ -20,6 +20,16 @@ from sfpo_megatron.distributed.platform import setup_platform
 log = logging.getLogger("sfpo_megatron.pretrain")
 
 
+class Preempted(SystemExit):
+    """Raised after the checkpoint that a SIGTERM asked for; exits with 143."""
+
+    def __init__(self, iteration: int) -> None:
+        from sfpo_megatron.components.preemption import EXIT_CODE
+
+        super().__init__(EXIT_CODE)
+        self.iteration = iteration
+
+
 def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
     """Layout and batch checks before anything is built; returns the data-parallel size."""
     if args.global_batch_size is None:
@@ -115,6 +125,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     from sfpo_megatron.components.checkpoint import load_checkpoint, save_checkpoint
     from sfpo_megatron.components.metrics import MetricsLogger, ThroughputMeter, memory_stats
     from sfpo_megatron.components.optimizer import optimizer_state_bytes
+    from sfpo_megatron.components.preemption import PreemptionHandler
     from sfpo_megatron.components.pretrain_data import build_pretrain_data_iterators
     from sfpo_megatron.models.hf_config import load_hf_config
     from sfpo_megatron.train.model_setup import build_training_setup, device
@@ -150,6 +161,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     metrics = MetricsLogger(args.log_dir, args.tensorboard_dir, rank=dist.get_rank(),
                             start_iteration=iteration + 1)
     meter = ThroughputMeter()
+    preemption = PreemptionHandler().install()
     last: dict = {}
     try:
         while iteration < args.train_iters:
@@ -169,14 +181,18 @@ def pretrain(args: argparse.Namespace) -> dict:
                 metrics.log(iteration, last)
                 if dist.get_rank() == 0:
                     log.info("iter %d loss %.6f grad_norm %.4f", iteration, loss, grad_norm)
-            if args.save and args.save_interval and iteration % args.save_interval == 0:
+            stop = preemption.should_stop()
+            if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
                 save_checkpoint(args.save, iteration, setup.model, setup.optimizer,
                                 setup.scheduler, {"consumed_samples": consumed},
                                 optim_sharding=args.dist_ckpt_optim_sharding)
+            if stop:
+                raise Preempted(iteration)
         if args.save and (not args.save_interval or iteration % args.save_interval != 0):
             save_checkpoint(args.save, iteration, setup.model, setup.optimizer, setup.scheduler,
                             {"consumed_samples": consumed},
                             optim_sharding=args.dist_ckpt_optim_sharding)
     finally:
         metrics.close()
+        preemption.uninstall()
     return last

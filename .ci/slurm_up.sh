@@ -60,7 +60,7 @@ write_config() {
     local host hw
     host=$(hostname -s)
     # Node hardware as slurmd sees it ("CPUs=2 Boards=1 ... RealMemory=N"), minus the node name.
-    hw=$(slurmd -C | head -1 | sed -e 's/^NodeName=[^ ]* //' -e 's/RealMemory=[0-9]*//')
+    hw=$(slurmd -C | head -1 | sed -e 's/^NodeName=[^ ]* //')
     mkdir -p "$DIR/state" "$DIR/log" "$DIR/spool"
     : >"$DIR/gpu0"
     : >"$DIR/gpu1"

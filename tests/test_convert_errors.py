@@ -76,7 +76,7 @@ def test_shape_that_does_not_match_the_config(qwen2_dir):
 
 def test_checkpoint_config_of_another_architecture(qwen2_dir):
     qwen3 = transformers.Qwen3Config(**transformers.AutoConfig.from_pretrained(qwen2_dir)
-                                     .to_dict() | {"model_type": "qwen3"})
+                                     .to_dict() | {"model_type": "qwen3", "head_dim": 16})
     with pytest.raises(ArchitectureMismatchError) as err:
         check_hf_checkpoint(SafetensorsSource(str(qwen2_dir)), qwen3, qwen2_dir)
     assert str(err.value) == (
@@ -91,10 +91,10 @@ def test_tensors_of_another_architecture(qwen2_dir):
     source = StateDictSource(gpt2.state_dict())
     with pytest.raises(ArchitectureMismatchError) as err:
         check_hf_checkpoint(source, qwen2_dir)
-    assert str(err.value).startswith(
-        "checkpoint was made for another architecture: none of the Qwen2ForCausalLM tensors "
-        "(e.g. model.embed_tokens.weight) is present; it holds lm_head.weight, "
-        "transformer.h.0.attn.c_attn.bias")
+    assert str(err.value) == (
+        "checkpoint was made for another architecture: only 1 of the 27 Qwen2ForCausalLM tensors "
+        "are present (not model.embed_tokens.weight); it holds transformer.h.0.attn.c_attn.bias, "
+        "transformer.h.0.attn.c_attn.weight, transformer.h.0.attn.c_proj.bias, ...")
 
 
 def test_load_hf_weights_checks_before_touching_the_model(qwen2_dir):

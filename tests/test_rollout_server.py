@@ -96,6 +96,41 @@ def test_greedy_batches_equal_transformers_generate(url: str, hf: torch.nn.Modul
     assert [results[i] for i in range(len(prompts))] == refs
 
 
+def test_requests_join_a_running_batch(url: str, hf: torch.nn.Module) -> None:
+    """Continuous batching: short requests arriving while a long one decodes are merged into its
+    batch (caches re-padded on either side) and finish first; every output still equals HF."""
+    long_prompt = make_prompts(1, length=4, seed=8)[0]
+    short = [make_prompts(1, length=n, seed=20 + n)[0] for n in (2, 30, 60, 9)]
+    done: dict[str, tuple[float, list[int]]] = {}
+
+    def run(key: str, prompt: list[int], n: int) -> None:
+        # min_new_tokens masks EOS on both sides (HF's MinNewTokensLength processor does the same).
+        out = generate(url, input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": n, "min_new_tokens": n})
+        done[key] = (time.monotonic(), out["output_ids"])
+
+    long_t = threading.Thread(target=run, args=("long", long_prompt, 440))
+    long_t.start()
+    deadline = time.monotonic() + 30
+    while requests.get(url + "/get_load", headers=AUTH, timeout=5).json()[0]["num_running_reqs"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    threads = [threading.Thread(target=run, args=(str(i), p, 12)) for i, p in enumerate(short)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    long_t.join(timeout=120)
+    assert all(done[str(i)][0] < done["long"][0] for i in range(len(short))), "short requests waited for the long batch"
+    with torch.no_grad():
+        def greedy_no_eos(prompt: list[int], n: int) -> list[int]:
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=EOS)
+            return out[0, len(prompt):].tolist()
+
+        for i, p in enumerate(short):
+            assert done[str(i)][1] == greedy_no_eos(p, 12)
+        assert done["long"][1] == greedy_no_eos(long_prompt, 440)
+
+
 @pytest.mark.parametrize("params", [
     {"temperature": 1.0},
     {"temperature": 0.7, "top_p": 0.9, "top_k": 40},

@@ -636,7 +636,9 @@ class GenerationEngine:
                     self._run_batch(batch)
                 except Exception as e:  # the batch fails; the server keeps serving
                     logger.exception("generation batch failed")
-                    for s in batch:
+                    with self._cond:
+                        failed = batch + self._running  # includes sequences admitted mid-batch
+                    for s in failed:
                         if not s.future.done():
                             s.future.set_exception(EngineError(f"generation failed: {e}"))
                 finally:
@@ -693,6 +695,57 @@ class GenerationEngine:
             if not batch.seqs:
                 break
             self._decode(batch)
+            self._admit(batch)
+
+    def _admit(self, batch: _Batch) -> None:
+        """Continuous batching: prefill waiting sequences and merge them into the running batch, so
+        a batch never waits for its longest row while requests queue. Stops while commands (weight
+        updates) wait, so the batch drains and they run between batches."""
+        if not self._mergeable(batch.cache):
+            return
+        with self._cond:
+            if self._commands or not self._can_run():
+                return
+            new = []
+            while self._waiting and len(batch.seqs) + len(new) < self.max_batch_size:
+                new.append(self._waiting.popleft())
+            if not new:
+                return
+            self._running = self._running + new
+        fresh = self._prefill(new)
+        if fresh.seqs:
+            self._merge(batch, fresh)
+
+    @staticmethod
+    def _mergeable(cache: Any) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def _merge(self, batch: _Batch, fresh: _Batch) -> None:
+        """Append ``fresh``'s rows to ``batch``, left-padding whichever cache is shorter (the padded
+        positions are masked out, as in any left-padded batch)."""
+        t_old, t_new = batch.mask.shape[1], fresh.mask.shape[1]
+        width = max(t_old, t_new)
+
+        def pad(x: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
+            if extra == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = extra
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        for old_layer, new_layer in zip(batch.cache.layers, fresh.cache.layers):
+            old_layer.keys = torch.cat([pad(old_layer.keys, width - t_old, 2), pad(new_layer.keys, width - t_new, 2)])
+            old_layer.values = torch.cat([pad(old_layer.values, width - t_old, 2), pad(new_layer.values, width - t_new, 2)])
+        batch.mask = torch.cat([pad(batch.mask, width - t_old, 1), pad(fresh.mask, width - t_new, 1)])
+        batch.next_pos = torch.cat([batch.next_pos, fresh.next_pos])
+        batch.logits = torch.cat([batch.logits, fresh.logits])
+        if batch.counts is not None or fresh.counts is not None:
+            zeros = lambda b: torch.zeros(len(b.seqs), self.vocab_size)  # noqa: E731
+            batch.counts = torch.cat([batch.counts if batch.counts is not None else zeros(batch),
+                                      fresh.counts if fresh.counts is not None else zeros(fresh)])
+        batch.seqs = batch.seqs + fresh.seqs
 
     def _prefill(self, seqs: list[Sequence]) -> _Batch:
         from transformers import DynamicCache
@@ -871,9 +924,10 @@ class GenerationEngine:
                 keep.append(r)
         self._select(batch, keep)
 
-    @staticmethod
-    def _select(batch: _Batch, keep: list[int]) -> None:
+    def _select(self, batch: _Batch, keep: list[int]) -> None:
         batch.seqs = [batch.seqs[r] for r in keep]
+        with self._cond:
+            self._running = [s for s in self._running if not s.future.done()]
         if not keep:
             return
         idx = torch.tensor(keep, dtype=torch.long)
@@ -883,6 +937,14 @@ class GenerationEngine:
         batch.logits = batch.logits[idx]
         if batch.counts is not None:
             batch.counts = batch.counts[idx]
+        # Columns that are padding for every remaining row only cost attention time: drop them.
+        lead = int(batch.mask.any(dim=0).long().argmax())
+        if lead > 0 and self._mergeable(batch.cache):
+            for layer in batch.cache.layers:
+                if layer.get_seq_length() > 0:
+                    layer.keys = layer.keys[:, :, lead:]
+                    layer.values = layer.values[:, :, lead:]
+            batch.mask = batch.mask[:, lead:]
 
     def _result(self, s: Sequence) -> dict:
         """One SGLang /generate result (``text`` only when the server has a tokenizer)."""

@@ -1,0 +1,146 @@
+"""The demo's task: a small reasoning-gym arithmetic task, its SentencePiece tokenizer, SFT corpus
+and the prompt / validation specs the RL loop reads.
+
+A prompt is the user question rendered with the SentencePiece chat format (`ChatFormat`), e.g.
+
+    User: Calculate 34 + 57.
+    Assistant:
+
+and the target response is " 91" followed by EOS. The SFT text of an example is exactly the
+rendered prompt followed by the response, so a warm-started model answers in the format the RL
+reward reads (the whole response, stripped, compared with the reference).
+
+Train prompts, validation prompts and the SFT corpus come from different reasoning-gym seeds;
+the SFT corpus leaves out every validation question.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from sfpo_megatron.data.tokenizer import ChatFormat, train_sentencepiece
+
+# Seeds of the three disjoint streams of task items (reasoning-gym seeds items by seed + index).
+TRAIN_SEED = 1_000
+VALID_SEED = 2_000_000
+SFT_SEED = 5_000_000
+
+
+class DemoTaskError(ValueError):
+    """An unknown task preset or unusable task settings."""
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """A reasoning-gym dataset name with the config that makes it learnable by a tiny model."""
+
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def spec(self, size: int, seed: int) -> str:
+        """The `rg:` spec of `size` items from `seed` (the loop's --prompt-data format).
+
+        Values are written as Python literals and percent-encoded: `+` in an operator list
+        would otherwise be read back as a space.
+        """
+        query = [f"size={int(size)}", f"seed={int(seed)}"]
+        query += [f"{key}={quote(repr(value), safe='')}" for key, value in self.config.items()]
+        return f"rg:{self.name}?" + "&".join(query)
+
+    def entries(self, size: int, seed: int) -> list[dict[str, Any]]:
+        """The reasoning-gym entries of `spec(size, seed)`."""
+        import reasoning_gym
+
+        if size <= 0:
+            raise DemoTaskError(f"size must be positive, got {size}")
+        return list(reasoning_gym.create_dataset(self.name, size=size, seed=seed, **self.config))
+
+
+# Presets a ~1M-parameter model partly learns in a couple of CPU minutes: two terms, one or two
+# digits, + and - only, so a warm start lands well below 100 % and RL has room to improve.
+TASKS: dict[str, DemoTask] = {
+    "basic_arithmetic": DemoTask(
+        "basic_arithmetic",
+        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2,
+         "operators": ("+", "-"), "allow_parentheses": False, "allow_negation": False},
+        "a + b or a - b, a and b in 0..100",
+    ),
+    "chain_sum": DemoTask(
+        "chain_sum",
+        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+        "a + b or a - b, a and b in 0..99",
+    ),
+}
+
+
+def get_task(name: str) -> DemoTask:
+    if name not in TASKS:
+        raise DemoTaskError(f"unknown demo task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def render_prompt(question: str, chat_format: ChatFormat | None = None) -> str:
+    """The prompt text the RL loop builds for a reasoning-gym question (chat format applied)."""
+    return (chat_format or ChatFormat()).render([{"role": "user", "content": question}])
+
+
+def sft_text(question: str, answer: str, chat_format: ChatFormat | None = None) -> str:
+    """Prompt followed by the target response (EOS is appended by the preprocessor)."""
+    return render_prompt(question, chat_format) + " " + str(answer)
+
+
+def sft_corpus(task: DemoTask, size: int, exclude_questions: Iterable[str] = (),
+               seed: int = SFT_SEED) -> list[str]:
+    """`size` SFT texts from the task's SFT stream, skipping any question in `exclude_questions`."""
+    excluded = set(exclude_questions)
+    texts: list[str] = []
+    start = seed
+    while len(texts) < size:
+        need = size - len(texts)
+        for entry in task.entries(need, start):
+            if entry["question"] not in excluded:
+                texts.append(sft_text(entry["question"], entry["answer"]))
+        start += need  # next items of the same stream (item i has seed + i)
+        if start - seed > 20 * size:
+            raise DemoTaskError(f"task {task.name!r}: cannot find {size} SFT questions outside "
+                                f"the {len(excluded)} excluded ones")
+    return texts
+
+
+def write_jsonl(texts: Sequence[str], path: str | os.PathLike, key: str = "text") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for text in texts:
+            f.write(json.dumps({key: text}) + "\n")
+    return path
+
+
+def build_tokenizer(texts: Sequence[str], out_prefix: str | os.PathLike, vocab_size: int = 64) -> Path:
+    """SentencePiece BPE model for the task's texts: digits single tokens, text kept verbatim.
+
+    BPE rather than unigram: on this tiny, repetitive corpus unigram keeps only single
+    characters, while BPE merges the fixed words ("Calculate", "Assistant"), which shortens every
+    sequence by half.
+    """
+    return train_sentencepiece(texts, vocab_size, out_prefix, model_type="bpe")
+
+
+def exact_match_reward(response: str, answer: str, metadata: dict[str, Any]) -> float:
+    """1.0 when reasoning-gym's own scorer gives full marks, else 0.0 (use as --reward-fn
+    `sfpo_megatron.demo.task:exact_match_reward`).
+
+    reasoning-gym's arithmetic scorers give partial credit when the reference is a substring of
+    the response ("191" for 91 scores 2/3); the demo reports accuracy, so it rewards only exact
+    answers.
+    """
+    from sfpo_megatron.data.rewards import reasoning_gym_reward
+
+    return 1.0 if reasoning_gym_reward(response, answer, metadata) >= 1.0 else 0.0

@@ -1,0 +1,122 @@
+"""Policy forward passes through megatron's schedules: per-token log π(label) and entropy.
+
+Every forward goes through ``get_forward_backward_func`` so the same code runs with TP, PP
+(1F1B, interleaved) and DP. On the last pipeline stage ``GPTModel`` called without labels returns
+the logits ``[b, s, V/tp]`` (megatron 0.16.1 transposes its ``[s, b, V/tp]`` output back to
+batch-first); :func:`sfpo_megatron.rl.vocab_parallel.vocab_parallel_logprobs_and_entropy` turns
+them into log-probs and entropies without gathering the vocabulary, at the rollout temperature
+and with megatron's padded vocab columns dropped.
+
+``loss_fn(micro_batch, logprobs, entropy)`` callbacks run on the last stage only. They return
+``(loss, reported)``: the schedule divides ``loss`` by the number of micro-batches and DDP
+averages gradients over DP, so a training loss must already be scaled by
+``num_microbatches * dp_size`` (see ``rl/losses.py``); ``reported`` is collected per
+micro-batch in the returned list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from sfpo_megatron.rl.train_batch import TrainBatch
+
+LossFn = Callable[[TrainBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
+
+
+class PolicyForwardError(ValueError):
+    """Micro-batches the schedule cannot run (mixed shapes, none at all)."""
+
+
+def _device() -> torch.device:
+    from sfpo_megatron.distributed.platform import current_platform
+
+    return current_platform().device()
+
+
+def _forward_step(temperature: float, vocab_size: int, loss_fn: LossFn, data_iterator, model):
+    from sfpo_megatron.rl.vocab_parallel import vocab_parallel_logprobs_and_entropy
+
+    mb: TrainBatch = next(data_iterator)
+    dev = _device()
+    tokens = mb.tokens.to(dev, non_blocking=True)
+    position_ids = torch.arange(mb.seq_length, device=dev).unsqueeze(0).expand_as(tokens)
+    # attention_mask=None: causal attention (right padding is never attended by real tokens).
+    output = model(tokens, position_ids, None)
+
+    def loss_func(logits: torch.Tensor):
+        labels = mb.labels.to(logits.device, non_blocking=True)
+        logprobs, entropy = vocab_parallel_logprobs_and_entropy(
+            logits, labels, temperature=temperature, vocab_size=vocab_size)
+        return loss_fn(mb, logprobs, entropy)
+
+    return output, loss_func
+
+
+def run_micro_batches(model: Sequence[torch.nn.Module], micro_batches: Sequence[TrainBatch],
+                      loss_fn: LossFn, *, forward_only: bool, temperature: float,
+                      vocab_size: int) -> list[Any]:
+    """One megatron forward(-backward) over ``micro_batches`` (this DP rank's share).
+
+    Returns what ``loss_fn`` reported per micro-batch, in order, on the last pipeline stage
+    (an empty list elsewhere). Gradients accumulate in the DDP buffers and are reduced over DP at
+    the end (``finalize_model_grads``); the caller zeroes them and steps the optimizer.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        raise PolicyForwardError("no micro-batches to run")
+    shapes = {tuple(mb.tokens.shape) for mb in micro_batches}
+    if len(shapes) > 1:
+        raise PolicyForwardError(f"micro-batches of one schedule must share a shape (pipeline "
+                                 f"p2p buffers are fixed), got {sorted(shapes)}")
+    mbs, seq = micro_batches[0].tokens.shape
+    step = partial(_forward_step, temperature, vocab_size, loss_fn)
+    if len(model) == 1:
+        data: Any = iter(micro_batches)
+        target: Any = model[0]
+    else:  # interleaved PP: every virtual stage reads the same micro-batches
+        data = [iter(micro_batches) for _ in model]
+        target = list(model)
+    fb = get_forward_backward_func()
+    return fb(forward_step_func=step, data_iterator=data, model=target,
+              num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=mbs,
+              forward_only=forward_only)
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-token log π(label) and entropy ``[B, S]`` (0 where ``loss_mask`` is False)."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _collect(mb: TrainBatch, logprobs: torch.Tensor, entropy: torch.Tensor):
+    mask = mb.loss_mask.to(logprobs.device)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    return (torch.zeros((), device=logprobs.device),
+            (torch.where(mask, logprobs, zero).detach(), torch.where(mask, entropy, zero).detach()))
+
+
+@torch.no_grad()
+def compute_logprobs(model: Sequence[torch.nn.Module], batch: TrainBatch, *,
+                     micro_batch_size: int, temperature: float,
+                     vocab_size: int) -> TokenLogprobs | None:
+    """Forward-only log-probs and entropies of ``batch`` (this DP rank's rows) under ``model``.
+
+    Used for the old log-probs at θ(s,0) (the policy) and for a frozen reference policy. Returns
+    ``None`` on pipeline stages other than the last, which never need them.
+    """
+    from megatron.core import parallel_state as ps
+
+    out = run_micro_batches(model, batch.micro_batches(micro_batch_size), _collect,
+                            forward_only=True, temperature=temperature, vocab_size=vocab_size)
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return TokenLogprobs(logprobs=torch.cat([lp for lp, _ in out]).float(),
+                         entropy=torch.cat([ent for _, ent in out]).float())

@@ -1,0 +1,495 @@
+"""The SFPO / GRPO policy update on megatron (issue 4; SFPO = arXiv 2510.04072, Algorithm 1).
+
+For rollout batch s, starting from θ(s,0):
+
+1. old log-probs at θ(s,0), once, forward-only (the PPO reference of every pass);
+2. Stage I: K passes, each pass = the batch split into ``--num-steps-per-rollout`` mini-batches with
+   one megatron optimizer step each (gradient clipping as configured);
+3. Stage II: θ̃ = θ(s,0) + α(θ(s,K) − θ(s,0)) on the **fp32 main parameters** the optimizer
+   updates — with the distributed optimizer each DP rank's shard of them — then main → model
+   params and megatron's usual DP all-gather of the parameter buffers;
+4. Stage III: one more pass from θ̃;
+5. LR scheduler stepped once; the controller observes the step's mean token entropy.
+
+α comes from :class:`~sfpo_megatron.rl.sfpo_controller.SFPOController`; α = 0 (always with
+``--algorithm grpo``, and for good once the entropy trigger fired) skips Stages I and II, so the
+step is exactly one GRPO pass. Adam's moments and step count are never touched by Stage II.
+
+Where the main parameters live (the three megatron optimizers, all reached through
+``optimizer.optimizer.param_groups``, i.e. exactly what Adam updates):
+
+* ``FP32Optimizer`` (fp32 params, no distributed optimizer): the model parameters themselves;
+* ``Float16OptimizerWithFloat16Params`` (``--bf16``): fp32 copies of the bf16 model params, copied
+  back by ``_copy_main_params_to_model_params``;
+* ``DistributedOptimizer``: this DP rank's fp32 shard (a view of the param buffer with fp32
+  params, an fp32 copy with bf16), written into the param buffer by
+  ``_copy_main_params_to_model_params`` and all-gathered by ``DistributedDataParallel.
+  start_param_sync`` — the same calls megatron makes after ``optimizer.step()``.
+
+So Stage II costs one extra copy of the main-param shard (4 bytes / parameter / DP size, in host
+memory with ``--sfpo-snapshot-offload``) and no communication beyond the ordinary all-gather.
+
+The controller's entropy is the mean token entropy of the update's last pass (Stage III, or the
+GRPO pass) — the reference code appends the actor's training ``entropy_loss`` metric of the
+slow ``update_policy`` call. Here it is the token mean over the whole batch (all micro-batches and
+DP ranks) rather than verl's mean of per-micro-batch means, so it does not depend on the split.
+
+Distances ‖θ(s,K) − θ(s,0)‖ and ‖θ̃ − θ(s,0)‖ are global: squared sums over main params that are
+neither TP duplicates nor the PP copy of tied embeddings (megatron's grad-norm rule), all-reduced
+over the optimizer's grad-stats group (model-parallel group, or the world for the distributed
+optimizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sfpo_megatron.rl.batch import Sample
+from sfpo_megatron.rl.losses import (
+    LossDenominators,
+    PolicyLossConfig,
+    mini_batch_denominators,
+    policy_loss,
+)
+from sfpo_megatron.rl.policy_forward import compute_logprobs, run_micro_batches
+from sfpo_megatron.rl.sfpo_controller import SFPOController
+from sfpo_megatron.rl.train_batch import (
+    TrainBatch,
+    check_update_layout,
+    collate,
+    local_mini_batches,
+)
+
+_STATE_VERSION = 1
+ALGORITHMS = ("sfpo", "grpo")
+
+
+class PolicyUpdateError(ValueError):
+    """A setting or training setup the SFPO / GRPO update cannot run with."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Main parameters of megatron's optimizers
+# ---------------------------------------------------------------------------------------------
+
+
+def _device() -> torch.device:
+    from sfpo_megatron.distributed.platform import current_platform
+
+    return current_platform().device()
+
+
+def inner_optimizers(optimizer) -> list:
+    """The megatron optimizers inside a ``ChainedOptimizer`` (or the optimizer itself)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def main_params(opt) -> list[torch.Tensor]:
+    """The fp32 parameters the inner (Adam) optimizer updates on this rank."""
+    if getattr(opt, "is_stub_optimizer", False) or opt.optimizer is None:
+        return []
+    return [p for group in opt.optimizer.param_groups for p in group["params"]]
+
+
+def check_supported(optimizer) -> None:
+    """Stage II needs the main params in ``param_groups``; refuse layouts where they are not."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import (
+        FP32Optimizer,
+        Float16OptimizerWithFloat16Params,
+    )
+
+    for opt in inner_optimizers(optimizer):
+        if not isinstance(opt, (DistributedOptimizer, Float16OptimizerWithFloat16Params,
+                                FP32Optimizer)):
+            raise PolicyUpdateError(f"SFPO reposition does not support {type(opt).__name__}")
+        if getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            raise PolicyUpdateError("SFPO reposition does not support the precision-aware "
+                                    "optimizer (main params live inside TE FusedAdam)")
+        ddp_config = getattr(opt, "ddp_config", None)
+        if ddp_config is not None and getattr(ddp_config, "use_megatron_fsdp", False):
+            raise PolicyUpdateError("SFPO reposition does not support megatron FSDP")
+
+
+def _counts_for_norm(opt, p: torch.Tensor) -> bool:
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    return param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(
+        p, getattr(opt, "tp_group", None))
+
+
+def _snapshot_copy(p: torch.Tensor, offload: bool) -> torch.Tensor:
+    if not offload or p.device.type == "cpu":
+        return p.detach().clone()
+    # Pinned host memory so the copies back (Stage II) are asynchronous DMA.
+    host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
+    host.copy_(p.detach(), non_blocking=True)
+    return host
+
+
+class MainParamSnapshot:
+    """θ(s,0): a copy of this rank's main params (its shard with the distributed optimizer)."""
+
+    def __init__(self, optimizer, offload: bool = False) -> None:
+        self.groups = []
+        with torch.no_grad():
+            for opt in inner_optimizers(optimizer):
+                params = main_params(opt)
+                self.groups.append((opt, params, [_snapshot_copy(p, offload) for p in params]))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for _, _, copies in self.groups for c in copies)
+
+    @torch.no_grad()
+    def distance(self) -> float:
+        """‖θ − θ(s,0)‖ over the whole model (all DP / TP / PP ranks); collective."""
+        total = 0.0
+        for opt, params, copies in self.groups:
+            sq = torch.zeros((), dtype=torch.float64, device=_device())
+            for p, p0 in zip(params, copies):
+                if _counts_for_norm(opt, p):
+                    sq += (p - p0.to(p.device, non_blocking=True)).double().square().sum()
+            if dist.is_initialized():
+                dist.all_reduce(sq, group=opt.get_grad_stats_parallel_group())
+            total += float(sq)
+        return math.sqrt(total)
+
+    @torch.no_grad()
+    def reposition_(self, alpha: float) -> None:
+        """Main params ← lerp(θ(s,0), θ, α) in place (exact at α = 0 and 1)."""
+        for _, params, copies in self.groups:
+            for p, p0 in zip(params, copies):
+                p.copy_(torch.lerp(p0.to(p.device, non_blocking=True), p, alpha))
+
+
+@torch.no_grad()
+def copy_main_to_model_params(optimizer) -> None:
+    """What megatron does after ``optimizer.step()``: main → model params, then (distributed
+    optimizer) the DP all-gather of the param buffers — synchronous, or left to the next
+    forward's pre-hooks when ``--overlap-param-gather`` is on (as after a step)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    gather_chunks: dict[int, Any] = {}
+    for opt in inner_optimizers(optimizer):
+        if isinstance(opt, (DistributedOptimizer, Float16OptimizerWithFloat16Params)):
+            if not opt.is_stub_optimizer:
+                if opt.config.reuse_grad_buf_for_mxfp8_param_ag:
+                    if not opt.config.overlap_param_gather:
+                        opt._copy_main_params_to_param_buffer()
+                else:
+                    opt._copy_main_params_to_model_params()
+        # FP32Optimizer: the main params are the model params, already in place.
+        if isinstance(opt, DistributedOptimizer) and not opt.ddp_config.overlap_param_gather:
+            for chunk in opt.model_chunks:
+                gather_chunks[id(chunk)] = chunk
+    for chunk in gather_chunks.values():
+        chunk.start_param_sync()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reduction of per-micro-batch statistics
+# ---------------------------------------------------------------------------------------------
+
+# Columns of the per-micro-batch statistics row (sums; "· n" = token-weighted).
+_PG_LOSS, _CLIP, _CLIP_LOW, _PPO_KL, _ENTROPY, _KL, _TOKENS, _LOSS = range(8)
+_NUM_STATS = 8
+
+
+def _reduce_sums(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """Sum of the last stage's rows over micro-batches and DP ranks, known on every rank."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(width, dtype=torch.float64, device=_device())
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for r in rows:
+            total += r.to(total.device, torch.float64)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return total.cpu()
+
+
+def _pass_metrics(total: torch.Tensor) -> dict[str, float]:
+    n = max(float(total[_TOKENS]), 1.0)
+    return {"pg_loss": float(total[_PG_LOSS]), "loss": float(total[_LOSS]),
+            "pg_clipfrac": float(total[_CLIP]) / n, "pg_clipfrac_lower": float(total[_CLIP_LOW]) / n,
+            "ppo_kl": float(total[_PPO_KL]) / n, "entropy": float(total[_ENTROPY]) / n,
+            "kl": float(total[_KL]) / n, "num_tokens": float(total[_TOKENS])}
+
+
+# ---------------------------------------------------------------------------------------------
+# The updater
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """One update's split of the batch for this rank."""
+
+    local: list[TrainBatch]  # this DP rank's shard of each mini-batch
+    denominators: list[LossDenominators]  # per mini-batch, over the whole (global) mini-batch
+
+
+def loss_config_from_args(args: argparse.Namespace) -> PolicyLossConfig:
+    return PolicyLossConfig(
+        eps_clip=args.eps_clip, eps_clip_high=args.eps_clip_high, clip_ratio_c=args.dual_clip_c,
+        loss_agg_mode=args.loss_agg_mode, entropy_coeff=args.entropy_coef,
+        kl_coeff=args.kl_coef, kl_type=args.kl_type)
+
+
+def controller_from_args(args: argparse.Namespace) -> SFPOController:
+    return SFPOController(
+        alpha0=args.sfpo_alpha if args.algorithm == "sfpo" else 0.0,
+        window=args.sfpo_zscore_window, threshold=args.sfpo_zscore_threshold,
+        two_sided=args.sfpo_zscore_two_sided, stop_step=args.sfpo_stop_step,
+        inner_steps=args.sfpo_inner_steps)
+
+
+class PolicyUpdater:
+    """Runs one SFPO (or GRPO) update per rollout batch on a megatron ``TrainingSetup``.
+
+    ``setup`` comes from ``train.model_setup.build_training_setup`` built **without**
+    ``calculate_per_token_loss`` (the RL losses normalise over the whole mini-batch themselves).
+    ``ref_model``: frozen reference-policy chunks (same layout), needed when ``--kl-coef`` > 0.
+    ``stage_hook(stage, updater)``, if set, is called at ``"theta0"`` (snapshot taken),
+    ``"thetaK"`` (after Stage I), ``"theta_tilde"`` (after Stage II) and ``"done"``; for
+    instrumentation and tests.
+    """
+
+    def __init__(self, args: argparse.Namespace, setup, *, ref_model: Sequence | None = None,
+                 pad_id: int | None = None) -> None:
+        from megatron.core import parallel_state as ps
+
+        if args.algorithm not in ALGORITHMS:
+            raise PolicyUpdateError(f"--algorithm must be one of {ALGORITHMS}, got "
+                                    f"{args.algorithm!r}")
+        if args.num_steps_per_rollout < 1:
+            raise PolicyUpdateError(f"--num-steps-per-rollout must be >= 1, got "
+                                    f"{args.num_steps_per_rollout}")
+        if not args.rollout_temperature > 0:
+            raise PolicyUpdateError(f"--rollout-temperature must be > 0, got "
+                                    f"{args.rollout_temperature}")
+        if args.kl_coef > 0 and ref_model is None:
+            raise PolicyUpdateError(f"--kl-coef {args.kl_coef} needs a reference policy: pass "
+                                    "ref_model (see build_reference_model)")
+        if getattr(setup.config, "calculate_per_token_loss", False):
+            raise PolicyUpdateError("the RL update needs a training setup built without "
+                                    "calculate_per_token_loss (its loss is already normalised "
+                                    "over the mini-batch)")
+        if ps.get_context_parallel_world_size() > 1:
+            raise PolicyUpdateError("context parallelism is not supported by the policy update")
+        check_supported(setup.optimizer)
+        self.args = args
+        self.setup = setup
+        self.ref_model = list(ref_model) if ref_model is not None else None
+        self.loss_config = loss_config_from_args(args)
+        self.controller = controller_from_args(args)
+        self.temperature = float(args.rollout_temperature)
+        self.vocab_size = int(setup.arch.vocab_size)
+        self.pad_id = int(pad_id if pad_id is not None else (setup.arch.raw.get("pad_token_id")
+                                                             or 0))
+        self.micro_batch_size = int(args.micro_batch_size)
+        self.num_mini_batches = int(args.num_steps_per_rollout)
+        self.loss_scale_factor = getattr(args, "rollout_max_response_len", None)
+        self.snapshot_offload = bool(getattr(args, "sfpo_snapshot_offload", False))
+        self.stage_hook: Callable[[str, PolicyUpdater], None] | None = None
+        self.last_passes: dict[str, list[dict[str, float]]] = {}
+        self.snapshot: MainParamSnapshot | None = None
+
+    # ---- checkpointed state ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Goes into the checkpoint's ``extra_state`` (plain Python values)."""
+        return {"version": _STATE_VERSION, "algorithm": self.args.algorithm,
+                "controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise PolicyUpdateError(f"policy updater state version {state.get('version')!r} is "
+                                    f"not {_STATE_VERSION}")
+        self.controller.load_state_dict(state["controller"])
+
+    # ---- the update ----------------------------------------------------------------------------
+    def _hook(self, stage: str) -> None:
+        if self.stage_hook is not None:
+            self.stage_hook(stage, self)
+
+    def _plan(self, batch: TrainBatch) -> _Plan:
+        from megatron.core import parallel_state as ps
+
+        dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        check_update_layout(batch.size, self.num_mini_batches, dp_size, self.micro_batch_size)
+        scale = self.loss_scale_factor or batch.seq_length
+        # Every rank holds the whole batch: the mini-batch constants need no communication.
+        dens = [mini_batch_denominators(mb.loss_mask, scale)
+                for mb in batch.split(self.num_mini_batches, "mini-batches")]
+        return _Plan(local_mini_batches(batch, self.num_mini_batches, dp_rank, dp_size), dens)
+
+    def _old_logprobs(self, plan: _Plan) -> dict[str, float]:
+        """θ(s,0) (and reference-policy) log-probs of this rank's rows, once per update."""
+        local = TrainBatch.concat(plan.local)
+        kwargs = dict(micro_batch_size=self.micro_batch_size, temperature=self.temperature,
+                      vocab_size=self.vocab_size)
+        old = compute_logprobs(self.setup.model, local, **kwargs)
+        ref = compute_logprobs(self.ref_model, local, **kwargs) if self.ref_model else None
+        rows = []
+        if old is not None:
+            local.old_logprobs = old.logprobs
+            if ref is not None:
+                local.ref_logprobs = ref.logprobs
+            mask = local.loss_mask.to(old.logprobs.device)
+            diff = (old.logprobs - local.rollout_logprobs.to(old.logprobs.device)).abs()
+            rows.append(torch.stack([diff[mask].sum(), old.entropy[mask].sum(),
+                                     mask.sum().to(diff.dtype)]))
+        plan.local = local.split(self.num_mini_batches, "mini-batches")
+        total = _reduce_sums(rows, 3)
+        n = max(float(total[2]), 1.0)
+        return {"rollout/train_logprob_abs_diff": float(total[0]) / n,
+                "actor/entropy_at_theta0": float(total[1]) / n}
+
+    def _train_loss(self, den: LossDenominators, scale: float, mb: TrainBatch,
+                    logprobs: torch.Tensor, entropy: torch.Tensor):
+        dev = logprobs.device
+        ref = None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev)
+        loss, m = policy_loss(logprobs, mb.old_logprobs.to(dev), mb.advantages.to(dev),
+                              mb.loss_mask.to(dev), self.loss_config, entropy=entropy,
+                              ref_log_probs=ref, denominators=den)
+        n = m["num_tokens"]
+        kl = m.get("kl", torch.zeros((), device=dev))
+        stats = torch.stack([m["pg_loss"], m["pg_clipfrac"] * n, m["pg_clipfrac_lower"] * n,
+                             m["ppo_kl"] * n, m["entropy"] * n, kl * n, n,
+                             loss.detach()]).double()
+        # The schedule divides by the micro-batch count and DDP averages over DP: undo both so
+        # the summed gradients are those of the mini-batch loss (rl/losses.py).
+        return loss * scale, stats
+
+    def _pass(self, plan: _Plan) -> list[dict[str, float]]:
+        """One ordinary GRPO/PPO pass: one optimizer step per mini-batch."""
+        from megatron.core import parallel_state as ps
+
+        from sfpo_megatron.train.model_setup import zero_grads
+
+        setup, rows = self.setup, []
+        dp_size = ps.get_data_parallel_world_size()
+        for mb, den in zip(plan.local, plan.denominators):
+            zero_grads(setup)
+            micro = mb.micro_batches(self.micro_batch_size)
+            out = run_micro_batches(
+                setup.model, micro, partial(self._train_loss, den, float(len(micro) * dp_size)),
+                forward_only=False, temperature=self.temperature, vocab_size=self.vocab_size)
+            ok, grad_norm, _ = setup.optimizer.step()
+            if not ok:
+                raise FloatingPointError("optimizer step skipped (non-finite gradients)")
+            row = _pass_metrics(_reduce_sums(out, _NUM_STATS))
+            row["grad_norm"] = float(grad_norm or 0.0)
+            rows.append(row)
+        return rows
+
+    def update(self, batch: Sequence[Sample] | TrainBatch, step: int) -> dict[str, float]:
+        """One SFPO / GRPO update on rollout batch ``step`` (the same whole batch on every rank;
+        each rank trains on its DP shard). Returns the step's metrics (equal on every rank)."""
+        t_start = time.perf_counter()
+        if not isinstance(batch, TrainBatch):
+            batch = collate(list(batch), self.pad_id)
+        plan = self._plan(batch)
+        alpha = self.controller.alpha_for_step(step)
+        inner = self.controller.inner_steps_for_step(step)
+        lr = float(self.setup.optimizer.param_groups[0]["lr"])
+        metrics: dict[str, float] = self._old_logprobs(plan)
+        t_old = time.perf_counter()
+        self.last_passes = {}
+        fast_norm = repo_norm = 0.0
+        snapshot_bytes = 0
+        if alpha > 0.0:
+            self.snapshot = MainParamSnapshot(self.setup.optimizer, self.snapshot_offload)
+            snapshot_bytes = self.snapshot.nbytes
+            self._hook("theta0")
+            for k in range(inner):  # Stage I
+                self.last_passes[f"fast{k}"] = self._pass(plan)
+            fast_norm = self.snapshot.distance()
+            self._hook("thetaK")
+            self.snapshot.reposition_(alpha)  # Stage II
+            copy_main_to_model_params(self.setup.optimizer)
+            repo_norm = self.snapshot.distance()
+            self._hook("theta_tilde")
+            self.snapshot = None
+        t_fast = time.perf_counter()
+        slow = self._pass(plan)  # Stage III (or the GRPO step)
+        self.last_passes["slow"] = slow
+        self.setup.scheduler.step(increment=1)
+        t_end = time.perf_counter()
+
+        total_tokens = sum(r["num_tokens"] for r in slow) or 1.0
+        entropy = sum(r["entropy"] * r["num_tokens"] for r in slow) / total_tokens
+        z = self.controller.observe(step, entropy)
+        metrics.update({
+            "sfpo/alpha": alpha, "sfpo/inner_steps": float(inner),
+            "sfpo/fast_displacement_norm": fast_norm, "sfpo/reposition_norm": repo_norm,
+            "sfpo/entropy": entropy,
+            "sfpo/entropy_zscore": float("nan") if z is None else z,
+            "sfpo/trigger_step": -1.0 if self.controller.trigger_step is None
+            else float(self.controller.trigger_step),
+            "sfpo/snapshot_bytes": float(snapshot_bytes),
+            "lr": lr,
+            "time/old_logprobs_s": t_old - t_start, "time/fast_and_reposition_s": t_fast - t_old,
+            "time/slow_s": t_end - t_fast, "time/update_s": t_end - t_start,
+        })
+        for key in ("pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "entropy", "kl"):
+            metrics[f"actor/{key}"] = (sum(r[key] * r["num_tokens"] for r in slow) / total_tokens
+                                       if key != "pg_loss" else
+                                       sum(r[key] for r in slow) / len(slow))
+        for name, rows in self.last_passes.items():
+            metrics[f"actor/grad_norm/{name}"] = sum(r["grad_norm"] for r in rows) / len(rows)
+            metrics[f"actor/pg_clipfrac/{name}"] = (
+                sum(r["pg_clipfrac"] * r["num_tokens"] for r in rows)
+                / (sum(r["num_tokens"] for r in rows) or 1.0))
+        metrics["actor/grad_norm"] = metrics["actor/grad_norm/slow"]
+        self._hook("done")
+        return metrics
+
+
+def build_frozen_model(args: argparse.Namespace, arch) -> list:
+    """Model chunks for forward-only use (no DDP buffers, no gradients), same layout as the
+    policy: this rank's PP stage(s) and TP shard, bf16 behind ``Float16Module`` like the policy."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.module import Float16Module
+
+    from sfpo_megatron.models.builder import build_model
+
+    overrides = argparse.Namespace(**vars(args))
+    overrides.use_cpu_initialization = True  # as the policy: the same init at any TP
+    vpp = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        model = build_model(arch.raw, overrides, vp_stage=vp_stage if vpp else None)
+        for p in model.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+            p.requires_grad_(False)
+        chunks.append(Float16Module(model.config, model) if args.bf16 else model)
+    for chunk in chunks:
+        chunk.eval()
+    return chunks
+
+
+def build_reference_model(args: argparse.Namespace, arch, load: str) -> list:
+    """The frozen reference policy for ``--kl-coef`` > 0: :func:`build_frozen_model` with the
+    model weights of the torch_dist checkpoint in ``load`` (e.g. the run's initial checkpoint)."""
+    from sfpo_megatron.components.checkpoint import load_checkpoint
+
+    chunks = build_frozen_model(args, arch)
+    if load_checkpoint(load, chunks, load_optim=False, load_rng=False) is None:
+        raise PolicyUpdateError(f"reference-policy checkpoint directory {load} holds no "
+                                "checkpoint")
+    return chunks

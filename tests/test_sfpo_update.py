@@ -1,0 +1,225 @@
+"""Issue 4 proof: the megatron SFPO / GRPO update equals the plain-PyTorch reference of
+Algorithm 1 (tests/reference_sfpo.py, torch AdamW on an HF model with the same weights).
+
+Two real launches of tests/scripts/sfpo_worker.py (gloo): one process (DP=1 scenarios,
+checkpoint resume, bf16, error messages) and ``torchrun --nproc_per_node 2`` (DP=2 with the
+distributed optimizer, TP=2, PP=2, bf16 + distributed optimizer). Both start from one tiny random
+HF Llama saved as safetensors; the reference runs here, in the test process. Parameters are
+compared as one vector: ‖θ_megatron − θ_ref‖ / ‖θ_ref − θ_init‖ (relative to how far training
+moved them, stricter than relative to ‖θ‖) and ‖θ_megatron − θ_ref‖ / ‖θ_ref‖, both < 1e-5.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import PYTHON, REPO, run, torchrun
+
+sys.path.insert(0, str(REPO / "tests" / "scripts"))
+from sfpo_common import SETTINGS, make_samples, save_hf_model  # noqa: E402
+
+WORKER = str(REPO / "tests" / "scripts" / "sfpo_worker.py")
+SINGLE = ["dp1", "grpo", "alpha0", "k0a1", "kl", "resume", "bf16", "errors"]
+DUAL = ["dp2", "dp2_grpo", "dp2_k0a1", "tp2", "pp2", "bf16_dp2"]
+REL = 1e-5
+LR, LR_STEPS, WD = float(SETTINGS["--lr"]), int(SETTINGS["--num-rollouts"]), 0.01
+TEMP = float(SETTINGS["--rollout-temperature"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sfpo")
+    hf = save_hf_model(root / "hf")
+    out = root / "out"
+    out.mkdir()
+    common = ["--hf", str(hf), "--out", str(out)]
+    run([PYTHON, WORKER, *common, "--scenarios", ",".join(SINGLE)], timeout=400)
+    torchrun(2, [WORKER, *common, "--scenarios", ",".join(DUAL)], timeout=400)
+    results = {name: torch.load(out / f"{name}.pt") for name in SINGLE + DUAL}
+    results["hf"] = hf
+    return results
+
+
+# ---- the plain-PyTorch reference ----------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def reference(hf: Path, alpha: float, inner: int, steps: int, kl_coef: float = 0.0) -> dict:
+    """Algorithm 1 with torch AdamW (megatron's groups: no weight decay on 1-D params) and
+    megatron's linear LR decay stepped once per rollout batch."""
+    import transformers
+
+    try:
+        from reference_sfpo import RolloutBatch, compute_old_log_probs, sfpo_step
+    except ImportError:
+        from tests.reference_sfpo import RolloutBatch, compute_old_log_probs, sfpo_step
+    from sfpo_megatron.rl.losses import PolicyLossConfig
+    from sfpo_megatron.rl.train_batch import collate
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    ref_policy = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": WD},
+         {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
+        lr=LR, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / LR_STEPS)
+    cfg = PolicyLossConfig(eps_clip=float(SETTINGS["--eps-clip"]),
+                           entropy_coeff=float(SETTINGS["--entropy-coef"]), kl_coeff=kl_coef)
+    out = {"steps": [], "old_logprobs": None}
+    for step in range(1, steps + 1):
+        b = collate(make_samples(step), 0)
+        old = compute_old_log_probs(model, b.tokens, temperature=TEMP)
+        ref_lp = compute_old_log_probs(ref_policy, b.tokens, temperature=TEMP) if kl_coef else None
+        if step == 1:
+            out["old_logprobs"] = old
+        batch = RolloutBatch(b.tokens, b.loss_mask[:, :-1], old, b.advantages,
+                             ref_log_probs=ref_lp)
+        res = sfpo_step(model, opt, batch, alpha=alpha, inner_steps=inner,
+                        num_mini_batches=int(SETTINGS["--num-steps-per-rollout"]),
+                        loss_config=cfg, temperature=TEMP, grad_clip=1.0, lr_scheduler=sched)
+        slow = res["passes"]["slow"]
+        tokens = sum(r["num_tokens"] for r in slow)
+        res["entropy"] = sum(r["entropy"] * r["num_tokens"] for r in slow) / tokens
+        out["steps"].append(res)
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out["init"] = init
+    return out
+
+
+def assert_same_params(meg: dict, ref: dict, what: str) -> None:
+    names = sorted(meg)
+    assert set(names) <= set(ref["params"]), f"{what}: unexpected names"
+    a = torch.cat([meg[n].flatten() for n in names]).double()
+    b = torch.cat([ref["params"][n].flatten() for n in names]).double()
+    b0 = torch.cat([ref["init"][n].flatten() for n in names]).double()
+    moved = (b - b0).norm()
+    assert moved > 1e-3, f"{what}: the reference did not move ({moved})"
+    rel_moved = ((a - b).norm() / moved).item()
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel_moved < REL and rel < REL, f"{what}: relative error {rel_moved:.3g} of the " \
+                                          f"displacement, {rel:.3g} of the parameters"
+
+
+def rel_close(a: float, b: float, what: str, tol: float = REL) -> None:
+    assert abs(a - b) <= tol * max(abs(b), 1e-8), f"{what}: {a!r} vs reference {b!r}"
+
+
+# ---- SFPO equals the reference at every layout ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dp1", "dp2", "tp2", "pp2"])
+def test_sfpo_matches_reference(runs, name):
+    ref = reference(runs["hf"], 0.8, 2, 2)
+    res = runs[name]
+    assert_same_params(res["params"], ref, name)
+    for step, (m, r) in enumerate(zip(res["metrics"], ref["steps"]), start=1):
+        assert m["sfpo/alpha"] == 0.8 and m["sfpo/inner_steps"] == 2
+        # Global norms over DP shards / TP shards / PP stages match the single-process ones.
+        rel_close(m["sfpo/fast_displacement_norm"], r["fast_displacement_norm"], f"{name} step {step} ‖θK−θ0‖")
+        rel_close(m["sfpo/reposition_norm"], r["reposition_norm"], f"{name} step {step} ‖θ̃−θ0‖")
+        rel_close(m["sfpo/entropy"], r["entropy"], f"{name} step {step} entropy")
+        for pass_name, rows in r["passes"].items():
+            mean = sum(x["grad_norm"] for x in rows) / len(rows)
+            rel_close(m[f"actor/grad_norm/{pass_name}"], mean, f"{name} {pass_name} grad norm",
+                      1e-4)
+        assert m["lr"] == pytest.approx(LR * (1 - (step - 1) / LR_STEPS), rel=1e-12)
+    # Old log-probs at θ(s,0) through the vocab-parallel logits (TP) / last stage (PP).
+    if res["old_logprobs"] is not None:
+        mask = make_mask()
+        torch.testing.assert_close(res["old_logprobs"][:, :-1][mask],
+                                   ref["old_logprobs"][mask], rtol=1e-5, atol=1e-5)
+    snapshot = res["metrics"][0]["sfpo/snapshot_bytes"]
+    full = sum(p.numel() for n, p in ref["init"].items()) * 4
+    # The θ0 snapshot is one fp32 copy of this rank's main-param shard: half of it at DP=2.
+    expected = {"dp1": full, "dp2": full / 2}.get(name)
+    if expected is not None:
+        assert snapshot == pytest.approx(expected, rel=0.01)
+
+
+def make_mask() -> torch.Tensor:
+    from sfpo_megatron.rl.train_batch import collate
+
+    return collate(make_samples(1), 0).loss_mask[:, :-1]
+
+
+def test_kl_to_reference_policy_matches_reference(runs):
+    ref = reference(runs["hf"], 0.8, 2, 2, kl_coef=0.05)
+    assert_same_params(runs["kl"]["params"], ref, "kl")
+    assert runs["kl"]["metrics"][1]["actor/kl"] > 0
+
+
+# ---- special cases: α = 0 and K = 0, α = 1 are the GRPO step ----------------------------------------
+
+
+def test_alpha0_and_k0_alpha1_are_exactly_the_grpo_step(runs):
+    ref = reference(runs["hf"], 0.0, 0, 1)
+    for grpo, others in (("grpo", ("alpha0", "k0a1")), ("dp2_grpo", ("dp2_k0a1",))):
+        assert_same_params(runs[grpo]["params"], ref, grpo)
+        for other in others:
+            for n, t in runs[grpo]["params"].items():
+                assert torch.equal(t, runs[other]["params"][n]), f"{other} differs at {n}"
+    m = runs["grpo"]["metrics"][0]
+    assert m["sfpo/alpha"] == 0.0 and m["sfpo/snapshot_bytes"] == 0.0
+    assert set(runs["grpo"]["passes"]) == {"slow"}
+    k = runs["k0a1"]["metrics"][0]
+    assert k["sfpo/alpha"] == 1.0 and k["sfpo/inner_steps"] == 0.0
+    assert k["sfpo/fast_displacement_norm"] == 0.0 and k["sfpo/reposition_norm"] == 0.0
+    assert k["sfpo/snapshot_bytes"] > 0  # it did go through snapshot → reposition → all-gather
+
+
+# ---- bf16: Stage II acts on the fp32 main params ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["bf16", "bf16_dp2"])
+def test_bf16_reposition_lands_on_fp32_main_params(runs, name):
+    checks = runs[name]["checks"]["bf16"]
+    assert len(checks) == 2  # one per SFPO step
+    for c in checks:
+        assert c["elements"] > 0 and c["model_dtype_bf16"]
+        assert c["main_is_lerp_of_main"], "θ̃ main params are not lerp(θ0, θK, α) of the fp32 mains"
+        assert c["model_is_bf16_of_main"], "bf16 model params are not the rounded fp32 mains"
+        assert c["dp_replicas_equal"], "DP ranks hold different models after the all-gather"
+        # Interpolating the bf16 copies would give different parameters.
+        assert c["naive_bf16_lerp_differs"] > 0 and c["naive_fp32_lerp_of_bf16_differs"] > 0
+    # From step 2 on the fp32 mains carry precision the bf16 copies do not have.
+    assert checks[1]["main0_differs_from_bf16"] > 0
+    assert all(torch.isfinite(t).all() for t in runs[name]["params"].values())
+
+
+# ---- the controller state survives a checkpoint ------------------------------------------------------
+
+
+def test_trigger_survives_checkpoint_resume(runs):
+    res = runs["resume"]
+    m1, m2, m3 = res["metrics"]
+    assert m1["sfpo/trigger_step"] == -1.0 and m1["sfpo/alpha"] == 0.8
+    # window 2, threshold -1e9: the first full window (step 2) fires; α = 0 from step 3 on.
+    assert m2["sfpo/trigger_step"] == 2.0 and m2["sfpo/alpha"] == 0.8
+    assert m3["sfpo/alpha"] == 0.0 and m3["sfpo/inner_steps"] == 0.0
+    state = res["resumed_state"]["controller"]
+    assert state["trigger_step"] == 2 and state["last_step"] == 2 and len(state["history"]) == 2
+    r3, r4 = res["resumed_metrics"]
+    for m in (r3, r4):
+        assert m["sfpo/alpha"] == 0.0 and m["sfpo/trigger_step"] == 2.0  # never fires again
+    assert r3["sfpo/entropy"] == m3["sfpo/entropy"]
+    for n, t in res["params_continued"].items():
+        assert torch.equal(t, res["params"][n]), f"resumed step 3 differs at {n}"
+
+
+def test_errors_name_the_problem(runs):
+    e = runs["errors"]["errors"]
+    assert all(v is not None and v[2] for v in e.values()), e  # all raised ValueError subclasses
+    assert "--kl-coef 0.1 needs a reference policy" in e["kl_without_ref"][1]
+    assert "calculate_per_token_loss" in e["per_token_loss"][1]
+    assert e["batch_7"][1] == ("rollout batch of 7 samples is not divisible by "
+                               "--num-steps-per-rollout 2")
+    assert "mini-batch of 3 samples" in e["batch_6"][1] and "= 2" in e["batch_6"][1]
+    assert "sample 3 (prompt 0) has 4 response tokens but 3 rollout logprobs" in \
+        e["logprob_len"][1] or "rollout logprobs" in e["logprob_len"][1]
+    assert "--sfpo-zscore-window" in e["window"][1]

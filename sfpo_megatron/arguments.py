@@ -156,11 +156,16 @@ def add_rollout_args(p: argparse.ArgumentParser) -> None:
                    help="bytes per refit bucket")
     g.add_argument("--colocate", action="store_true",
                    help="servers share the trainer's devices: release their memory while training")
+    g.add_argument("--rollout-deterministic", action="store_true",
+                   help="bitwise reproducible rollouts given seeds and weights (CPU server: one "
+                        "sequence per forward; SGLang: --enable-deterministic-inference)")
 
 
 def add_algorithm_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy optimisation (SFPO / GRPO)")
     g.add_argument("--algorithm", choices=["sfpo", "grpo"], default="sfpo")
+    g.add_argument("--hf-checkpoint", default=None, metavar="HF_DIR",
+                   help="initialise the policy from HF safetensors (instead of a torch_dist --load)")
     g.add_argument("--num-rollouts", type=int, default=10, help="RL steps (rollout batches)")
     g.add_argument("--num-steps-per-rollout", type=int, default=1,
                    help="mini-batches (optimizer steps) per pass over a rollout batch")

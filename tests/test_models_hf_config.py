@@ -118,7 +118,8 @@ def test_layout_errors_name_the_numbers():
         "num_key_value_heads=1 is not divisible by tensor-model-parallel-size=2"
     with pytest.raises(ParallelLayoutError) as err:
         check_parallel_layout(arch, tp=8)
-    assert str(err.value) == "num_attention_heads=4 is not divisible by tensor-model-parallel-size=8"
+    assert str(err.value) == \
+        "num_attention_heads=4 is not divisible by tensor-model-parallel-size=8"
     with pytest.raises(ParallelLayoutError) as err:
         check_parallel_layout(arch, pp=4)
     assert str(err.value) == ("num_hidden_layers=2 is not divisible by "

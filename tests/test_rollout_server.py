@@ -108,7 +108,7 @@ def test_requests_join_a_running_batch(url: str, hf: torch.nn.Module) -> None:
         out = generate(url, input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": n, "min_new_tokens": n})
         done[key] = (time.monotonic(), out["output_ids"])
 
-    long_t = threading.Thread(target=run, args=("long", long_prompt, 440))
+    long_t = threading.Thread(target=run, args=("long", long_prompt, 320))
     long_t.start()
     deadline = time.monotonic() + 30
     while requests.get(url + "/get_load", headers=AUTH, timeout=5).json()[0]["num_running_reqs"] == 0:
@@ -128,7 +128,7 @@ def test_requests_join_a_running_batch(url: str, hf: torch.nn.Module) -> None:
 
         for i, p in enumerate(short):
             assert done[str(i)][1] == greedy_no_eos(p, 12)
-        assert done["long"][1] == greedy_no_eos(long_prompt, 440)
+        assert done["long"][1] == greedy_no_eos(long_prompt, 320)
 
 
 @pytest.mark.parametrize("params", [

@@ -118,6 +118,11 @@ def model_with_state(path: Path, state: dict[str, torch.Tensor]) -> torch.nn.Mod
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("rollout_units") / "model")
+
+
 def _named(sizes: list[int]) -> list[tuple[str, torch.Tensor]]:
     return [(f"w{i}", torch.zeros(s, dtype=torch.float32)) for i, s in enumerate(sizes)]
 
@@ -146,8 +151,8 @@ def test_dtype_names_round_trip() -> None:
         transport.parse_dtype("float99")
 
 
-def test_disk_transport_writes_a_loadable_sharded_checkpoint(tmp_path: Path) -> None:
-    model_dir = build_tiny_model_dir(tmp_path / "model")
+def test_disk_transport_writes_a_loadable_sharded_checkpoint(tmp_path: Path, tiny_dir: Path) -> None:
+    model_dir = tiny_dir
     state = perturbed_state(model_dir, seed=3)
 
     class NoServer:  # DiskTransport.write needs no server
@@ -227,3 +232,88 @@ def test_request_parsing_expands_batches_like_sglang() -> None:
     with pytest.raises(RequestError, match=r"^return_logprob: a per-prompt list cannot be combined with n=2"):
         parse_generate_request({"input_ids": [[1], [2]], "sampling_params": {"n": 2}, "return_logprob": [True, False]},
                                VOCAB, 64, None)
+
+
+def test_engine_return_original_logprob_reports_the_raw_distribution(tiny_dir: Path) -> None:
+    """SGLANG_RETURN_ORIGINAL_LOGPROB semantics: log_softmax(logits), not of logits / temperature."""
+    from sfpo_megatron.rollout.server import GenerationEngine, SamplingConfig, SeqSpec
+
+    model = load_hf(tiny_dir)
+    prompt = make_prompts(1, seed=9)[0]
+    spec = SeqSpec("r", prompt, SamplingConfig(max_new_tokens=6, temperature=0.6, seed=1, ignore_eos=True), 0, True, -1, 0, None)
+    got = {}
+    for original in (False, True):
+        engine = GenerationEngine(model, eos_token_ids={EOS}, return_original_logprob=original)
+        engine.start()
+        try:
+            (seq,) = engine.submit([spec])
+            got[original] = seq.future.result(timeout=60)
+        finally:
+            engine.shutdown()
+    ids = got[True]["output_ids"]
+    assert ids == got[False]["output_ids"]  # same seed, same tokens; only the reported numbers differ
+    for original, temperature in ((True, 1.0), (False, 0.6)):
+        ref = hf_log_softmax(model, prompt + ids, temperature)
+        expected = torch.stack([ref[len(prompt) - 1 + k, t] for k, t in enumerate(ids)])
+        lps = torch.tensor([lp for lp, _, _ in got[original]["meta_info"]["output_token_logprobs"]])
+        assert (lps - expected).abs().max().item() < 1e-4
+
+
+STUB_LAUNCH = '''
+import sys, time
+from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
+
+HEALTHY = ("import http.server, sys\\n"
+           "class H(http.server.BaseHTTPRequestHandler):\\n"
+           "    def do_GET(self):\\n"
+           "        self.send_response(200); self.end_headers()\\n"
+           "    def log_message(self, *a): pass\\n"
+           "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\\n")
+
+
+class StubLauncher(RolloutLauncher):  # same start / health / stop path, a stand-in engine process
+    def build_command(self, index, port):
+        return [sys.executable, "-c", HEALTHY, str(port)]
+
+
+launcher = StubLauncher(LaunchConfig(model_path="unused", num_engines=2, log_dir=sys.argv[1], health_timeout_s=60))
+launcher.start()
+print(" ".join(str(p.pid) for p in launcher.processes), flush=True)
+if sys.argv[2] == "wait":
+    time.sleep(120)
+'''
+
+
+@pytest.mark.parametrize("ending", ["sigterm", "normal-exit"])
+def test_launcher_stops_engines_on_signal_and_at_exit(tmp_path: Path, ending: str) -> None:
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "launch.py"
+    script.write_text(STUB_LAUNCH)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs"), "wait" if ending == "sigterm" else "exit"],
+                            stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    if ending == "sigterm":
+        for pid in pids:
+            os.kill(pid, 0)  # alive while the launcher runs
+        proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 20
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _running(p)]
+        time.sleep(0.1)
+    assert not alive, f"engines {alive} outlived the launcher ({ending})"
+    assert sorted(os.listdir(tmp_path / "logs")) == ["engine_0.log", "engine_1.log"]
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split()[2] == "Z")  # a zombie has exited

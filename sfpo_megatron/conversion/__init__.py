@@ -17,6 +17,6 @@ from sfpo_megatron.conversion.hf_mapping import (
 
 __all__ = [
     "ArchitectureMismatchError", "ExtraTensorError", "MappingError", "MissingTensorError",
-    "SafetensorsSource", "ShapeMismatchError", "StateDictSource", "check_hf_checkpoint", "check_same_architecture",
-    "hf_shapes", "iter_hf_weights", "load_hf_weights",
+    "SafetensorsSource", "ShapeMismatchError", "StateDictSource", "check_hf_checkpoint",
+    "check_same_architecture", "hf_shapes", "iter_hf_weights", "load_hf_weights",
 ]

@@ -1,4 +1,4 @@
-"""The one HF ↔ megatron-core GPTModel weight mapping (used by the converters and the rollout refit).
+"""The one HF ↔ megatron-core GPTModel weight mapping, shared by the converters and the refit.
 
 Table-driven: every megatron parameter is a ``Rule`` (megatron name, HF names, layout ``kind``).
 The supported families (Llama, Qwen2, Qwen3; see ``models/hf_config.FAMILIES``) share HF's tensor
@@ -123,11 +123,13 @@ def hf_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
         "input_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
         "self_attn.v_proj.weight": (kv, h),
-        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
         "self_attn.q_norm.weight": (a.head_dim,), "self_attn.k_norm.weight": (a.head_dim,),
         "self_attn.o_proj.weight": (h, q),
         "post_attention_layernorm.weight": (h,),
-        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
     }
     shapes = {"model.embed_tokens.weight": (a.vocab_size, h)}
     for i in range(a.num_layers):
@@ -157,17 +159,14 @@ def _qkv_dims(a: HFArch) -> tuple[int, int]:
     return a.num_heads // a.num_kv_heads * a.head_dim, a.head_dim  # rows of q / of k per group
 
 
-def _load(kind: str, read: "TensorSource", names: Sequence[str], a: HFArch, padded_vocab: int,
-          rank: int, size: int) -> torch.Tensor:
+def _load(kind: str, read: "TensorSource", names: Sequence[str], a: HFArch, rank: int,
+          size: int) -> torch.Tensor:
+    """This rank's megatron shard from HF tensors, reading only the needed slices (the "vocab"
+    kind is copied in blocks by ``_load_vocab_rows``)."""
     if kind == "replicated":
         return read(names[0], (ALL,))
     if kind == "row":
         return read(names[0], (ALL, _span(read.shape(names[0])[1], rank, size)))
-    if kind == "vocab":
-        rows = _span(padded_vocab, rank, size)
-        part = read(names[0], (slice(rows.start, min(rows.stop, a.vocab_size)),))
-        pad = rows.stop - rows.start - part.shape[0]
-        return torch.cat([part, part.new_zeros((pad, *part.shape[1:]))]) if pad > 0 else part
     if kind == "gate_up":
         rows = _span(a.intermediate_size, rank, size)
         return torch.cat([read(names[0], (rows,)), read(names[1], (rows,))])
@@ -311,7 +310,8 @@ def check_hf_checkpoint(source: TensorSource, hf_config: Any,
         sample = ", ".join(sorted(present - set(expected))[:3])
         raise ArchitectureMismatchError(
             f"checkpoint was made for another architecture: only {found} of the {len(expected)} "
-            f"{arch.architecture} tensors are present (not {first_missing}); it holds {sample}, ...")
+            f"{arch.architecture} tensors are present (not {first_missing}); "
+            f"it holds {sample}, ...")
     missing = [n for n in expected if n not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -420,7 +420,7 @@ def _tp() -> tuple[int, int, Any]:
 
 
 def _padded_vocab(model_chunks: Sequence[torch.nn.Module]) -> int:
-    return unwrap(model_chunks[0]).vocab_size
+    return unwrap(model_chunks[0]).vocab_size if model_chunks else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,12 +453,36 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any,
 
         items = tqdm(bindings, desc="load HF weights", unit="tensor")
     for b in items:
-        shard = _load(b.rule.kind, source, b.hf, arch, padded, rank, size)
+        if b.rule.kind == "vocab":
+            _load_vocab_rows(b, source, arch, padded, rank, size)
+            continue
+        shard = _load(b.rule.kind, source, b.hf, arch, rank, size)
         if tuple(shard.shape) != tuple(b.param.shape):
             raise ShapeMismatchError(
                 f"{', '.join(b.hf)} give a shard of shape {list(shard.shape)} for megatron "
                 f"{b.mcore} of shape {list(b.param.shape)}")
         b.param.data.copy_(shard)
+
+
+_BLOCK_BYTES = 64 << 20
+
+
+def _load_vocab_rows(b: Binding, read: TensorSource, a: HFArch, padded_vocab: int, rank: int,
+                     size: int) -> None:
+    """Embedding / output layer rows, copied in blocks straight into the parameter: the largest
+    tensors of a model never exist twice in memory."""
+    rows = _span(padded_vocab, rank, size)
+    target = b.param.data
+    if tuple(target.shape) != (rows.stop - rows.start, a.hidden_size):
+        raise ShapeMismatchError(
+            f"{b.hf[0]} gives a shard of shape {[rows.stop - rows.start, a.hidden_size]} for "
+            f"megatron {b.mcore} of shape {list(target.shape)}")
+    step = max(1, _BLOCK_BYTES // (a.hidden_size * target.element_size()))
+    end = min(rows.stop, a.vocab_size)
+    for first in range(rows.start, end, step):
+        last = min(first + step, end)
+        target[first - rows.start: last - rows.start].copy_(read(b.hf[0], (slice(first, last),)))
+    target[max(end - rows.start, 0):].zero_()  # padding rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,7 +559,7 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
 
 
 def _names_of(head: str, arch: HFArch) -> tuple[str, ...]:
-    """All HF names of the rule whose first name is ``head`` (for tensors owned by another stage)."""
+    """All HF names of the rule whose first name is ``head``."""
     for rule in (EMBEDDING_RULE, *FINAL_RULES):
         if rule.export and rule.when(arch) and rule.hf[0] == head:
             return rule.hf

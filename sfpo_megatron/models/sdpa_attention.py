@@ -1,4 +1,4 @@
-"""Core attention for megatron's local layer spec on ``torch.nn.functional.scaled_dot_product_attention``.
+"""Core attention for megatron's local layer spec on torch ``scaled_dot_product_attention``.
 
 A drop-in for megatron's ``DotProductAttention`` (same constructor and forward signature, same
 mask convention: ``attention_mask`` True = masked out) that lets torch pick its fused kernel
@@ -28,7 +28,7 @@ _MASKED = -10000.0
 
 
 class SDPAttention(MegatronModule):
-    """Megatron core attention on torch SDPA. Inputs ``[s, b, heads, dim]``, output ``[s, b, hp]``."""
+    """Megatron core attention on torch SDPA: in ``[s, b, heads, dim]``, out ``[s, b, hp]``."""
 
     def __init__(
         self,
@@ -63,7 +63,8 @@ class SDPAttention(MegatronModule):
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         )
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (config.attention_dropout if attention_dropout is None
+                          else attention_dropout)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """q/k/v: [b, heads, s, d]; mask: additive or None."""

@@ -38,6 +38,18 @@ Distances ‖θ(s,K) − θ(s,0)‖ and ‖θ̃ − θ(s,0)‖ are global: squar
 neither TP duplicates nor the PP copy of tied embeddings (megatron's grad-norm rule), all-reduced
 over the optimizer's grad-stats group (model-parallel group, or the world for the distributed
 optimizer).
+
+Use from the RL loop (every trainer rank, same calls)::
+
+    setup = build_training_setup(args, arch, total_scheduler_steps=args.num_rollouts)
+    ref = build_reference_model(args, arch, load_dir) if args.kl_coef > 0 else None
+    updater = PolicyUpdater(args, setup, ref_model=ref)
+    updater.load_state_dict(extra_state["policy_updater"])      # when resuming
+    metrics = updater.update(samples, step)   # the whole batch (advantages set) on every rank
+    save_checkpoint(..., extra_state={"policy_updater": updater.state_dict(), ...})
+
+After ``update`` returns, the model parameters are θ(s+1,0) on every rank (also with
+``--overlap-param-gather``), ready for the weight refit.
 """
 
 from __future__ import annotations
@@ -159,7 +171,8 @@ class MainParamSnapshot:
             sq = torch.zeros((), dtype=torch.float64, device=_device())
             for p, p0 in zip(params, copies):
                 if _counts_for_norm(opt, p):
-                    sq += (p - p0.to(p.device, non_blocking=True)).double().square().sum()
+                    d = torch.linalg.vector_norm(p - p0.to(p.device, non_blocking=True))
+                    sq += d.double().square()
             if dist.is_initialized():
                 dist.all_reduce(sq, group=opt.get_grad_stats_parallel_group())
             total += float(sq)
@@ -198,6 +211,22 @@ def copy_main_to_model_params(optimizer) -> None:
         chunk.start_param_sync()
 
 
+@torch.no_grad()
+def finish_param_gather(optimizer) -> None:
+    """With ``--overlap-param-gather`` megatron leaves the all-gather after a step to the next
+    forward's pre-hooks; run it now so readers of the model params (refit, checkpoint) see
+    θ(s+1,0). The next forward then finds the buckets gathered and sends nothing again."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chunks: dict[int, Any] = {}
+    for opt in inner_optimizers(optimizer):
+        if isinstance(opt, DistributedOptimizer) and opt.ddp_config.overlap_param_gather:
+            for chunk in opt.model_chunks:
+                chunks[id(chunk)] = chunk
+    for chunk in chunks.values():
+        chunk.start_param_sync(force_sync=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reduction of per-micro-batch statistics
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +254,8 @@ def _reduce_sums(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:
 def _pass_metrics(total: torch.Tensor) -> dict[str, float]:
     n = max(float(total[_TOKENS]), 1.0)
     return {"pg_loss": float(total[_PG_LOSS]), "loss": float(total[_LOSS]),
-            "pg_clipfrac": float(total[_CLIP]) / n, "pg_clipfrac_lower": float(total[_CLIP_LOW]) / n,
+            "pg_clipfrac": float(total[_CLIP]) / n,
+            "pg_clipfrac_lower": float(total[_CLIP_LOW]) / n,
             "ppo_kl": float(total[_PPO_KL]) / n, "entropy": float(total[_ENTROPY]) / n,
             "kl": float(total[_KL]) / n, "num_tokens": float(total[_TOKENS])}
 
@@ -401,6 +431,9 @@ class PolicyUpdater:
         """One SFPO / GRPO update on rollout batch ``step`` (the same whole batch on every rank;
         each rank trains on its DP shard). Returns the step's metrics (equal on every rank)."""
         t_start = time.perf_counter()
+        last = self.controller.last_step
+        if last is not None and step <= last:
+            raise PolicyUpdateError(f"update(step={step}) after step {last}: steps must increase")
         if not isinstance(batch, TrainBatch):
             batch = collate(list(batch), self.pad_id)
         plan = self._plan(batch)
@@ -414,21 +447,24 @@ class PolicyUpdater:
         snapshot_bytes = 0
         if alpha > 0.0:
             self.snapshot = MainParamSnapshot(self.setup.optimizer, self.snapshot_offload)
-            snapshot_bytes = self.snapshot.nbytes
-            self._hook("theta0")
-            for k in range(inner):  # Stage I
-                self.last_passes[f"fast{k}"] = self._pass(plan)
-            fast_norm = self.snapshot.distance()
-            self._hook("thetaK")
-            self.snapshot.reposition_(alpha)  # Stage II
-            copy_main_to_model_params(self.setup.optimizer)
-            repo_norm = self.snapshot.distance()
-            self._hook("theta_tilde")
-            self.snapshot = None
+            try:
+                snapshot_bytes = self.snapshot.nbytes
+                self._hook("theta0")
+                for k in range(inner):  # Stage I
+                    self.last_passes[f"fast{k}"] = self._pass(plan)
+                fast_norm = self.snapshot.distance()
+                self._hook("thetaK")
+                self.snapshot.reposition_(alpha)  # Stage II
+                copy_main_to_model_params(self.setup.optimizer)
+                repo_norm = self.snapshot.distance()
+                self._hook("theta_tilde")
+            finally:
+                self.snapshot = None  # free the θ(s,0) copy before Stage III
         t_fast = time.perf_counter()
         slow = self._pass(plan)  # Stage III (or the GRPO step)
         self.last_passes["slow"] = slow
         self.setup.scheduler.step(increment=1)
+        finish_param_gather(self.setup.optimizer)
         t_end = time.perf_counter()
 
         total_tokens = sum(r["num_tokens"] for r in slow) or 1.0

@@ -407,8 +407,7 @@ class RolloutClient:
                 "use_router=True needs the sglang_router package (pip install sglang-router==0.3.2, the 'gpu' extra); "
                 "it is not importable here. Drop use_router to use the client's own least-loaded dispatch."
             )
-        from sfpo_megatron.rollout.sglang_launcher import wait_for_health
-        from sfpo_megatron.rollout.transport import find_free_port
+        from sfpo_megatron.rollout.sglang_launcher import find_free_port, wait_for_health
 
         port = find_free_port()
         cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),

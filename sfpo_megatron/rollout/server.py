@@ -6,9 +6,10 @@
 Same routes and JSON shapes as SGLang, so the trainer's client (and SGLang's own clients and router)
 work against either. Semantics that differ from a GPU SGLang server, all deliberate:
 
-* Generation: one engine thread runs static batches. Waiting requests (all prompts x ``n`` samples)
-  are grouped up to ``--max-batch-size``, left-padded with position ids from the attention mask, and
-  decoded with a KV cache; finished rows leave the batch. New requests wait for the running batch.
+* Generation: one engine thread owns the model and runs continuous batches of up to
+  ``--max-batch-size`` sequences (all prompts x ``n`` samples). Rows are left-padded, position ids
+  come from the attention mask, decoding uses HF's KV cache; finished rows leave the batch and
+  waiting requests are prefilled and merged into it between decode steps.
 * Logprobs (``return_logprob``): ``meta_info.output_token_logprobs`` is ``[(logprob, token_id, None),
   ...]`` for the sampled tokens. Like SGLang's default, the logprob is taken from
   ``log_softmax(penalised_logits / temperature)`` *before* top-k/top-p/min-p filtering; greedy
@@ -19,9 +20,9 @@ work against either. Semantics that differ from a GPU SGLang server, all deliber
   seed s draws from its own generator seeded with ``s + k``, so results do not depend on which other
   requests share the batch (up to float rounding of batched matmuls).
 * ``weight_version`` is in every response's meta_info: the version of the weights when the sequence
-  finished. Weight updates wait for the running batch, so a sequence sees one version, unless the
-  server was paused with mode ``in_place``/``retract`` (then updates land between decode steps, as
-  in SGLang).
+  finished. A weight update stops new admissions and waits for the running batch to drain, so a
+  sequence sees one version, unless the server was paused with mode ``in_place``/``retract`` (then
+  updates land between decode steps, as in SGLang).
 * ``/pause_generation``: mode ``abort`` (SGLang's default) finishes waiting and running requests
   with ``finish_reason {"type": "abort"}`` and pauses; ``in_place`` and ``retract`` freeze the running
   batch (its KV cache kept) until ``/continue_generation``.
@@ -540,6 +541,10 @@ class GenerationEngine:
     @property
     def released(self) -> bool:
         return self._released
+
+    @property
+    def pause_mode(self) -> str | None:
+        return self._pause_mode if self._paused else None
 
     def submit(self, specs: list[SeqSpec]) -> list[Sequence]:
         seqs = []
@@ -1115,6 +1120,7 @@ class ServerConfig:
     random_seed: int = 0
     num_threads: int | None = None
     health_generate_timeout: float = 20.0
+    weight_update_timeout: float = 600.0
     log_level: str = "info"
 
 
@@ -1286,7 +1292,8 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
         info.update({
             "backend": "sfpo-megatron-cpu", "version": "sfpo-megatron-cpu-0.1", "context_length": context_length,
             "weight_version": engine.weight_version, "uptime_s": time.time() - started,
-            "internal_states": [{**engine.stats, **engine.load(), "paused": engine.paused, "released": engine.released}],
+            "internal_states": [{**engine.stats, **engine.load(), "paused": engine.paused,
+                                 "pause_mode": engine.pause_mode, "released": engine.released}],
         })
         return info
 
@@ -1438,7 +1445,8 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
                 return JSONResponse({"success": False, "message": f"Process group with name {name} already exists."}, status_code=400)
             groups.groups[name] = None  # reserve the name while the rendezvous blocks
         try:
-            pg = await asyncio.to_thread(transport.init_weight_update_group, addr, port, offset, world, name, backend)
+            pg = await asyncio.to_thread(transport.init_weight_update_group, addr, port, offset, world, name, backend,
+                                         cfg.weight_update_timeout)
         except Exception as e:
             with groups.lock:
                 groups.groups.pop(name, None)
@@ -1579,6 +1587,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--offload-dir", default=None, help="where /release_memory_occupation parks the weights")
     p.add_argument("--random-seed", type=int, default=0, help="seeds requests that bring no sampling_seed")
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--weight-update-timeout", type=float, default=600.0,
+                   help="seconds a weight-update group waits for its peers (rendezvous and each broadcast)")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     for name, lo in (("port", 1), ("max_batch_size", 1), ("max_request_bytes", 1)):

@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -46,6 +47,12 @@ class LaunchError(RuntimeError):
 
 class SGLangNotInstalledError(LaunchError):
     """``--rollout-backend sglang`` without the sglang package."""
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def wait_for_health(url: str, timeout_s: float, proc: subprocess.Popen | None = None, what: str = "server",
@@ -200,8 +207,6 @@ class RolloutLauncher:
     def _ports(self) -> list[int]:
         if self.cfg.base_port is not None:
             return [self.cfg.base_port + i for i in range(self.cfg.num_engines)]
-        from sfpo_megatron.rollout.transport import find_free_port
-
         ports: list[int] = []
         while len(ports) < self.cfg.num_engines:
             p = find_free_port(self.cfg.host)

@@ -29,17 +29,18 @@ import logging
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+from sfpo_megatron.rollout.sglang_launcher import find_free_port
 
 if TYPE_CHECKING:
     from sfpo_megatron.rollout.client import RolloutClient
@@ -132,12 +133,6 @@ def parse_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def find_free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------------------
 # Buckets
 # --------------------------------------------------------------------------------------------
@@ -193,6 +188,7 @@ class PushStats:
     num_buckets: int
     bytes: int
     seconds: float
+    detail: dict[str, float] = field(default_factory=dict)  # per-phase seconds, transport specific
 
     @property
     def gb_per_s(self) -> float:
@@ -220,12 +216,14 @@ class WeightTransport(ABC):
         if not isinstance(weight_version, str) or not weight_version:
             raise ValueError(f"weight_version must be a non-empty string, got {weight_version!r}")
         start = time.perf_counter()
+        self._detail: dict[str, float] = {}
         num_tensors, num_buckets, nbytes = self._push(named_tensors, weight_version)
         if num_tensors == 0:
             raise ValueError("push got no tensors")
         if self.verify:
             self._verify_version(weight_version)
-        stats = PushStats(self.name, weight_version, num_tensors, num_buckets, nbytes, time.perf_counter() - start)
+        stats = PushStats(self.name, weight_version, num_tensors, num_buckets, nbytes, time.perf_counter() - start,
+                          dict(self._detail))
         logger.info(
             "refit via %s: version %s, %d tensors in %d buckets, %.3f GB in %.2fs (%.2f GB/s)",
             self.name, weight_version, num_tensors, num_buckets, nbytes / 1e9, stats.seconds, stats.gb_per_s,
@@ -325,9 +323,12 @@ class DiskTransport(WeightTransport):
         return final, len(weight_map), total, nbytes
 
     def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
+        t0 = time.perf_counter()
         path, num_tensors, num_buckets, nbytes = self.write(named_tensors, weight_version)
+        t1 = time.perf_counter()
         results = self.client.update_weights_from_disk(str(path), weight_version=weight_version)
         self._check_results(results, f"/update_weights_from_disk of {path}")
+        self._detail.update(write_s=t1 - t0, server_load_s=time.perf_counter() - t1)
         if path in self._written:
             self._written.remove(path)
         self._written.append(path)

@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # (variables set here are read by the job scripts)
 # Shared launcher library of slurm/*.sbatch (sourced, never run). What it does for a job script:
 #
 #   sfpo_init_job      node list and addresses, MASTER_ADDR/MASTER_PORT and a port block derived from
@@ -27,7 +27,6 @@ SFPO_MAIN_PID=""
 SFPO_MAIN_NAME=""
 SFPO_PREEMPTED=0
 SFPO_REQUEUED=0
-SFPO_STOPPING=0
 
 sfpo_log() { echo "[sfpo $(date +%H:%M:%S)] $*"; }
 sfpo_die() { echo "[sfpo $(date +%H:%M:%S)] ERROR: $*" >&2; exit 1; }
@@ -65,9 +64,10 @@ sfpo_init_job() {
     if [ "$distinct" -lt "$SFPO_NUM_NODES" ]; then SFPO_SHARED_ADDR=1; else SFPO_SHARED_ADDR=0; fi
     export SFPO_SHARED_ADDR
 
-    # GPUs per node: the script's value, else what Slurm granted; 0 = CPU-only run.
+    # GPUs per node: the script's value, else what was asked (--gpus-per-node), else what Slurm
+    # granted (an --exclusive job gets every GPU of its nodes); 0 = CPU-only run.
     if [ -z "${GPUS_PER_NODE:-}" ]; then
-        GPUS_PER_NODE=$(sfpo_gpu_count "${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}")
+        GPUS_PER_NODE=$(sfpo_gpu_count "${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}")
     fi
     [[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]] || sfpo_die "GPUS_PER_NODE must be a number, got '$GPUS_PER_NODE'"
     : "${TASKS_PER_NODE:=$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1 ))}"
@@ -122,8 +122,9 @@ sfpo_container_opts() {
     local mounts="$SFPO_ROOT:$SFPO_ROOT,$RUN_DIR:$RUN_DIR${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
     case "${CONTAINER_RUNTIME:-pyxis}" in
         pyxis)
-            SFPO_SRUN_CONTAINER=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts"
-                --container-workdir="$SFPO_ROOT" --no-container-mount-home) ;;
+            # A named container is imported once per node and reused by every step of the job.
+            SFPO_SRUN_CONTAINER=(--container-image="$CONTAINER_IMAGE" --container-name="sfpo-$SLURM_JOB_ID"
+                --container-mounts="$mounts" --container-workdir="$SFPO_ROOT" --no-container-mount-home) ;;
         apptainer | singularity)
             SFPO_CMD_PREFIX=("$CONTAINER_RUNTIME" exec --nv --bind "$mounts" --pwd "$SFPO_ROOT"
                 "$CONTAINER_IMAGE") ;;
@@ -162,7 +163,8 @@ sfpo_signal_step() {
     [ -n "$ids" ] || { sfpo_log "no running step named $1 to signal"; return 1; }
     for i in $ids; do
         sfpo_log "sending SIG$2 to step $i ($1)"
-        scancel --signal="$2" "$i" || true
+        # scancel complains about the job's nodes that do not run this step: not an error.
+        scancel --signal="$2" "$i" 2>/dev/null || true
     done
 }
 
@@ -290,7 +292,6 @@ sfpo_on_signal() {
 # Stop every step still running: SIGTERM, then SIGKILL after SFPO_STOP_GRACE seconds.
 sfpo_stop_steps() {
     local i pid alive=() deadline
-    SFPO_STOPPING=1
     for i in "${!SFPO_STEP_PIDS[@]}"; do
         pid=${SFPO_STEP_PIDS[$i]}
         if kill -0 "$pid" 2>/dev/null; then
@@ -319,11 +320,26 @@ sfpo_cleanup() {
     exit "$rc"
 }
 
+# Iteration named by a checkpoint tracker ("" when there is none).
+sfpo_tracker() { cat "$1/latest_checkpointed_iteration.txt" 2>/dev/null || true; }
+
+# Was the main step preempted? Yes when this script was signalled and the step did not finish, or
+# when the step exited 143 after saving a checkpoint during this attempt (a TERM sent to the steps
+# only, e.g. `scancel --signal=TERM JOB`). A 143 without a new checkpoint is a crash: srun's
+# --kill-on-bad-exit terminates the other ranks with SIGTERM too.
+sfpo_was_preempted() {
+    local rc=$1
+    [ "$rc" = 0 ] && return 1
+    [ "$SFPO_PREEMPTED" = 1 ] && return 0
+    [ "$rc" = "$SFPO_PREEMPT_RC" ] && [ -n "${SFPO_CKPT_DIR:-}" ] \
+        && [ "$(sfpo_tracker "$SFPO_CKPT_DIR")" != "${SFPO_TRACKER_AT_START:-}" ]
+}
+
 # sfpo_finish RC: requeue a preempted job (its checkpoint is in place), else exit with RC.
 sfpo_finish() {
     local rc=$1
     sfpo_stop_steps
-    if [ "$rc" = "$SFPO_PREEMPT_RC" ] || { [ "$SFPO_PREEMPTED" = 1 ] && [ "$rc" != 0 ]; }; then
+    if sfpo_was_preempted "$rc"; then
         if [ "$SFPO_ATTEMPT" -ge "${MAX_REQUEUES:-20}" ]; then
             sfpo_die "preempted, but already requeued $SFPO_ATTEMPT times (MAX_REQUEUES=${MAX_REQUEUES:-20})"
         fi
@@ -342,16 +358,24 @@ sfpo_finish() {
     exit "$rc"
 }
 
-# Where a script's checkpoint resumes: prints "--load DIR" flags for the trainer. A checkpoint under
-# SAVE (an earlier attempt of this run) wins over the initial one, which loads weights only.
+# sfpo_checkpoints SAVE: note where this run checkpoints and what an earlier attempt left there.
+sfpo_checkpoints() {
+    SFPO_CKPT_DIR=$1
+    SFPO_TRACKER_AT_START=$(sfpo_tracker "$1")
+    if [ -n "$SFPO_TRACKER_AT_START" ]; then
+        sfpo_log "resuming from $1 (iteration $SFPO_TRACKER_AT_START)"
+    fi
+}
+
+# sfpo_load_flags SAVE [INIT] (pretraining, where --load wins over --save): SFPO_LOAD_FLAGS resume
+# from SAVE when an earlier attempt checkpointed there, else load INIT's weights only.
 sfpo_load_flags() {
     local save=$1 init=${2:-}
-    if [ -f "$save/latest_checkpointed_iteration.txt" ]; then
-        sfpo_log "resuming from $save (iteration $(cat "$save/latest_checkpointed_iteration.txt"))" >&2
+    sfpo_checkpoints "$save"
+    if [ -n "$SFPO_TRACKER_AT_START" ]; then
         SFPO_LOAD_FLAGS=(--load "$save")
     elif [ -n "$init" ]; then
-        [ -f "$init/latest_checkpointed_iteration.txt" ] || [ -d "$init" ] \
-            || sfpo_die "initial checkpoint $init does not exist (run slurm/convert_hf.sbatch first)"
+        [ -e "$init" ] || sfpo_die "initial checkpoint $init does not exist"
         SFPO_LOAD_FLAGS=(--load "$init" --finetune)
     else
         SFPO_LOAD_FLAGS=()

@@ -3,7 +3,8 @@
 # exports everything read here. Server LOCAL on a node uses GPUs LOCAL*ROLLOUT_TP.. (SGLang's
 # --base-gpu-id) and the port PORT_BASE + 1 + LOCAL (plus a per-node offset when emulated nodes
 # share one address), and binds the node's address (ROLLOUT_BIND overrides, e.g. 0.0.0.0).
-# The server process replaces this shell (exec), so step signals reach it directly.
+# The server process replaces this shell (exec), so step signals reach it directly. SGLang runs
+# with ROLLOUT_PYTHON when set (the Docker image keeps SGLang in its own virtualenv).
 set -euo pipefail
 
 node=${SLURMD_NODENAME:?not an srun task}
@@ -38,7 +39,8 @@ case "$ROLLOUT_BACKEND" in
     sglang)
         mem=()
         if [ -n "${ROLLOUT_MEM_FRACTION:-}" ]; then mem=(--mem-fraction-static "$ROLLOUT_MEM_FRACTION"); fi
-        exec "$SFPO_PYTHON" -m sglang.launch_server --model-path "$ROLLOUT_MODEL_PATH" \
+        # ROLLOUT_PYTHON: SGLang may live in its own environment (it pins its own torch).
+        exec "${ROLLOUT_PYTHON:-$SFPO_PYTHON}" -m sglang.launch_server --model-path "$ROLLOUT_MODEL_PATH" \
             --host "$bind" --port "$port" --tp-size "$ROLLOUT_TP" \
             --base-gpu-id $((local_id * ROLLOUT_TP)) "${mem[@]}" "${extra[@]}" ;;
     *)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import time
 import traceback
 from pathlib import Path
 
@@ -34,6 +35,8 @@ LAYOUTS = {  # scenario → (tp, pp, extra flags, setting overrides)
     "dp2_grpo": (1, 1, ("--use-distributed-optimizer",), {"--algorithm": "grpo"}),
     "dp2_k0a1": (1, 1, ("--use-distributed-optimizer",),
                  {"--sfpo-inner-steps": "0", "--sfpo-alpha": "1"}),
+    "dp2_overlap": (1, 1, ("--use-distributed-optimizer", "--overlap-grad-reduce",
+                           "--overlap-param-gather"), {}),
     "tp2": (2, 1, (), {}),
     "pp2": (1, 2, (), {}),
     "bf16_dp2": (1, 1, ("--bf16", "--use-distributed-optimizer"), {}),
@@ -153,7 +156,8 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
     from sfpo_megatron.rl.train_batch import collate
 
     tp, pp, flags, overrides = LAYOUTS[name]
-    args = rl_args(hf, overrides, flags)
+    args = rl_args(hf, {**overrides, "--tensor-model-parallel-size": str(tp),
+                        "--pipeline-model-parallel-size": str(pp)}, flags)
     reinit(tp, pp, args.seed)
     setup, arch = build_setup(args, hf)
     result: dict = {"metrics": [], "checks": {}}
@@ -237,6 +241,8 @@ def errors(args, setup, arch, hf: Path) -> dict:
     samples = make_samples(1)
     samples[3].rollout_logprobs = samples[3].rollout_logprobs[:-1]
     catch("logprob_len", lambda: updater.update(samples, 1))
+    updater.update(make_samples(1), 1)
+    catch("step_order", lambda: updater.update(make_samples(2), 1))
     grpo_bad = rl_args(hf, {"--algorithm": "grpo", "--sfpo-zscore-window": "1"})
     catch("window", lambda: PolicyUpdater(grpo_bad, setup))
     return {"errors": found}
@@ -253,6 +259,7 @@ def main() -> None:
 
     setup_platform()
     for name in a.scenarios.split(","):
+        t0 = time.perf_counter()
         try:
             result = scenario(name, a.hf, a.out)
         except Exception:
@@ -260,6 +267,7 @@ def main() -> None:
             raise
         if not dist.is_initialized() or dist.get_rank() == 0:
             torch.save(result, a.out / f"{name}.pt")
+            print(f"scenario {name}: {time.perf_counter() - t0:.1f} s", flush=True)
         gc.collect()
     parallel.destroy()
 

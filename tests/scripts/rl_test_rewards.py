@@ -1,0 +1,13 @@
+"""Reward functions for the RL loop tests (imported by the reward worker processes by path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def has_letter_o(response: str, answer: str, metadata: dict[str, Any]) -> float:
+    """1 when the response contains an "o": a mixed, learnable signal for a random tiny model.
+    Rows marked ``explode`` raise, to exercise the loop's reward-error accounting."""
+    if metadata.get("explode"):
+        raise RuntimeError("reward function failure requested by the test row")
+    return 1.0 if "o" in response else 0.0

@@ -5,6 +5,9 @@ random HF models saved as safetensors (never downloaded): TP=1 (DP=2), TP=2 and 
 loads the HF weights with ``load_hf_weights`` (streaming from the safetensors file), compares the
 fp32 logits with the HF model's, and checks that ``iter_hf_weights`` gives back every HF tensor
 bit for bit. The worker is this file run as a script.
+
+On a GPU node the same test checks the Transformer Engine spec:
+``SFPO_TEST_TRANSFORMER_IMPL=transformer_engine pytest tests/test_convert_parity.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ MODELS = {
                                       rope_theta=5e5)),
 }
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+IMPL = os.environ.get("SFPO_TEST_TRANSFORMER_IMPL", "local")
 
 
 def make_hf_model(name: str, seed: int = 0):
@@ -92,17 +96,19 @@ def _tokens(batch: int = 2, seq: int = 48) -> torch.Tensor:
 
 
 def _megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Full-vocab logits on pipeline rank 0's TP group... gathered on the last stage."""
+    """Full (padded) vocab logits on the last pipeline stage (TP shards gathered), on the CPU."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
     b, s = tokens.shape
-    pos = torch.arange(s).unsqueeze(0).expand(b, -1)
+    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
     pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), \
         ps.get_pipeline_model_parallel_world_size()
     with torch.no_grad():
         if pp_size > 1 and pp_rank > 0:
-            hidden = torch.empty(s, b, model.config.hidden_size)
+            hidden = torch.empty(s, b, model.config.hidden_size, device=device)
             dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(hidden)
         out = model(tokens, pos, None)
@@ -114,21 +120,23 @@ def _megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
         parts = [torch.empty_like(out) for _ in range(tp)]
         dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
         out = torch.cat(parts, dim=-1)
-    return out
+    return out.float().cpu()
 
 
 def _packed_check(model, hf_model) -> float:
     """Two sequences packed in one row (THD) vs each run alone through HF."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    device = next(model.parameters()).device
     lengths = (7, 13)
     tokens = _tokens(1, sum(lengths))
-    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                              max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     with torch.no_grad():
-        out = model(tokens, pos, None, packed_seq_params=params)[..., :VOCAB]
+        out = model(tokens.to(device), pos.to(device), None,
+                    packed_seq_params=params)[..., :VOCAB].float().cpu()
         ref = torch.cat([hf_model(tokens[:, a:b]).logits for a, b in ((0, 7), (7, 20))], dim=1)
     return (out - ref).abs().max().item()
 
@@ -152,7 +160,7 @@ def worker(hf_root: str, out_path: str) -> None:
     tokens = _tokens()
     hf_models = {n: transformers.AutoModelForCausalLM.from_pretrained(
         os.path.join(hf_root, n), dtype=torch.float32).eval() for n in MODELS}
-    setup_platform()
+    device = setup_platform().device()
     with torch.no_grad():
         refs = {n: m(tokens).logits for n, m in hf_models.items()}
     results: dict = {}
@@ -165,14 +173,15 @@ def worker(hf_root: str, out_path: str) -> None:
                 if layout == "tp2":  # the trainer's path: a Megatron-LM-style namespace
                     args = argparse.Namespace(tensor_model_parallel_size=tp,
                                               pipeline_model_parallel_size=pp, bf16=False,
-                                              use_cpu_initialization=True)
+                                              use_cpu_initialization=True, transformer_impl=IMPL)
                     model = build_model(d, args)
                 else:
-                    model = model_provider(d, tp=tp, pp=pp, perform_initialization=False)
+                    model = model_provider(d, tp=tp, pp=pp, perform_initialization=False,
+                                           transformer_impl=IMPL)
             except ParallelLayoutError as e:
                 results[key] = {"error": str(e)}
                 continue
-            model.eval()
+            model.to(device).eval()
             load_hf_weights([model], d, d)
             logits = _megatron_logits(model, tokens)
             entry: dict = {}
@@ -187,7 +196,7 @@ def worker(hf_root: str, out_path: str) -> None:
                 entry["export_names_equal"] = sorted(exported) == sorted(original)
                 entry["export_order"] = list(exported)
                 entry["export_mismatch"] = [n for n in original if n in exported and not (
-                    exported[n].dtype == original[n].dtype and torch.equal(exported[n],
+                    exported[n].dtype == original[n].dtype and torch.equal(exported[n].cpu(),
                                                                            original[n]))]
             else:
                 entry["yielded_on_other_rank"] = len(exported)

@@ -2,8 +2,10 @@
 Algorithm 1 (tests/reference_sfpo.py, torch AdamW on an HF model with the same weights).
 
 Two real launches of tests/scripts/sfpo_worker.py (gloo): one process (DP=1 scenarios,
-checkpoint resume, bf16, error messages) and ``torchrun --nproc_per_node 2`` (DP=2 with the
-distributed optimizer, TP=2, PP=2, bf16 + distributed optimizer). Both start from one tiny random
+checkpoint resume, KL to a reference policy, bf16, error messages) and ``torchrun
+--nproc_per_node 2`` (DP=2 with the distributed optimizer — plain with the θ0 snapshot offloaded,
+and with overlapped grad reduce / param gather —, TP=2, PP=2, bf16 + distributed optimizer). Both
+start from one tiny random
 HF Llama saved as safetensors; the reference runs here, in the test process. Parameters are
 compared as one vector: ‖θ_megatron − θ_ref‖ / ‖θ_ref − θ_init‖ (relative to how far training
 moved them, stricter than relative to ‖θ‖) and ‖θ_megatron − θ_ref‖ / ‖θ_ref‖, both < 1e-5.

@@ -498,7 +498,8 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
     the other ranks yield nothing. Only one full tensor exists at a time (plus what the consumer
     keeps). Yielded tensors may alias model parameters: copy them if kept past the next update.
     Data-parallel replicas other than the first return at once (they hold the same weights).
-    ``release=True`` frees each parameter once exported (converters only: the model is unusable
+    With megatron DDP's ``overlap_param_gather`` the updated parameters arrive during the next
+    forward: call ``chunk.start_param_sync(force_sync=True)`` on each chunk first. ``release=True`` frees each parameter once exported (converters only: the model is unusable
     afterwards), which keeps an export's peak memory near one model.
     """
     from megatron.core import parallel_state as ps
@@ -510,7 +511,9 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
     tp_rank, tp_size, tp_group = _tp()
     pp_rank = ps.get_pipeline_model_parallel_rank() if dist_on else 0
     pp_size = ps.get_pipeline_model_parallel_world_size() if dist_on else 1
-    local = {b.hf[0]: b for b in bind(model_chunks, arch) if b.rule.export}
+    bindings = bind(model_chunks, arch)
+    local = {b.hf[0]: b for b in bindings if b.rule.export}
+    device = bindings[0].param.device if bindings else torch.device("cpu")
     owner: dict[str, tuple[int, str]] = {name: (0, "") for name in local}
     if pp_size > 1:
         pp_group = ps.get_pipeline_model_parallel_group()
@@ -549,7 +552,7 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
             elif pp_rank == 0:
                 dtype = getattr(torch, dtype_name.split(".")[-1])
                 src = dist.get_global_rank(pp_group, stage)
-                tensors = [torch.empty(shapes[n], dtype=dtype) for n in names]
+                tensors = [torch.empty(shapes[n], dtype=dtype, device=device) for n in names]
                 for t in tensors:
                     dist.recv(t, src=src, group=pp_group)
         if yield_here:

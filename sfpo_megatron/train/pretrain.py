@@ -182,6 +182,11 @@ def pretrain(args: argparse.Namespace) -> dict:
                 if dist.get_rank() == 0:
                     log.info("iter %d loss %.6f grad_norm %.4f", iteration, loss, grad_norm)
             stop = preemption.should_stop()
+            if args.overlap_param_gather:
+                # megatron defers the post-step all-gather to the next forward; a checkpoint
+                # (or the caller) must see this step's weights.
+                for m in setup.model:
+                    m.start_param_sync(force_sync=True)
             if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
                 save_checkpoint(args.save, iteration, setup.model, setup.optimizer,
                                 setup.scheduler, {"consumed_samples": consumed},

@@ -57,7 +57,8 @@ def reinit(tp: int, pp: int, seed: int) -> None:
 def hf_params(setup, hf: Path) -> dict[str, torch.Tensor]:
     from sfpo_megatron.conversion.hf_mapping import iter_hf_weights
 
-    return {n: t.detach().float().clone() for n, t in iter_hf_weights(setup.model, str(hf))}
+    return {n: t.detach().float().cpu().clone()
+            for n, t in iter_hf_weights(setup.model, str(hf))}
 
 
 def old_logprobs_at_theta0(setup, args, arch, batch) -> torch.Tensor | None:

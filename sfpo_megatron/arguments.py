@@ -187,6 +187,8 @@ def add_algorithm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--entropy-coef", type=float, default=0.0)
     g.add_argument("--kl-coef", type=float, default=0.0)
     g.add_argument("--kl-type", choices=["k3", "low_var_kl"], default="low_var_kl")
+    g.add_argument("--ref-load", default=None,
+                   help="checkpoint of the frozen reference policy for --kl-coef > 0")
     g.add_argument("--disable-std-normalization", action="store_true", help="Dr.GRPO advantages")
     g.add_argument("--advantage-eps", type=float, default=1e-6)
 

@@ -17,8 +17,10 @@
 #
 # Preemption contract with the trainer: SIGTERM (or SIGUSR1) makes every rank finish its step, save
 # a checkpoint to --save and exit with 143; restarted with the same command it resumes from the
-# `latest_checkpointed_iteration.txt` under --save. srun would turn a SIGTERM aimed at itself into
-# SIGKILL for its tasks, so the signal goes to the step with `scancel --signal=TERM JOB.STEP`.
+# `latest_checkpointed_iteration.txt` under --save. The batch script delivers it to the rank
+# processes themselves (their pids, recorded by slurm/lib/task.sh, killed by a small step on each
+# node): srun turns a SIGTERM aimed at itself into SIGKILL for its tasks, and `scancel --signal`
+# signals every process of the step, child processes (reward workers) included.
 
 SFPO_PREEMPT_RC=143
 SFPO_STEP_PIDS=()      # pids of the background srun commands, in start order
@@ -255,7 +257,13 @@ sfpo_run_main() {
     SFPO_MAIN_NAME=$1
     SFPO_MAIN_RC=0
     if [ "$SFPO_PREEMPTED" = 1 ]; then SFPO_MAIN_RC=$SFPO_PREEMPT_RC; return; fi
-    sfpo_srun_bg "$@"
+    local opts=()
+    shift
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do opts+=("$1"); shift; done
+    shift
+    export SFPO_PID_DIR=$LOG_DIR/pids/$SFPO_MAIN_NAME
+    rm -rf "$SFPO_PID_DIR"
+    sfpo_srun_bg "$SFPO_MAIN_NAME" "${opts[@]}" -- bash "$SFPO_ROOT/slurm/lib/task.sh" "$@"
     SFPO_MAIN_PID=$SFPO_LAST_PID
     while :; do
         while kill -0 "$SFPO_MAIN_PID" 2>/dev/null; do
@@ -285,8 +293,17 @@ sfpo_on_signal() {
     fi
     SFPO_PREEMPTED=1
     if [ -n "$SFPO_MAIN_PID" ] && kill -0 "$SFPO_MAIN_PID" 2>/dev/null; then
-        sfpo_signal_step "$SFPO_MAIN_NAME" TERM || true
+        sfpo_signal_main TERM || sfpo_signal_step "$SFPO_MAIN_NAME" TERM || true
     fi
+}
+
+# sfpo_signal_main SIGNAL: signal the main step's task processes (not their children) on every node.
+sfpo_signal_main() {
+    sfpo_log "sending SIG$1 to the tasks of $SFPO_MAIN_NAME (pids in $SFPO_PID_DIR)"
+    # shellcheck disable=SC2016  # expanded by the step's shell on each node
+    srun --overlap -J sfpo-signal --nodes="$SFPO_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=0 \
+        bash -c 'for f in "$0/$SLURMD_NODENAME"-*.pid; do [ -f "$f" ] && kill -"$1" "$(cat "$f")"; done; true' \
+        "$SFPO_PID_DIR" "$1"
 }
 
 # Stop every step still running: SIGTERM, then SIGKILL after SFPO_STOP_GRACE seconds.

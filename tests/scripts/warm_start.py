@@ -6,7 +6,7 @@ PyTorch on correct answers from a disjoint reasoning-gym seed, stopped early so 
 answers some questions right and leaves room for RL. Saved as an HF directory
 (config.json + safetensors) with ``tokenizer.model`` beside it.
 
-    python tests/scripts/warm_start.py OUT_DIR [SFT_STEPS]
+    python tests/scripts/warm_start.py OUT_DIR [SFT_STEPS] [--report]   (--report: sampled accuracy)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def entries(size: int, seed: int) -> list[dict]:
     return list(reasoning_gym.create_dataset(TASK, size=size, seed=seed, **CONFIG))
 
 
-def build(out: Path, sft_steps: int = 150, seed: int = 0) -> Path:
+def build(out: Path, sft_steps: int = 1000, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from sfpo_megatron.data.tokenizer import ChatFormat, SentencePieceTokenizer, train_sentencepiece
@@ -103,7 +103,10 @@ def sampled_accuracy(out: Path, n_prompts: int = 100, k: int = 4) -> float:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1])
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 150
+    argv = [a for a in sys.argv[1:] if a != "--report"]
+    target = Path(argv[0])
+    steps = int(argv[1]) if len(argv) > 1 else 1000
+    torch.set_num_threads(1)
     build(target, steps)
-    print(f"sampled accuracy after {steps} SFT steps: {sampled_accuracy(target):.3f}")
+    if "--report" in sys.argv:
+        print(f"sampled accuracy after {steps} SFT steps: {sampled_accuracy(target):.3f}")

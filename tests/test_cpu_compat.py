@@ -112,3 +112,11 @@ def test_refuses_to_patch_when_cuda_is_available():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=child_env(), timeout=120)
     assert "refused: cpu_compat.apply() must not be used when CUDA is available" in out.stdout
+
+
+def test_device_context_still_works():
+    # transformers builds models under `with torch.device("meta")` before loading weights
+    with torch.device("meta"):
+        t = torch.zeros(3)
+        lin = torch.nn.Linear(2, 2)
+    assert t.device.type == "meta" and lin.weight.device.type == "meta"

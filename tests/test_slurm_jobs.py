@@ -2,15 +2,16 @@
 .ci/slurm_up.sh when not running. CPU overrides: tiny models, gloo, the CPU rollout server, and
 `--gpus-per-node=1` against the nodes' fake GPU gres (one rank per node).
 
-While `sfpo_megatron/rl/loop.py` does not exist, the RL scripts' server lifecycle is exercised with
-a stand-in trainer (tests/scripts/slurm_probe.py) that parses the flags with the real RL parser and
-generates through the real servers; the real RL jobs below run once the loop exists.
+Job states come from `scontrol show job` (`sbatch --wait` reports 0 for a job cancelled while
+pending). The failure path uses a stand-in trainer (tests/scripts/slurm_probe.py: the real RL flag
+parser, real generation through the servers, then a chosen exit code); the RL and eval jobs use the
+real `sfpo-megatron rl` / `eval` (skipped only while sfpo_megatron/rl/loop.py or evaluate.py is
+missing).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytest
 import requests
 from safetensors.torch import load_file
 
-from launch import read_jsonl, write_tiny_config
+from launch import PYTHON, child_env, read_jsonl, write_tiny_config
+from launch import run as run_command
 from slurm_support import (
     REPO,
     ROLLOUT_SERVER,
@@ -85,10 +87,18 @@ def _port_closed(url: str) -> None:
 # --- pretraining job: the launcher across two nodes, checkpoints, preemption --------------------
 
 
+def _iterations_logged(metrics: Path) -> list[int]:
+    """Iterations in a metrics.jsonl being written (a last line without its newline is skipped)."""
+    if not metrics.exists():
+        return []
+    text = metrics.read_text()
+    return [json.loads(line)["iteration"] for line in text[:text.rfind("\n") + 1].splitlines() if line]
+
+
 def _wait_for_iteration(metrics: Path, at_least: int, job: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if metrics.exists() and any(r["iteration"] >= at_least for r in read_jsonl(metrics)):
+        if any(it >= at_least for it in _iterations_logged(metrics)):
             return
         state = job_info(job)["JobState"]
         assert state in ("PENDING", "RUNNING"), f"job {job} ended ({state}) before iteration {at_least}"
@@ -97,8 +107,8 @@ def _wait_for_iteration(metrics: Path, at_least: int, job: int, timeout: float) 
 
 
 @pytest.mark.parametrize("target", [
-    # what --signal=B:TERM@N does before the time limit: the batch script traps it, forwards
-    # SIGTERM to the trainer step, and requeues
+    # what --signal=B:TERM@N does before the time limit: the batch script traps it, sends
+    # SIGTERM to the trainer ranks, and requeues once they have checkpointed
     "batch",
     # a TERM to the job steps only: the trainer checkpoints and exits 143, the script requeues
     pytest.param("steps", marks=pytest.mark.slow),
@@ -150,10 +160,8 @@ def test_convert_script_under_srun_writes_a_checkpoint_that_loads(cluster, tmp_p
     assert (out_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
     # Load it (megatron reshards TP=2 -> 1) and export back: every tensor equals the original.
     back = tmp_path / "back"
-    from launch import PYTHON, child_env, run
-
-    run([PYTHON, str(REPO / "tools/convert_mcore_to_hf.py"), "--load", str(out_dir),
-         "--hf-config", str(tiny_hf), "--save", str(back)], env=child_env(), timeout=600)
+    run_command([PYTHON, str(REPO / "tools/convert_mcore_to_hf.py"), "--load", str(out_dir),
+                 "--hf-config", str(tiny_hf), "--save", str(back)], env=child_env(), timeout=600)
     original = load_file(tiny_hf / "model.safetensors")
     exported = {}
     for f in back.glob("*.safetensors"):
@@ -202,14 +210,12 @@ needs_evaluate = pytest.mark.skipif(
 
 def _math_prompts(tmp_path: Path) -> Path:
     """A tiny MATH-500-style file through tools/prepare_math_data.py, as users prepare theirs."""
-    from launch import PYTHON, child_env, run
-
     raw = tmp_path / "raw.jsonl"
     raw.write_text("".join(json.dumps({"problem": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
                            for a, b in [(1, 2), (3, 4), (5, 6), (7, 1)]))
     out = tmp_path / "prompts.jsonl"
-    run([PYTHON, str(REPO / "tools/prepare_math_data.py"), "--dataset", "math500", "--input",
-         str(raw), "--output", str(out)], env=child_env(), timeout=120)
+    run_command([PYTHON, str(REPO / "tools/prepare_math_data.py"), "--dataset", "math500",
+                 "--input", str(raw), "--output", str(out)], env=child_env(), timeout=120)
     return out
 
 
@@ -274,11 +280,9 @@ def test_preempted_sfpo_job_requeues_and_finishes_from_its_checkpoint(cluster, t
 @pytest.mark.slow
 def test_eval_script_scores_a_checkpoint_through_the_servers(cluster, tmp_path: Path,
                                                              tiny_hf: Path) -> None:
-    from launch import PYTHON, child_env, run
-
     ckpt = tmp_path / "mcore"
-    run([PYTHON, str(REPO / "tools/convert_hf_to_mcore.py"), "--hf-dir", str(tiny_hf), "--save",
-         str(ckpt)], env=child_env(), timeout=600)
+    run_command([PYTHON, str(REPO / "tools/convert_hf_to_mcore.py"), "--hf-dir", str(tiny_hf),
+                 "--save", str(ckpt)], env=child_env(), timeout=600)
     run_dir = tmp_path / "eval"
     data = _math_prompts(tmp_path)
     job = sbatch("eval.sbatch", ["--eval-prompt-data", f"math500={data}", "aime24=" + str(data),

@@ -213,6 +213,11 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_factories_and_tensor() -> None:
+    # `with torch.device(...)` recognises factories by identity from a list it builds (and
+    # caches) on first use: build it from the originals, or meta-device init lands on CPU.
+    import torch.utils._device as torch_device
+
+    torch_device._device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name)
         if not getattr(fn, "__sfpo_cpu_compat__", False):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -218,9 +219,10 @@ def run_eval(args: argparse.Namespace, sglang_args: Sequence[str] = ()) -> dict[
         version = 0
     tokenizer = load_rl_tokenizer(args)
     rank0 = dist.get_rank() == 0
-    workdir = args.save or tempfile.mkdtemp(prefix="sfpo_eval_")
-    engines = RolloutEngines(args, args.model_config, os.path.join(workdir, "rollout"),
-                             tokenizer_side_dirs(args, tokenizer), sglang_args)
+    # Only rank 0 writes the served export; a temporary one is removed at the end.
+    tmpdir = tempfile.mkdtemp(prefix="sfpo_eval_") if rank0 and not args.save else None
+    workdir = os.path.join(args.save, "rollout") if args.save else (tmpdir or "")
+    engines = RolloutEngines(args, args.model_config, workdir, tokenizer_side_dirs(args, tokenizer), sglang_args)
     reward_runner = None
     try:
         engines.start(model, version)
@@ -239,6 +241,8 @@ def run_eval(args: argparse.Namespace, sglang_args: Sequence[str] = ()) -> dict[
             reward_runner.close()
         if rank0:
             engines.close()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     if rank0:
         with MetricsLogger(args.log_dir, args.tensorboard_dir, rank=0) as logger:
             logger.log(iteration, metrics)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -208,8 +209,8 @@ class RolloutWorker:
         for s, value in zip(samples, adv.tolist()):
             s.advantage = float(value)
         metrics = group_metrics(generated, "rollout/")
-        metrics.update({f"train_batch/{k[len('rollout/'):]}": v
-                        for k, v in group_metrics(batch, "rollout/").items() if "reward" in k or "accuracy" in k})
+        metrics.update({k: v for k, v in group_metrics(batch, "train_batch/").items()
+                        if k.endswith(("reward_mean", "accuracy"))})
         metrics.update({
             "rollout/reward_errors": float(errors), "rollout/reward_timeouts": float(timeouts),
             "rollout/num_samples": float(sum(len(g.texts) for g in generated)),
@@ -307,6 +308,7 @@ class RLRun:
         self.rewards = None
         self.metrics_logger = None
         self.preemption = None
+        self.tmpdir: str | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
 
@@ -342,8 +344,11 @@ class RLRun:
         if self.state.updater is not None:
             self.updater.load_state_dict(self.state.updater)
         self._setup_rank0_data()
-        workdir = os.path.join(a.save, "rollout") if a.save else os.path.join(
-            a.log_dir or tempfile.gettempdir(), f"sfpo_rollout_{os.getpid()}")
+        # Exported weights, refit files and server logs: kept under --save, else a temporary
+        # directory of rank 0 (the only rank that writes there), removed at the end.
+        if not a.save and self.rank == 0:
+            self.tmpdir = tempfile.mkdtemp(prefix="sfpo_rollout_")
+        workdir = os.path.join(a.save, "rollout") if a.save else (self.tmpdir or "")
         self.engines = RolloutEngines(a, a.model_config, workdir, tokenizer_side_dirs(a, self.tokenizer),
                                       self.sglang_args)
         self.engines.start(self.setup_.model, self.state.weight_version)
@@ -383,6 +388,7 @@ class RLRun:
         # After the launcher: its SIGTERM hook (stop the servers) must not run before our checkpoint.
         self.preemption = PreemptionHandler().install()
         last: dict[str, float] = {}
+        saved = st.step  # the checkpoint this run started from (or 0)
         if st.step == 0 and a.eval_interval:  # the starting point of the validation curve
             last = on_rank0(lambda: self._evaluate(0))
             self._log(0, last)
@@ -392,9 +398,10 @@ class RLRun:
             due = a.save_interval and st.step % a.save_interval == 0
             if a.save and (stop or due):
                 self.save()
+                saved = st.step
             if stop:
                 raise Preempted(st.step)
-        if a.save and not (a.save_interval and st.step % a.save_interval == 0):
+        if a.save and saved != st.step:
             self.save()
         return last
 
@@ -467,6 +474,8 @@ class RLRun:
             self.rewards.close()
         if self.engines is not None:
             self.engines.close()
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, sglang_args: Sequence[str] = ()) -> dict[str, float]:

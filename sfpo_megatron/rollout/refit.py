@@ -115,9 +115,9 @@ def refit_weights(model_chunks: Sequence, hf_config: Any, transport, weight_vers
     box: list[Any] = [None]
     error: BaseException | None = None
     if _rank() == 0:
-        if transport is None:
-            raise RefitError("refit_weights needs a transport on global rank 0")
         try:
+            if transport is None:
+                raise RefitError("refit_weights needs a transport on global rank 0")
             stats = transport.push(weights, str(weight_version))
             box[0] = ("ok", (stats.num_tensors, stats.num_buckets, stats.bytes))
         except BaseException as e:  # noqa: BLE001 - the other ranks must finish the gather first
@@ -175,7 +175,11 @@ def trainer_address(urls: Sequence[str]) -> str:
     hosts = {urlparse(u if "://" in u else f"http://{u}").hostname for u in urls}
     if hosts <= set(LOCAL_HOSTS):
         return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+    # Remote servers: rank 0's node, as torchrun / srun scripts name it, else this host's address.
+    addr = os.environ.get("MASTER_ADDR")
+    if addr and addr not in LOCAL_HOSTS:
+        return addr
+    return socket.gethostbyname(socket.getfqdn())
 
 
 class RolloutEngines:
@@ -194,7 +198,6 @@ class RolloutEngines:
         self.launcher = None
         self.client = None
         self.transport = None
-        self.is_rank0 = _rank() == 0
         self._released = False
         check_rollout_args(args)
 
@@ -289,12 +292,12 @@ class RolloutEngines:
     # ---- colocated memory ----------------------------------------------------------------------
 
     def release_memory(self) -> None:
-        """Rank 0, colocated only: servers free their weights and KV cache while the trainer trains."""
+        """Collective, colocated only: servers free their weights and KV cache while the trainer
+        trains (the next ``refit`` brings them back)."""
         if not self.args.colocate or self._released:
             return
+        on_rank0(lambda: self._check(self.client.release_memory_occupation(), "/release_memory_occupation"))
         self._released = True
-        if self.is_rank0:
-            self._check(self.client.release_memory_occupation(), "/release_memory_occupation")
 
     def _resume(self, tags: list[str]) -> None:
         self._check(self.client.resume_memory_occupation(tags=tags), "/resume_memory_occupation")

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -91,8 +92,9 @@ def scancel(*args: str) -> None:
 
 
 def wait_job(job: int, timeout: float, release_requeued: bool = True) -> dict[str, str]:
-    """Poll until the job ends; a requeued job's 120 s BeginTime hold is lifted (Slurm delays
-    the restart of every requeued job; the tests need not wait for that)."""
+    """Poll until the job ends. Slurm holds every requeued job for about 120 s (BeginTime); the
+    hold is lifted here 5 s after the requeue (its SubmitTime): a restart within the same second
+    as the requeue is refused by slurmd ("Job credential revoked")."""
     deadline = time.monotonic() + timeout
     while True:
         info = job_info(job)
@@ -100,7 +102,8 @@ def wait_job(job: int, timeout: float, release_requeued: bool = True) -> dict[st
         if state in TERMINAL:
             return info
         if (release_requeued and state == "PENDING" and info.get("Reason") == "BeginTime"
-                and int(info.get("Restarts", "0")) > 0):
+                and int(info.get("Restarts", "0")) > 0
+                and datetime.now() - datetime.fromisoformat(info["SubmitTime"]) > timedelta(seconds=5)):
             scontrol("update", f"JobId={job}", "StartTime=now")
         if time.monotonic() > deadline:
             scancel(str(job))

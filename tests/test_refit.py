@@ -6,12 +6,14 @@ server process on 127.0.0.1, tiny random Qwen2 built from a config.
 * after a trainer update and a refit through the gloo broadcast group, through disk, and through
   disk in colocated mode (server memory released while training), the server's full log-softmax
   equals the trainer's, every weight it holds equals the trainer's export bit for bit, and its
-  weight_version advanced. Before each refit the server is measurably stale, so the checks bite.
+  weight_version advanced. Before each refit the server is measurably stale, so the checks bite;
+* a synchronous rollout refuses responses whose weight_version is not the expected one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,8 @@ def test_refit_after_update_makes_server_logits_equal_trainer(results: dict, tra
 
 def test_colocated_server_refuses_generation_while_released(results: dict) -> None:
     assert results["refit"]["colocated_disk"]["generate_while_released"] == 503
+
+
+def test_synchronous_rollout_rejects_responses_from_other_weights(results: dict) -> None:
+    assert re.fullmatch(r"synchronous rollout expected weight_version '999' but sample 0 of prompt 41 came "
+                        r"from '3' \(http://127\.0\.0\.1:\d+\)", results["version_check"]), results["version_check"]

@@ -243,6 +243,25 @@ def resolve_load_dir(root: str) -> tuple[str, int] | None:
     return path, it
 
 
+def _check_model_shapes(path: str, state: dict) -> None:
+    """A model tensor whose global shape differs from the checkpoint's (another architecture,
+    another vocab padding) must fail by name, not load silently wrong."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    for key in [k for k in state if k.startswith("model")]:
+        for sh in nested_values(state[key]):
+            if not isinstance(sh, ShardedTensor) or sh.key not in stored:
+                continue
+            saved = tuple(getattr(stored[sh.key], "size", ()))
+            if saved and saved != tuple(sh.global_shape):
+                raise CheckpointError(
+                    f"checkpoint {path} does not match the model: tensor {sh.key} has shape "
+                    f"{list(saved)} in the checkpoint and {list(sh.global_shape)} in the model")
+
+
 def load_checkpoint(root: str, model_chunks: list, optimizer=None, scheduler=None,
                     load_optim: bool = True, load_rng: bool = True,
                     strict: bool = True) -> LoadResult | None:
@@ -273,6 +292,7 @@ def load_checkpoint(root: str, model_chunks: list, optimizer=None, scheduler=Non
     # Keys the checkpoint has but we do not ask for (RNG or optimizer state skipped on purpose)
     # are fine; a key we ask for that the checkpoint lacks still fails inside load().
     handling = StrictHandling.ASSUME_OK_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
+    _check_model_shapes(path, state)
     try:
         loaded = dist_checkpointing.load(state, path, strict=handling)
     except Exception as e:  # noqa: BLE001 - re-raised with the checkpoint named

@@ -10,15 +10,15 @@ and the target response is " 91" followed by EOS. The SFT text of an example is 
 rendered prompt followed by the response, so a warm-started model answers in the format the RL
 reward reads (the whole response, stripped, compared with the reference).
 
-Train prompts, validation prompts and the SFT corpus come from different reasoning-gym seeds;
-the SFT corpus leaves out every validation question.
+Train prompts, validation prompts and the SFT corpus come from different reasoning-gym seeds
+(see `TASKS` for how much their questions overlap).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,19 +63,23 @@ class DemoTask:
         return list(reasoning_gym.create_dataset(self.name, size=size, seed=seed, **self.config))
 
 
-# Presets a ~1M-parameter model partly learns in a couple of CPU minutes: two terms, one or two
-# digits, + and - only, so a warm start lands well below 100 % and RL has room to improve.
+# Presets a ~100k-parameter model partly learns in about a minute of CPU pretraining: two
+# one-digit terms, + and - only. Larger numbers are out of reach at this budget (measured: a
+# 0.8M-parameter model after 300 iterations answers 2-digit sums correctly < 1 % of the time).
+# The question space is small (basic_arithmetic: 11 x 11 x 2 = 242 questions), so train,
+# validation and SFT streams share questions: validation accuracy is accuracy on the task's
+# distribution, not on held-out questions.
 TASKS: dict[str, DemoTask] = {
     "basic_arithmetic": DemoTask(
         "basic_arithmetic",
-        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2,
+        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
          "operators": ("+", "-"), "allow_parentheses": False, "allow_negation": False},
-        "a + b or a - b, a and b in 0..100",
+        "a + b or a - b with a, b in 0..10",
     ),
     "chain_sum": DemoTask(
         "chain_sum",
-        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
-        "a + b or a - b, a and b in 0..99",
+        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+        "a + b or a - b with a, b in 0..9",
     ),
 }
 
@@ -96,22 +100,9 @@ def sft_text(question: str, answer: str, chat_format: ChatFormat | None = None) 
     return render_prompt(question, chat_format) + " " + str(answer)
 
 
-def sft_corpus(task: DemoTask, size: int, exclude_questions: Iterable[str] = (),
-               seed: int = SFT_SEED) -> list[str]:
-    """`size` SFT texts from the task's SFT stream, skipping any question in `exclude_questions`."""
-    excluded = set(exclude_questions)
-    texts: list[str] = []
-    start = seed
-    while len(texts) < size:
-        need = size - len(texts)
-        for entry in task.entries(need, start):
-            if entry["question"] not in excluded:
-                texts.append(sft_text(entry["question"], entry["answer"]))
-        start += need  # next items of the same stream (item i has seed + i)
-        if start - seed > 20 * size:
-            raise DemoTaskError(f"task {task.name!r}: cannot find {size} SFT questions outside "
-                                f"the {len(excluded)} excluded ones")
-    return texts
+def sft_corpus(task: DemoTask, size: int, seed: int = SFT_SEED) -> list[str]:
+    """`size` SFT texts (prompt + correct answer) from the task's SFT stream."""
+    return [sft_text(entry["question"], entry["answer"]) for entry in task.entries(size, seed)]
 
 
 def write_jsonl(texts: Sequence[str], path: str | os.PathLike, key: str = "text") -> Path:

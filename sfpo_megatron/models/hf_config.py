@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -196,8 +197,14 @@ def check_parallel_layout(arch: HFArch, tp: int = 1, pp: int = 1, vpp: int | Non
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tp: int = 1) -> int:
-    """Megatron-LM's rule: pad the vocab to a multiple of ``divisible_by * tp`` (rows of zeros)."""
-    multiple = make_vocab_size_divisible_by * tp
+    """Pad the vocab (rows of zeros) to a multiple of ``lcm(divisible_by, tp)``.
+
+    Megatron-LM pads to ``divisible_by * tp``, so the stored embedding's shape depends on the TP
+    size and a checkpoint saved at TP=1 loads wrongly at TP=2. With the lcm the padded size is the
+    same for every TP that divides ``divisible_by`` (1, 2, 4, 8 with the default 128), and each TP
+    rank still gets whole rows.
+    """
+    multiple = math.lcm(make_vocab_size_divisible_by, tp)
     return -(-vocab_size // multiple) * multiple
 
 

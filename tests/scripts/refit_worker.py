@@ -182,10 +182,21 @@ def main() -> None:
             entry["num_buckets"] = stats.num_buckets
             entry["gb_per_s"] = stats.gb_per_s
         results["refit"][name] = entry
-        engines.close()
-    if rank0:
+        if name != "colocated_disk":
+            engines.close()
+    if rank0:  # a synchronous rollout refuses responses from other weights than it expects
+        from sfpo_megatron.data.prompts import PromptItem
+        from sfpo_megatron.rl.evaluate import RolloutVersionError, generate_groups
+
+        items = [PromptItem(index=41, prompt_ids=PROMPTS[0], prompt_text="", answer="")]
+        try:
+            generate_groups(engines.client, items, None, None, n=2, params={"max_new_tokens": 2}, seed=1,
+                            expected_version="999")
+        except RolloutVersionError as e:
+            results["version_check"] = str(e)
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
+    engines.close()
     parallel.destroy()
 
 

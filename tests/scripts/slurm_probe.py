@@ -1,10 +1,11 @@
-"""Stand-in for the `sfpo-megatron rl|eval` command in the Slurm script tests while the RL loop is
-being written (``SFPO_TRAINER="python tests/scripts/slurm_probe.py"``).
+"""Stand-in for the `sfpo-megatron rl|eval` command in the Slurm script tests
+(``SFPO_TRAINER="python tests/scripts/slurm_probe.py"``), for paths the real trainer should not take
+on purpose, such as a trainer failing while the servers run.
 
 It checks what a job script hands the trainer: the flags must parse with the real
 ``build_rl_parser()``, and every ``--rollout-urls`` server must answer ``/health`` and a real
 ``/generate``. It writes ``<--log-dir>/probe-<rank>.json`` (node, rank, parsed flags, generated
-tokens); rank 0 then exits with ``$PROBE_EXIT`` (default 0) so failure paths can be exercised.
+tokens); rank 0 then exits with ``$PROBE_EXIT`` (default 0).
 """
 
 from __future__ import annotations

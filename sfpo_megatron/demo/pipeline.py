@@ -1,0 +1,402 @@
+"""The demo's phases, each a real run of the project's own tools:
+
+1. task, SentencePiece tokenizer, SFT corpus and a tiny Qwen2 config (`task.py`);
+2. `tools/preprocess_data.py`: the corpus → megatron indexed dataset;
+3. `sfpo-megatron pretrain` under `torchrun` (2 processes, data parallel): the SFT warm start;
+4. `tools/convert_mcore_to_hf.py`: the warm start → HF safetensors;
+5. `sfpo-megatron rl` for GRPO and for SFPO from that HF checkpoint, same seed, through the CPU
+   rollout server (one trainer process each; the two runs go side by side by default).
+
+Every phase writes under `DemoConfig.out`; subprocess output goes to `out/logs/*.log` and a
+progress bar follows each run's `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sfpo_megatron.demo.task import (
+    TRAIN_SEED,
+    VALID_SEED,
+    build_tokenizer,
+    get_task,
+    sft_corpus,
+    write_jsonl,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+REWARD_FN = "sfpo_megatron.demo.task:exact_match_reward"
+METHODS = ("grpo", "sfpo")
+
+
+class DemoError(RuntimeError):
+    """A phase failed; the message names it and ends with the tail of its log."""
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and hyper-parameters; `quick()` shrinks them for tests. Chosen by measurement on
+    2 shared CPU cores (see the demo's docs in `__main__`)."""
+
+    out: Path = Path("demo_out")
+    task: str = "basic_arithmetic"
+    seed: int = 0
+    # tokenizer and model (Qwen2 shape, ~100k parameters)
+    vocab_size: int = 64
+    hidden_size: int = 64
+    ffn_hidden_size: int = 192
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    # SFT warm start (plain next-token loss on "prompt answer<eos>" documents)
+    sft_docs: int = 30_000
+    sft_iters: int = 600
+    sft_lr: float = 1e-2
+    sft_min_lr: float = 1e-4
+    sft_warmup: int = 20
+    sft_seq_length: int = 64
+    sft_global_batch: int = 32
+    sft_nproc: int = 2
+    # RL (both methods)
+    rl_steps: int = 40
+    rollout_prompts: int = 64
+    samples_per_prompt: int = 8
+    mini_batches: int = 4  # optimizer steps per pass over a rollout batch (paper: 256 / 64)
+    rl_lr: float = 3e-4
+    rl_warmup: int = 3
+    max_response_len: int = 6
+    train_prompts: int = 20_000
+    eval_prompts: int = 500
+    eval_samples: int = 2
+    eval_interval: int = 5
+    eval_top_p: float = 0.7  # the paper's validation: temperature 1, top-p 0.7
+    sfpo_inner_steps: int = 3
+    sfpo_alpha: float = 0.8
+    sfpo_window: int = 30
+    sfpo_threshold: float = 1.0
+    side_by_side: bool = True  # GRPO and SFPO at the same time (one core each)
+    extra_rl_flags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "DemoConfig":
+        """A few minutes end to end: every phase runs, nothing is expected to learn."""
+        small = dict(sft_docs=2_000, sft_iters=30, rl_steps=2, rollout_prompts=8,
+                     samples_per_prompt=4, mini_batches=2, train_prompts=200, eval_prompts=32,
+                     eval_interval=1, sfpo_window=2)
+        return cls(**{**small, **overrides})
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+@dataclass
+class Paths:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def sft_jsonl(self) -> Path:
+        return self.root / "data" / "sft.jsonl"
+
+    @property
+    def sft_prefix(self) -> Path:
+        return self.root / "data" / "sft"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "data" / "tokenizer.model"
+
+    @property
+    def model_config(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def sft_ckpt(self) -> Path:
+        return self.root / "sft_ckpt"
+
+    @property
+    def hf(self) -> Path:
+        return self.root / "warm_start_hf"
+
+    def rl(self, name: str) -> Path:
+        return self.root / f"rl_{name}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes
+# ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # one core per process: 2 cores are shared by design
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+@dataclass
+class Job:
+    """A subprocess in its own session (so it and its children can be stopped together)."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+    metrics: Path | None = None
+    total: int = 0
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "Job":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as f:
+            f.write("$ " + " ".join(self.cmd) + "\n")
+            f.flush()
+            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                         env=child_env(), start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def progress(self) -> tuple[int, dict[str, Any]]:
+        """(last logged iteration, its record) from the job's metrics.jsonl."""
+        if self.metrics is None or not self.metrics.exists():
+            return 0, {}
+        last: dict[str, Any] = {}
+        evals: dict[str, Any] = {}
+        with open(self.metrics) as f:
+            for line in f:
+                if line.strip().endswith("}"):
+                    rec = json.loads(line)
+                    last = rec
+                    evals.update({k: v for k, v in rec.items() if k.startswith("eval/") and "@" in k})
+        return int(last.get("iteration", 0)), {**last, **evals}
+
+    def failure(self) -> DemoError:
+        tail = self.log.read_text(errors="replace").splitlines()[-40:] if self.log.exists() else []
+        return DemoError(f"{self.name} failed (exit code {self.proc.returncode if self.proc else '?'}); "
+                         f"log {self.log}:\n" + "\n".join(tail))
+
+
+def _postfix(rec: dict[str, Any]) -> str:
+    if "lm_loss" in rec:
+        return f"loss {rec['lm_loss']:.3f}"
+    acc = [f"val {100 * v:.1f}%" for k, v in rec.items() if k.startswith("eval/") and "/avg@" in k]
+    return " ".join(acc[:1])
+
+
+def run_jobs(jobs: Sequence[Job], show_progress: bool = True) -> None:
+    """Start the jobs, show one progress bar each, wait; any failure stops the others."""
+    from tqdm import tqdm
+
+    bars = [tqdm(total=j.total or None, desc=j.name, position=i, leave=True, dynamic_ncols=True,
+                 disable=not show_progress, file=sys.stderr, unit="step")
+            for i, j in enumerate(jobs)]
+    try:
+        for job in jobs:
+            job.start()
+        pending = list(range(len(jobs)))
+        while pending:
+            time.sleep(0.5)
+            for i in list(pending):
+                job, bar = jobs[i], bars[i]
+                it, rec = job.progress()
+                if it > bar.n:
+                    bar.update(it - bar.n)
+                text = _postfix(rec)
+                if text:
+                    bar.set_postfix_str(text, refresh=False)
+                code = job.proc.poll()
+                if code is not None:
+                    pending.remove(i)
+                    if code != 0:
+                        raise job.failure()
+                    bar.refresh()
+    finally:
+        for job in jobs:
+            job.stop()
+        for bar in bars:
+            bar.close()
+
+
+class Timer:
+    """Wall-clock and CPU seconds (this process and its finished children) of one phase."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, float]] = {}
+
+    def _cpu(self) -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def run(self, name: str, fn, *args, **kwargs):
+        t0, c0 = time.perf_counter(), self._cpu()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.phases[name] = {"wall_s": time.perf_counter() - t0, "cpu_s": self._cpu() - c0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Phases
+# ------------------------------------------------------------------------------------------------
+
+
+def _fresh(*dirs: Path) -> None:
+    for d in dirs:
+        if d.exists():
+            shutil.rmtree(d)
+
+
+def prepare(cfg: DemoConfig, paths: Paths) -> dict[str, Any]:
+    """Tokenizer, SFT corpus (JSONL) and the tiny Qwen2 config; returns a summary."""
+    import transformers
+
+    from sfpo_megatron.data.tokenizer import load_tokenizer
+
+    task = get_task(cfg.task)
+    _fresh(paths.sft_jsonl.parent, paths.model_config)
+    texts = sft_corpus(task, cfg.sft_docs)
+    write_jsonl(texts, paths.sft_jsonl)
+    model_file = build_tokenizer(texts, paths.tokenizer.with_suffix(""), cfg.vocab_size)
+    tok = load_tokenizer(model_file)
+    config = transformers.Qwen2Config(
+        vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=max(128, cfg.sft_seq_length),
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+        tie_word_embeddings=True, rope_theta=10000.0)
+    config.save_pretrained(paths.model_config)
+    return {"task": task.name, "task_config": dict(task.config), "sft_docs": len(texts),
+            "vocab_size": tok.vocab_size, "example": texts[0]}
+
+
+def preprocess_job(cfg: DemoConfig, paths: Paths) -> Job:
+    cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(paths.sft_jsonl),
+           "--output-prefix", str(paths.sft_prefix), "--tokenizer-type", "sentencepiece",
+           "--tokenizer-path", str(paths.tokenizer), "--append-eod", "--no-progress"]
+    return Job("tokenize SFT corpus", cmd, paths.logs / "preprocess.log")
+
+
+def sft_job(cfg: DemoConfig, paths: Paths) -> Job:
+    _fresh(paths.sft_ckpt, paths.logs / "sft")
+    dp = cfg.sft_nproc
+    flags = ["--model-config", str(paths.model_config),
+             "--data-path", f"{paths.sft_prefix}_text_document",
+             "--tokenizer-type", "sentencepiece", "--tokenizer-path", str(paths.tokenizer),
+             "--split", "100,0,0", "--seq-length", str(cfg.sft_seq_length),
+             "--micro-batch-size", str(cfg.sft_global_batch // dp),
+             "--global-batch-size", str(cfg.sft_global_batch), "--train-iters", str(cfg.sft_iters),
+             "--lr", str(cfg.sft_lr), "--min-lr", str(cfg.sft_min_lr), "--lr-decay-style", "cosine",
+             "--lr-warmup-iters", str(min(cfg.sft_warmup, max(cfg.sft_iters - 1, 0))),
+             "--weight-decay", "0.01", "--seed", str(cfg.seed), "--save", str(paths.sft_ckpt),
+             "--log-dir", str(paths.logs / "sft"), "--log-interval", "1"]
+    if dp > 1:
+        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(dp),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    else:
+        launcher = [sys.executable]
+    cmd = launcher + ["-m", "sfpo_megatron.cli", "pretrain"] + flags
+    return Job("SFT warm start", cmd, paths.logs / "sft.log", paths.logs / "sft" / "metrics.jsonl",
+               cfg.sft_iters)
+
+
+def export_job(cfg: DemoConfig, paths: Paths) -> Job:
+    _fresh(paths.hf)
+    cmd = [sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), "--load", str(paths.sft_ckpt),
+           "--hf-config", str(paths.model_config), "--save", str(paths.hf)]
+    return Job("export to HF", cmd, paths.logs / "export.log")
+
+
+def rl_flags(cfg: DemoConfig, paths: Paths, method: str, seed: int, out: Path) -> list[str]:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    task = get_task(cfg.task)
+    batch = cfg.rollout_prompts * cfg.samples_per_prompt
+    micro = max(1, batch // cfg.mini_batches)
+    return [
+        "--model-config", str(paths.model_config), "--tokenizer-path", str(paths.tokenizer),
+        "--hf-checkpoint", str(paths.hf),
+        "--prompt-data", task.spec(cfg.train_prompts, TRAIN_SEED),
+        "--eval-prompt-data", "val=" + task.spec(cfg.eval_prompts, VALID_SEED),
+        "--n-samples-per-eval-prompt", str(cfg.eval_samples), "--eval-interval", str(cfg.eval_interval),
+        "--eval-temperature", "1.0", "--eval-top-p", str(cfg.eval_top_p),
+        "--reward-fn", REWARD_FN, "--reward-num-workers", "1",
+        "--rollout-batch-size", str(cfg.rollout_prompts), "--n-samples-per-prompt", str(cfg.samples_per_prompt),
+        "--num-steps-per-rollout", str(cfg.mini_batches), "--micro-batch-size", str(micro),
+        "--rollout-max-response-len", str(cfg.max_response_len), "--rollout-temperature", "1.0",
+        "--algorithm", method, "--sfpo-inner-steps", str(cfg.sfpo_inner_steps),
+        "--sfpo-alpha", str(cfg.sfpo_alpha), "--sfpo-zscore-window", str(cfg.sfpo_window),
+        "--sfpo-zscore-threshold", str(cfg.sfpo_threshold),
+        "--num-rollouts", str(cfg.rl_steps), "--lr", str(cfg.rl_lr),
+        "--lr-warmup-iters", str(cfg.rl_warmup), "--seed", str(seed),
+        "--seq-length", str(cfg.sft_seq_length), "--log-dir", str(out / "logs"),
+        *cfg.extra_rl_flags,
+    ]
+
+
+def rl_job(cfg: DemoConfig, paths: Paths, method: str, seed: int, tag: str = "") -> Job:
+    name = f"{method}{tag}"
+    out = paths.rl(name)
+    _fresh(out)
+    cmd = [sys.executable, "-m", "sfpo_megatron.cli", "rl"] + rl_flags(cfg, paths, method, seed, out)
+    return Job(f"RL {method.upper()}{tag}", cmd, paths.logs / f"rl_{name}.log",
+               out / "logs" / "metrics.jsonl", cfg.rl_steps)
+
+
+def run_rl_pair(cfg: DemoConfig, paths: Paths, seed: int, timer: Timer, tag: str = "",
+                show_progress: bool = True) -> dict[str, Path]:
+    """GRPO and SFPO from the same warm start and seed; returns {method: metrics.jsonl}."""
+    jobs = [rl_job(cfg, paths, m, seed, tag) for m in METHODS]
+    if cfg.side_by_side:
+        timer.run(f"rl{tag}", run_jobs, jobs, show_progress)
+    else:
+        for job, method in zip(jobs, METHODS):
+            timer.run(f"rl_{method}{tag}", run_jobs, [job], show_progress)
+    return {m: j.metrics for m, j in zip(METHODS, jobs)}
+
+
+def warm_start(cfg: DemoConfig, paths: Paths, timer: Timer, show_progress: bool = True) -> dict[str, Any]:
+    """Phases 1-4; returns the task summary."""
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    summary = timer.run("prepare", prepare, cfg, paths)
+    timer.run("preprocess", run_jobs, [preprocess_job(cfg, paths)], False)
+    timer.run("sft", run_jobs, [sft_job(cfg, paths)], show_progress)
+    timer.run("export", run_jobs, [export_job(cfg, paths)], False)
+    last = Job("", [], Path("-"), paths.logs / "sft" / "metrics.jsonl").progress()[1]
+    summary["sft_final_loss"] = last.get("lm_loss")
+    return summary
+
+

@@ -1,0 +1,234 @@
+"""The demo's pieces: task specs, tokenizer and SFT format, reward, report numbers and plot, flags."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sfpo_megatron.data.prompts import load_prompt_dataset, parse_rg_spec
+from sfpo_megatron.data.rewards import reasoning_gym_reward
+from sfpo_megatron.data.tokenizer import load_tokenizer
+from sfpo_megatron.demo.report import (
+    Curve,
+    ReportError,
+    bootstrap_ratio_ci,
+    compare,
+    curve_from_metrics,
+    eval_standard_error,
+    format_table,
+    plot_curves,
+)
+from sfpo_megatron.demo.task import (
+    TASKS,
+    VALID_SEED,
+    DemoTaskError,
+    build_tokenizer,
+    exact_match_reward,
+    get_task,
+    render_prompt,
+    sft_corpus,
+    sft_text,
+)
+
+TASK = get_task("basic_arithmetic")
+
+
+# ------------------------------------------------------------------------------------------ task
+
+
+def test_spec_round_trips_through_the_loops_parser() -> None:
+    spec = TASK.spec(50, 7)
+    name, config = parse_rg_spec(spec)
+    assert name == "basic_arithmetic"
+    # "+" survives the query string (unquoted it would come back as a space)
+    assert config == {"size": 50, "seed": 7, **TASK.config}
+    assert config["operators"] == ("+", "-")
+
+
+def test_unknown_task_names_the_presets() -> None:
+    with pytest.raises(DemoTaskError, match=r"unknown demo task 'nope'; known: basic_arithmetic, chain_sum"):
+        get_task("nope")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_items_are_small_two_term_sums(name: str) -> None:
+    entries = get_task(name).entries(200, 3)
+    for e in entries:
+        expr = e["metadata"]["expression"]
+        a, op, b = expr.split()
+        assert op in "+-" and 0 <= int(a) <= 10 and 0 <= int(b) <= 10
+        assert int(e["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = sft_corpus(TASK, 3000)
+    return load_tokenizer(build_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tok", 64))
+
+
+def test_sft_text_is_the_loops_prompt_followed_by_the_answer(tokenizer) -> None:
+    spec = TASK.spec(40, VALID_SEED)
+    dataset = load_prompt_dataset(spec, tokenizer)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        question = item.metadata["rg_entry"]["question"]
+        assert item.prompt_text == render_prompt(question)
+        text = sft_text(question, item.answer)
+        assert text == item.prompt_text + " " + item.answer
+        # The ids the SFT model trains on start with exactly the ids the RL loop prompts with.
+        full = tokenizer.encode(text)
+        assert full[: len(item.prompt_ids)] == item.prompt_ids
+        assert full == item.prompt_ids + tokenizer.encode(" " + item.answer)
+        assert tokenizer.decode(full) == text
+
+
+def test_tokenizer_is_small_with_single_digit_tokens(tokenizer) -> None:
+    assert tokenizer.vocab_size <= 64
+    assert (tokenizer.pad_id, tokenizer.eos_id) == (0, 3)
+    pieces = [tokenizer.sp.id_to_piece(i) for i in tokenizer.encode(" -12 + 107")]
+    assert all(sum(c.isdigit() for c in p) <= 1 for p in pieces), pieces
+    # BPE merges the fixed words: a prompt is short
+    assert len(tokenizer.encode(render_prompt("Calculate 10 - 2."))) <= 14
+
+
+def test_exact_match_reward_refuses_partial_credit() -> None:
+    entry = next(e for e in TASK.entries(50, 1) if len(e["answer"]) == 1)
+    meta = {"rg_dataset": TASK.name, "rg_config": {**TASK.config, "size": 50, "seed": 1}, "rg_entry": entry}
+    answer = entry["answer"]
+    assert exact_match_reward(" " + answer, answer, meta) == 1.0
+    wrong = "1" + answer  # contains the reference: reasoning-gym gives partial credit
+    assert 0.0 < reasoning_gym_reward(wrong, answer, meta) < 1.0
+    assert exact_match_reward(wrong, answer, meta) == 0.0
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _records(accs: list[float], method: str, per_step: int = 512, step_s: float = 2.0,
+             eval_s: float = 0.5, trigger: int | None = None) -> list[dict]:
+    """metrics.jsonl records of a run evaluated every 2 steps (step 0 = warm start)."""
+    recs = [{"iteration": 0, "eval/val/avg@2": accs[0], "eval/val/pass@2": min(1.0, accs[0] + 0.2),
+             "time/eval_s": eval_s}]
+    for step in range(1, 2 * (len(accs) - 1) + 1):
+        rec = {"iteration": step, "rollout/num_samples": per_step, "time/step_s": step_s,
+               "sfpo/trigger_step": -1 if trigger is None or step < trigger else trigger}
+        if step % 2 == 0:
+            rec.update({"eval/val/avg@2": accs[step // 2], "eval/val/pass@2": min(1.0, accs[step // 2] + 0.2),
+                        "time/eval_s": eval_s, "time/step_s": step_s + eval_s})
+        recs.append(rec)
+    return recs
+
+
+def test_curve_from_metrics_counts_rollouts_and_training_time() -> None:
+    curve = curve_from_metrics(_records([0.40, 0.45, 0.52, 0.50], "grpo"), "GRPO")
+    assert curve.steps == [0, 2, 4, 6]
+    assert curve.rollouts == [0, 1024, 2048, 3072]
+    assert curve.accuracy == [0.40, 0.45, 0.52, 0.50]
+    assert curve.wall_s == pytest.approx([0.0, 4.0, 8.0, 12.0])  # evaluation time excluded
+    assert curve.pass_at_k == pytest.approx([0.60, 0.65, 0.72, 0.70])
+    assert curve.trigger_step is None
+    assert curve_from_metrics(_records([0.4, 0.5, 0.6], "sfpo", trigger=3), "SFPO").trigger_step == 3
+
+
+def test_curve_needs_evaluations() -> None:
+    with pytest.raises(ReportError, match="no eval/val/avg@k metric"):
+        curve_from_metrics([{"iteration": 1, "rollout/num_samples": 8}], "GRPO", eval_name="val")
+
+
+def test_rollouts_to_reach_grpos_best() -> None:
+    grpo = curve_from_metrics(_records([0.40, 0.45, 0.52, 0.50, 0.52], "g"), "GRPO")
+    sfpo = curve_from_metrics(_records([0.40, 0.53, 0.51, 0.60, 0.55], "s", trigger=5), "SFPO")
+    c = compare(grpo, sfpo)
+    assert c.grpo_best == 0.52 and c.sfpo_best == 0.60
+    assert c.grpo_rollouts == 2048  # GRPO's first evaluation at its best (step 4)
+    assert c.sfpo_rollouts == 1024  # SFPO's first at >= 0.52 (step 2)
+    assert c.rollout_ratio == 2.0
+    assert (c.grpo_wall_s, c.sfpo_wall_s, c.time_ratio) == (8.0, 4.0, 2.0)
+    assert c.sfpo_trigger_step == 5
+
+    table = format_table(grpo, sfpo, c)
+    lines = table.splitlines()
+    assert lines[0].split() == ["step", "rollouts", "GRPO", "acc", "%", "SFPO", "acc", "%"]
+    assert lines[1].split() == ["0", "0", "40.0", "40.0"]
+    assert lines[3].split() == ["4", "2,048", "52.0", "51.0"]
+    assert "best validation accuracy: GRPO 52.0 %, SFPO 60.0 %" in table
+    assert "rollouts to reach GRPO's best (52.0 %): GRPO 2,048, SFPO 1,024  (GRPO/SFPO = 2.00x)" in table
+    assert "training wall-clock to reach it: GRPO 8 s, SFPO 4 s  (GRPO/SFPO = 2.00x)" in table
+    assert "SFPO entropy switch-off: step 5" in table
+
+
+def test_sfpo_that_never_reaches_and_a_warm_start_best() -> None:
+    grpo = curve_from_metrics(_records([0.40, 0.45, 0.52], "g"), "GRPO")
+    low = curve_from_metrics(_records([0.40, 0.41, 0.50], "s"), "SFPO")
+    c = compare(grpo, low)
+    assert c.sfpo_rollouts is None and c.rollout_ratio is None and c.time_ratio is None
+    assert "SFPO never" in format_table(grpo, low, c)
+    flat = curve_from_metrics(_records([0.40, 0.30, 0.35], "g"), "GRPO")
+    c = compare(flat, low)
+    assert (c.grpo_rollouts, c.sfpo_rollouts, c.rollout_ratio) == (0, 0, None)
+    assert "n/a: GRPO never beat the warm start" in format_table(flat, low, c)
+
+
+def test_curve_rejects_mismatched_lengths() -> None:
+    with pytest.raises(ReportError, match="accuracy has 1 entries for 2 evaluations"):
+        Curve("GRPO", [0, 1], [0, 8], [0.5], [0.0, 1.0])
+
+
+def test_plot_is_written(tmp_path: Path) -> None:
+    grpo = curve_from_metrics(_records([0.40, 0.45, 0.52], "g"), "GRPO")
+    sfpo = curve_from_metrics(_records([0.40, 0.50, 0.55], "s"), "SFPO")
+    path = plot_curves([grpo, sfpo], tmp_path / "sub" / "plot.png", title="t", target=0.52)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_eval_standard_error_matches_the_per_prompt_variance() -> None:
+    rng = np.random.default_rng(0)
+    # 1000 prompts with different difficulties, 2 samples each
+    p = rng.beta(2, 2, size=1000)
+    correct = rng.random((1000, 2)) < p[:, None]
+    means = correct.mean(1)
+    avg, pass2 = means.mean(), correct.any(1).mean()
+    expected = means.std() / math.sqrt(1000)  # population std of per-prompt means
+    assert eval_standard_error(avg, 1000, 2, pass2) == pytest.approx(expected, rel=1e-9)
+    # k = 1: Bernoulli; k > 2: the p(1-p) bound
+    assert eval_standard_error(0.5, 400, 1) == pytest.approx(0.025)
+    assert eval_standard_error(0.5, 400, 4, 0.9) == pytest.approx(0.025)
+    with pytest.raises(ReportError, match="n_prompts >= 1"):
+        eval_standard_error(0.5, 0, 2)
+
+
+def test_bootstrap_ratio_ci() -> None:
+    num, den = [4.0, 5.0, 6.0, 5.0], [2.0, 2.0, 3.0, 2.5]
+    point, lo, hi = bootstrap_ratio_ci(num, den, n_boot=2000)
+    assert point == pytest.approx(20.0 / 9.5)
+    assert lo <= point <= hi and 1.8 < lo and hi < 2.4
+    assert bootstrap_ratio_ci(num, den, n_boot=2000) == (point, lo, hi)  # seeded
+    assert bootstrap_ratio_ci([3.0], [1.5]) == (2.0, 2.0, 2.0)
+    with pytest.raises(ReportError, match="matching, non-empty"):
+        bootstrap_ratio_ci([1.0], [1.0, 2.0])
+
+
+# ----------------------------------------------------------------------------------------- flags
+
+
+def test_rl_flags_parse_and_fit_the_update_layout(tmp_path: Path) -> None:
+    from sfpo_megatron.arguments import build_rl_parser
+    from sfpo_megatron.demo.pipeline import DemoConfig, Paths, rl_flags
+    from sfpo_megatron.rl.loop import check_rl_args
+    from sfpo_megatron.rl.train_batch import check_update_layout
+
+    for cfg in (DemoConfig(), DemoConfig.quick()):
+        args = build_rl_parser().parse_args(rl_flags(cfg, Paths(tmp_path), "sfpo", 3, tmp_path / "rl"))
+        check_rl_args(args)
+        assert (args.algorithm, args.seed, args.sfpo_alpha, args.sfpo_inner_steps) == ("sfpo", 3, 0.8, 3)
+        assert args.reward_fn == "sfpo_megatron.demo.task:exact_match_reward"
+        assert parse_rg_spec(args.prompt_data)[1]["size"] == cfg.train_prompts
+        assert args.eval_prompt_data[0].startswith("val=rg:basic_arithmetic?size=")
+        check_update_layout(args.rollout_batch_size * args.n_samples_per_prompt, args.num_steps_per_rollout,
+                            1, args.micro_batch_size)
+    with pytest.raises(ValueError, match="method must be one of"):
+        rl_flags(DemoConfig(), Paths(tmp_path), "ppo", 0, tmp_path)

@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {e}", file=sys.stderr)
         return 1
     task = results["task"]
-    print(f"\ntask {task['task']} {task['task_config']}; warm start: {cfg.sft_iters} SFT iterations "
-          f"(final loss {task['sft_final_loss']:.3f}); RL: {cfg.rl_steps} steps x "
-          f"{cfg.rollout_prompts} prompts x {cfg.samples_per_prompt} samples per method\n")
+    stopped = " (stopped at the target loss)" if task["sft_stopped_at_target"] else ""
+    print(f"\ntask {task['task']} {task['task_config']}\nwarm start: {task['sft_iterations']} SFT "
+          f"iterations{stopped}, loss {task['sft_loss']:.3f}; RL: {cfg.rl_steps} steps x "
+          f"{cfg.rollout_prompts} prompts x {cfg.samples_per_prompt} samples per method, "
+          f"validation {cfg.eval_prompts} prompts x {cfg.eval_samples} samples (T=1, top-p {cfg.eval_top_p})\n")
     print(results["table"])
     print(f"\n{format_timings(results)}")
     print(f"plot: {results['plot']}; table: {cfg.out}/table.txt; results: {cfg.out}/results.json")

@@ -499,21 +499,12 @@ class PolicyUpdater:
 def build_frozen_model(args: argparse.Namespace, arch) -> list:
     """Model chunks for forward-only use (no DDP buffers, no gradients), same layout as the
     policy: this rank's PP stage(s) and TP shard, bf16 behind ``Float16Module`` like the policy."""
-    from megatron.core import tensor_parallel
-    from megatron.core.transformer.module import Float16Module
+    from sfpo_megatron.train.model_setup import build_bare_chunks
 
-    from sfpo_megatron.models.builder import build_model
-
-    overrides = argparse.Namespace(**vars(args))
-    overrides.use_cpu_initialization = True  # as the policy: the same init at any TP
-    vpp = args.virtual_pipeline_model_parallel_size
-    chunks = []
-    for vp_stage in range(vpp or 1):
-        model = build_model(arch.raw, overrides, vp_stage=vp_stage if vpp else None)
-        for p in model.parameters():
-            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+    chunks = build_bare_chunks(args, arch)
+    for chunk in chunks:
+        for p in chunk.parameters():
             p.requires_grad_(False)
-        chunks.append(Float16Module(model.config, model) if args.bf16 else model)
     for chunk in chunks:
         chunk.eval()
     return chunks

@@ -26,9 +26,9 @@ def unwrap(chunk):
     return chunk
 
 
-def build_model_chunks(args: argparse.Namespace, arch) -> list:
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def build_bare_chunks(args: argparse.Namespace, arch) -> list:
+    """This rank's model chunks (one per virtual stage), bf16 behind ``Float16Module``; no DDP."""
+    from megatron.core import tensor_parallel
     from megatron.core.transformer.module import Float16Module
 
     from sfpo_megatron.models.builder import build_model
@@ -46,12 +46,15 @@ def build_model_chunks(args: argparse.Namespace, arch) -> list:
         model = build_model(arch.raw, overrides, vp_stage=vp_stage if vpp else None)
         for p in model.parameters():
             # megatron's TP attribute defaults (Megatron-LM's get_model does the same)
-            from megatron.core import tensor_parallel
-
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
-        chunks.append(model)
-    if args.bf16:
-        chunks = [Float16Module(c.config, c) for c in chunks]
+        chunks.append(Float16Module(model.config, model) if args.bf16 else model)
+    return chunks
+
+
+def build_model_chunks(args: argparse.Namespace, arch) -> list:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    chunks = build_bare_chunks(args, arch)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,

@@ -232,3 +232,50 @@ def test_rl_flags_parse_and_fit_the_update_layout(tmp_path: Path) -> None:
                             1, args.micro_batch_size)
     with pytest.raises(ValueError, match="method must be one of"):
         rl_flags(DemoConfig(), Paths(tmp_path), "ppo", 0, tmp_path)
+
+
+# --------------------------------------------------------------------------- SFT early stopping
+
+_FAKE_TRAINER = """
+import json, sys, time
+from sfpo_megatron.components.preemption import EXIT_CODE, PreemptionHandler
+handler = PreemptionHandler().install()
+with open(sys.argv[1], "a") as f:
+    for it in range(1, 200):
+        f.write(json.dumps({"iteration": it, "lm_loss": 1.0 - 0.01 * it}) + "\\n")
+        f.flush()
+        time.sleep(0.05)
+        if handler.should_stop():
+            print("stopped at", it, flush=True)
+            sys.exit(EXIT_CODE)
+"""
+
+
+def test_loss_target_stops_a_real_trainer_through_its_preemption_path(tmp_path: Path) -> None:
+    import sys
+
+    from sfpo_megatron.demo.pipeline import Job, LossTarget, run_jobs
+
+    metrics = tmp_path / "metrics.jsonl"
+    stop = LossTarget(target=0.60, window=5)
+    job = Job("fake SFT", [sys.executable, "-c", _FAKE_TRAINER, str(metrics)], tmp_path / "log.txt",
+              metrics, 200, watch=stop)
+    run_jobs([job], show_progress=False)
+    # The mean of the last 5 losses first reaches 0.60 at iteration 42 (losses 0.62 .. 0.58);
+    # the watcher polls every 0.5 s, so it sees that a few iterations later.
+    assert stop.stopped_at is not None and 42 <= stop.stopped_at
+    assert stop.loss == pytest.approx(1.0 - 0.01 * (stop.stopped_at - 2))
+    assert job.proc.returncode == 143  # the preemption exit, long before iteration 199
+    stopped = int(job.log.read_text().rsplit("stopped at", 1)[1].split()[0])
+    assert stop.stopped_at <= stopped <= stop.stopped_at + 40
+
+
+def test_failed_job_reports_its_log(tmp_path: Path) -> None:
+    import sys
+
+    from sfpo_megatron.demo.pipeline import DemoError, Job, run_jobs
+
+    job = Job("broken", [sys.executable, "-c", "import sys; print('boom here'); sys.exit(3)"],
+              tmp_path / "log.txt")
+    with pytest.raises(DemoError, match=r"broken failed \(exit code 3\)(.|\n)*boom here"):
+        run_jobs([job], show_progress=False)

@@ -43,8 +43,9 @@ class DemoTask:
     name: str
     config: dict[str, Any] = field(default_factory=dict)
     description: str = ""
-    # Mean SFT loss (all tokens) at which the warm start stops: measured to give roughly 40-50 %
-    # greedy accuracy with the demo's model (the loss falls from a ~0.59 plateau to ~0.42).
+    # Mean SFT loss (all tokens) at which the warm start stops, measured per task with the demo's
+    # model. basic_arithmetic: the loss falls from a ~0.59 plateau to ~0.42; at 0.50 sampled
+    # accuracy (T=1, top-p 0.7) is about 50-60 %.
     sft_target_loss: float = 0.50
 
     def spec(self, size: int, seed: int) -> str:
@@ -79,10 +80,13 @@ TASKS: dict[str, DemoTask] = {
          "operators": ("+", "-"), "allow_parentheses": False, "allow_negation": False},
         "a + b or a - b with a, b in 0..10",
     ),
+    # Its long fixed prompt (~50 tokens with a 64-piece vocabulary) dilutes the per-token loss:
+    # plateau ~0.17; measured 0.141 -> 44 % and 0.133 -> 57 % sampled accuracy (T=1, top-p 0.7).
     "chain_sum": DemoTask(
         "chain_sum",
         {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
         "a + b or a - b with a, b in 0..9",
+        sft_target_loss=0.138,
     ),
 }
 

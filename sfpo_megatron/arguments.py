@@ -181,6 +181,8 @@ def add_algorithm_args(p: argparse.ArgumentParser) -> None:
                    help="keep the theta0 snapshot of the main-param shard in host memory")
     g.add_argument("--eps-clip", type=float, default=0.2)
     g.add_argument("--eps-clip-high", type=float, default=None)
+    g.add_argument("--no-ppo-clip", action="store_true",
+                   help="plain ratio * advantage, no PPO clip (VCPO's objective)")
     g.add_argument("--dual-clip-c", type=float, default=None)
     g.add_argument("--loss-agg-mode", default="token-mean",
                    choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -194,13 +196,24 @@ def add_algorithm_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_async_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("asynchronous rollouts / VCPO")
-    g.add_argument("--async-rollout", action="store_true")
-    g.add_argument("--max-staleness", type=int, default=1)
-    g.add_argument("--tis-threshold", type=float, default=8.0)
-    g.add_argument("--ess-lr-scaling", choices=["sqrt", "linear", "none"], default="none")
+    g = p.add_argument_group("asynchronous rollouts / VCPO (arXiv 2602.17616)")
+    g.add_argument("--async-rollout", action="store_true",
+                   help="generate the next rollout batches while training on the current one")
+    g.add_argument("--max-staleness", type=int, default=1,
+                   help="k: no sample generated more than k weight versions ago is trained on")
+    g.add_argument("--vcpo", action="store_true",
+                   help="variance-controlled off-policy update: sequence-level truncated IS in the "
+                        "loss, ESS-scaled learning rate, optional off-policy optimal baseline")
+    g.add_argument("--tis-threshold", type=float, default=8.0,
+                   help="truncation C of the sequence importance weight min(w, C) (with --vcpo)")
+    g.add_argument("--ess-lr-scaling", choices=["sqrt", "linear", "none"], default="sqrt",
+                   help="per optimizer step lr = lr_base * min(1, rho/rho_base)^(1/2 | 1) (with --vcpo)")
     g.add_argument("--ess-rho-base", type=float, default=1.0)
-    g.add_argument("--off-policy-baseline", choices=["none", "opob"], default="none")
+    g.add_argument("--off-policy-baseline", choices=["none", "opob"], default="none",
+                   help="opob: per prompt group b* = sum w^2 |g|^2 R / sum w^2 |g|^2 (with --vcpo)")
+    g.add_argument("--opob-grad-norm", choices=["logit", "exact"], default="logit",
+                   help="|g|^2 = |d log pi(tau) / d logits|^2 from the old-logprob forward (logit, no "
+                        "backward) or over all parameters (exact, one extra forward+backward)")
 
 
 def build_rl_parser() -> argparse.ArgumentParser:

@@ -161,7 +161,9 @@ def test_eval_subcommand_reproduces_the_loops_evaluation(run: dict) -> None:
     (["--eval-interval", "5"], "--eval-interval 5 needs --eval-prompt-data"),
     (["--save-interval", "5"], "--save-interval 5 needs --save DIR"),
     (["--rollout-temperature", "0"], "--rollout-temperature must be > 0"),
-    (["--async-rollout"], "--async-rollout is not implemented"),
+    (["--async-rollout", "--colocate"], "--async-rollout overlaps generation with training, --colocate"),
+    (["--async-rollout", "--max-staleness", "-1"], "--max-staleness must be >= 0, got -1"),
+    (["--off-policy-baseline", "opob"], "--off-policy-baseline opob is part of VCPO: add --vcpo"),
 ])
 def test_bad_flags_fail_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
                                            message: str) -> None:

@@ -69,6 +69,7 @@ class ScoredGroup:
     texts: list[str]
     rewards: list[float] = field(default_factory=list)
     weight_version: str | None = None
+    weight_versions: list[str | None] = field(default_factory=list)  # per sample
 
     @property
     def all_equal(self) -> bool:
@@ -113,7 +114,8 @@ def generate_groups(client, items: Sequence[Any], tokenizer, rewards, *, n: int,
             logprobs=[list(s.output_logprobs) for s in samples],
             finish_reasons=[str((s.finish_reason or {}).get("type", "unknown")) for s in samples],
             texts=[tokenizer.decode(s.output_ids) for s in samples],
-            weight_version=samples[0].weight_version if samples else None))
+            weight_version=samples[0].weight_version if samples else None,
+            weight_versions=[s.weight_version for s in samples]))
     before = (rewards.errors, rewards.timeouts)
     flat = [(g, t) for g in groups for t in g.texts]
     scores = rewards.score([t for _, t in flat], [g.item.answer for g, _ in flat],

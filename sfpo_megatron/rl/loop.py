@@ -44,6 +44,7 @@ import torch.distributed as dist
 log = logging.getLogger("sfpo_megatron.rl")
 
 STATE_KEY = "rl"  # extra_state key of RL checkpoints
+BATCH_LOG = "rollout_batches.jsonl"
 _STATE_VERSION = 1
 
 
@@ -69,6 +70,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from sfpo_megatron.distributed.parallel import LayoutError
     from sfpo_megatron.models.hf_config import ParallelLayoutError, UnsupportedModelError
     from sfpo_megatron.rl.sfpo import PolicyUpdateError
+    from sfpo_megatron.rl.vcpo import VCPOError
     from sfpo_megatron.rl.train_batch import TrainBatchError
     from sfpo_megatron.rollout.client import NoLiveServerError
     from sfpo_megatron.rollout.refit import RankZeroError, RolloutConfigError
@@ -77,7 +79,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (RLConfigError, CheckpointError, MappingError, DatasetError, RewardFunctionError, TokenizerError,
             LayoutError, ParallelLayoutError, UnsupportedModelError, PolicyUpdateError, TrainBatchError,
-            NoLiveServerError, LaunchError, RefitError, RankZeroError, RolloutConfigError)
+            NoLiveServerError, LaunchError, RefitError, RankZeroError, RolloutConfigError, VCPOError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,8 +101,13 @@ def check_rl_args(args: argparse.Namespace) -> None:
         raise RLConfigError(f"--num-rollouts must be >= 0, got {args.num_rollouts}")
     if not args.prompt_data:
         raise RLConfigError("sfpo-megatron rl needs --prompt-data (JSONL / Parquet file or rg:TASK?size=N&seed=S)")
-    if args.async_rollout:
-        raise RLConfigError("--async-rollout is not implemented by this loop (synchronous rollouts only)")
+    if args.max_staleness < 0:
+        raise RLConfigError(f"--max-staleness must be >= 0, got {args.max_staleness}")
+    if args.async_rollout and args.colocate:
+        raise RLConfigError("--async-rollout overlaps generation with training, --colocate time-shares "
+                            "the devices between them: use one of the two")
+    if args.off_policy_baseline == "opob" and not args.vcpo:
+        raise RLConfigError("--off-policy-baseline opob is part of VCPO: add --vcpo")
     if args.dynamic_sampling and args.n_samples_per_prompt < 2:
         raise RLConfigError(f"--dynamic-sampling drops groups whose rewards all agree; with "
                             f"--n-samples-per-prompt {args.n_samples_per_prompt} every group agrees")
@@ -148,19 +155,23 @@ def tokenizer_side_dirs(args: argparse.Namespace, tokenizer) -> list[str]:
 class RolloutResult:
     samples: list  # rl.batch.Sample, the training batch (groups contiguous)
     metrics: dict[str, float] = field(default_factory=dict)
+    step: int = 0  # the RL step it was generated for
+    sampler_start: dict | None = None  # sampler state before its prompts were drawn (async resume)
 
 
-def to_train_samples(groups: Sequence[Any], step: int, version: int) -> list:
-    """Scored groups → ``rl.batch.Sample`` with group-normalised advantages filled in later."""
+def to_train_samples(groups: Sequence[Any], step: int, version: int | None) -> list:
+    """Scored groups → ``rl.batch.Sample`` with group-normalised advantages filled in later.
+    ``version``: the one weight version of a synchronous rollout; None takes each response's own."""
     from sfpo_megatron.rl.batch import Sample
 
     out = []
     for g_index, g in enumerate(groups):
-        for ids, lps, reason, text, reward in zip(g.response_ids, g.logprobs, g.finish_reasons, g.texts,
-                                                   g.rewards):
+        versions = [version] * len(g.texts) if version is not None else [int(v) for v in g.weight_versions]
+        for ids, lps, reason, text, reward, v in zip(g.response_ids, g.logprobs, g.finish_reasons, g.texts,
+                                                      g.rewards, versions):
             out.append(Sample(prompt_index=g.item.index, group_id=step * 1_000_000 + g_index,
                               prompt_ids=list(g.item.prompt_ids), response_ids=list(ids),
-                              rollout_logprobs=list(lps), weight_version=version, finish_reason=reason,
+                              rollout_logprobs=list(lps), weight_version=v, finish_reason=reason,
                               response_text=text, answer=g.item.answer, reward=float(reward)))
     return out
 
@@ -180,7 +191,9 @@ class RolloutWorker:
         self.params = sampling_params(args.rollout_max_response_len, args.rollout_temperature,
                                       args.rollout_top_p, args.rollout_top_k, [tokenizer.eos_id])
 
-    def collect(self, step: int, version: int) -> RolloutResult:
+    def collect(self, step: int, version: int | None) -> RolloutResult:
+        """Batch ``step``; ``version`` is checked on every response (synchronous), or None
+        (asynchronous: each sample keeps the version it was generated with)."""
         from sfpo_megatron.rl.advantages import group_normalized_advantages
         from sfpo_megatron.rl.evaluate import generate_groups, group_metrics, request_seed
 
@@ -193,7 +206,8 @@ class RolloutWorker:
             items = self.sampler.next_batch(need - len(kept))
             groups, counts = generate_groups(
                 self.client, items, self.tokenizer, self.rewards, n=a.n_samples_per_prompt, params=self.params,
-                seed=request_seed(a.seed, step, rounds, "rollout"), expected_version=str(version))
+                seed=request_seed(a.seed, step, rounds, "rollout"),
+                expected_version=None if version is None else str(version))
             errors, timeouts = errors + counts.errors, timeouts + counts.timeouts
             generated += groups
             for g in groups:
@@ -214,7 +228,7 @@ class RolloutWorker:
         metrics.update({
             "rollout/reward_errors": float(errors), "rollout/reward_timeouts": float(timeouts),
             "rollout/num_samples": float(sum(len(g.texts) for g in generated)),
-            "rollout/weight_version": float(version),
+            "rollout/weight_version": sum(s.weight_version for s in samples) / len(samples),
             "rollout/advantage_abs_mean": sum(abs(s.advantage) for s in samples) / len(samples),
             "train_batch/uniform_groups": float(sum(g.all_equal for g in batch)),
             "data/skipped_malformed_rows": float(self.dataset.num_skipped),
@@ -241,6 +255,7 @@ class RunState:
     updater: dict | None = None
     reward_errors: int = 0  # over the whole run, resumes included
     reward_timeouts: int = 0
+    async_state: dict | None = None  # AsyncRolloutProducer.state_dict() of an async checkpoint
 
 
 def _peek_extra_state(root: str) -> dict | None:
@@ -295,7 +310,8 @@ def _run_state(state: dict) -> RunState:
         raise ValueError(f"RL checkpoint state version {state.get('version')!r} is not {_STATE_VERSION}")
     return RunState(step=int(state["step"]), weight_version=int(state["weight_version"]),
                     sampler=state["sampler"], updater=state["updater"],
-                    reward_errors=int(state["reward_errors"]), reward_timeouts=int(state["reward_timeouts"]))
+                    reward_errors=int(state["reward_errors"]), reward_timeouts=int(state["reward_timeouts"]),
+                    async_state=state.get("async"))
 
 
 class RLRun:
@@ -308,6 +324,8 @@ class RLRun:
         self.rewards = None
         self.metrics_logger = None
         self.preemption = None
+        self.producer = None  # AsyncRolloutProducer on global rank 0 with --async-rollout
+        self.batch_log = None
         self.tmpdir: str | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -318,7 +336,7 @@ class RLRun:
         from sfpo_megatron.models.hf_config import load_hf_config
         from sfpo_megatron.rl.sfpo import PolicyUpdater
         from sfpo_megatron.rl.train_batch import check_update_layout
-        from sfpo_megatron.rollout.refit import RolloutEngines, check_rollout_args
+        from sfpo_megatron.rollout.refit import RolloutEngines, check_rollout_args, on_rank0
         from sfpo_megatron.train.model_setup import build_training_setup
         from sfpo_megatron.train.pretrain import check_args
 
@@ -352,6 +370,8 @@ class RLRun:
         self.engines = RolloutEngines(a, a.model_config, workdir, tokenizer_side_dirs(a, self.tokenizer),
                                       self.sglang_args)
         self.engines.start(self.setup_.model, self.state.weight_version)
+        if a.async_rollout:
+            on_rank0(self._start_producer)
 
     def _setup_rank0_data(self) -> None:
         from sfpo_megatron.data.prompts import PromptSampler, load_eval_datasets, load_prompt_dataset
@@ -366,12 +386,28 @@ class RLRun:
             kwargs = dataset_kwargs(a)
             self.dataset = load_prompt_dataset(a.prompt_data, self.tokenizer, **kwargs)
             self.sampler = PromptSampler(self.dataset, a.rollout_batch_size, seed=a.seed)
-            if self.state.sampler is not None:
+            if a.async_rollout and self.state.async_state is not None:
+                # Continue after the finished batches the checkpoint carries (trained next).
+                self.sampler.load_state_dict(self.state.async_state["resume_sampler"])
+            elif self.state.sampler is not None:
                 self.sampler.load_state_dict(self.state.sampler)
             self.eval_datasets = load_eval_datasets(a.eval_prompt_data, self.tokenizer, **kwargs)
             self.rewards = RewardRunner(a.reward_fn, a.reward_num_workers, a.reward_timeout)
 
         on_rank0(build)
+
+    def _start_producer(self) -> None:
+        from sfpo_megatron.rl.async_rollout import AsyncRolloutProducer, result_from_state
+
+        a, st = self.args, self.state
+        pending = [result_from_state(r) for r in (st.async_state or {}).get("pending", [])]
+        worker = RolloutWorker(a, self.engines.client, self.tokenizer, self.dataset, self.sampler, self.rewards)
+        self.producer = AsyncRolloutProducer(
+            lambda step: worker.collect(step, None), self.sampler, max_staleness=a.max_staleness,
+            weight_version=st.weight_version, next_step=st.step + 1, last_step=a.num_rollouts,
+            pending=pending).start()
+        log.info("asynchronous rollouts: max staleness %d, %d finished batches restored", a.max_staleness,
+                 len(pending))
 
     # ---- steps -----------------------------------------------------------------------------------
 
@@ -408,14 +444,26 @@ class RLRun:
     def step(self, step: int) -> dict[str, float]:
         from sfpo_megatron.rollout.refit import on_rank0
 
+        from sfpo_megatron.rl.async_rollout import check_staleness, staleness_metrics
+
         a, st = self.args, self.state
         t0 = time.perf_counter()
-        rollout = on_rank0(lambda: self._rollout_rank0(step))
+        if a.async_rollout:
+            rollout = on_rank0(lambda: self._take_async_batch(step))
+            versions = [s.weight_version for s in rollout.samples]
+            check_staleness(versions, st.weight_version, a.max_staleness, step)
+            rollout.metrics.update(staleness_metrics(versions, st.weight_version, a.max_staleness))
+        else:
+            rollout = on_rank0(lambda: self._rollout_rank0(step))
+        if self.rank == 0:
+            self._log_batch(step, rollout)
         self.engines.release_memory()  # colocated: the servers give the devices to training
         update = self.updater.update(rollout.samples, step)
         refit = self.engines.refit(self.setup_.model, st.weight_version + 1)
         st.weight_version += 1
         st.step = step
+        if self.producer is not None:
+            self.producer.weights_updated(st.weight_version)
         st.reward_errors += int(rollout.metrics["rollout/reward_errors"])
         st.reward_timeouts += int(rollout.metrics["rollout/reward_timeouts"])
         metrics = {**rollout.metrics, **update, **refit.metrics(),
@@ -428,6 +476,27 @@ class RLRun:
         metrics["weight_version"] = float(st.weight_version)
         self._log(step, metrics)
         return metrics
+
+    def _take_async_batch(self, step: int) -> RolloutResult:
+        result = self.producer.get(step)
+        result.metrics["time/rollout_wait_s"] = self.producer.wait_s
+        result.metrics["async/queued_batches"] = float(self.producer.queued())
+        return result
+
+    def _log_batch(self, step: int, rollout: RolloutResult) -> None:
+        """``{log_dir}/rollout_batches.jsonl``: what each step trained on (prompt, version, reward
+        per sample) — a resumed run appends, the last line of a step wins (as metrics.jsonl)."""
+        if not self.args.log_dir:
+            return
+        import json
+
+        os.makedirs(self.args.log_dir, exist_ok=True)
+        record = {"step": step, "trained_weight_version": self.state.weight_version,
+                  "prompt_index": [s.prompt_index for s in rollout.samples],
+                  "weight_version": [s.weight_version for s in rollout.samples],
+                  "reward": [s.reward for s in rollout.samples]}
+        with open(os.path.join(self.args.log_dir, BATCH_LOG), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def _rollout_rank0(self, step: int) -> RolloutResult:
         worker = RolloutWorker(self.args, self.engines.client, self.tokenizer, self.dataset, self.sampler,
@@ -457,15 +526,25 @@ class RLRun:
         from sfpo_megatron.rollout.refit import on_rank0
 
         st = self.state
+
+        def state() -> dict:
+            rl = {"version": _STATE_VERSION, "step": st.step, "weight_version": st.weight_version,
+                  "sampler": self.sampler.state_dict(), "updater": self.updater.state_dict(),
+                  "reward_errors": st.reward_errors, "reward_timeouts": st.reward_timeouts}
+            if self.producer is not None:
+                rl["async"] = self.producer.state_dict()
+                # A synchronous resume regenerates the untrained batches from the first of them.
+                rl["sampler"] = rl["async"]["start_sampler"]
+            return {STATE_KEY: rl}
+
         # The sampler lives on rank 0; every rank saves the same extra_state.
-        extra = on_rank0(lambda: {STATE_KEY: {
-            "version": _STATE_VERSION, "step": st.step, "weight_version": st.weight_version,
-            "sampler": self.sampler.state_dict(), "updater": self.updater.state_dict(),
-            "reward_errors": st.reward_errors, "reward_timeouts": st.reward_timeouts}})
+        extra = on_rank0(state)
         save_checkpoint(self.args.save, st.step, self.setup_.model, self.setup_.optimizer,
                         self.setup_.scheduler, extra, optim_sharding=self.args.dist_ckpt_optim_sharding)
 
     def close(self) -> None:
+        if self.producer is not None:
+            self.producer.close()
         if self.preemption is not None:
             self.preemption.uninstall()
         if self.metrics_logger is not None:
@@ -474,6 +553,8 @@ class RLRun:
             self.rewards.close()
         if self.engines is not None:
             self.engines.close()
+        if self.producer is not None:
+            self.producer.join()
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 

@@ -66,6 +66,8 @@ import torch
 import torch.distributed as dist
 
 from sfpo_megatron.rl.batch import Sample
+from sfpo_megatron.rl.off_policy import OffPolicyConfig, off_policy_correction, scaled_lr
+from sfpo_megatron.rl.vcpo import sequence_log_ratio, truncated_is_weights
 from sfpo_megatron.rl.losses import (
     LossDenominators,
     PolicyLossConfig,
@@ -271,11 +273,15 @@ class _Plan:
 
     local: list[TrainBatch]  # this DP rank's shard of each mini-batch
     denominators: list[LossDenominators]  # per mini-batch, over the whole (global) mini-batch
+    lr_scales: list[float] | None = None  # VCPO: per mini-batch ESS learning-rate multiplier
 
 
 def loss_config_from_args(args: argparse.Namespace) -> PolicyLossConfig:
+    no_clip = bool(getattr(args, "no_ppo_clip", False))
     return PolicyLossConfig(
-        eps_clip=args.eps_clip, eps_clip_high=args.eps_clip_high, clip_ratio_c=args.dual_clip_c,
+        eps_clip=None if no_clip else args.eps_clip,
+        eps_clip_high=None if no_clip else args.eps_clip_high,
+        clip_ratio_c=None if no_clip else args.dual_clip_c,
         loss_agg_mode=args.loss_agg_mode, entropy_coeff=args.entropy_coef,
         kl_coeff=args.kl_coef, kl_type=args.kl_type)
 
@@ -335,6 +341,7 @@ class PolicyUpdater:
         self.num_mini_batches = int(args.num_steps_per_rollout)
         self.loss_scale_factor = getattr(args, "rollout_max_response_len", None)
         self.snapshot_offload = bool(getattr(args, "sfpo_snapshot_offload", False))
+        self.off_policy = OffPolicyConfig.from_args(args)
         self.stage_hook: Callable[[str, PolicyUpdater], None] | None = None
         self.last_passes: dict[str, list[dict[str, float]]] = {}
         self.snapshot: MainParamSnapshot | None = None
@@ -380,6 +387,9 @@ class PolicyUpdater:
             if ref is not None:
                 local.ref_logprobs = ref.logprobs
             mask = local.loss_mask.to(old.logprobs.device)
+            if self.off_policy.track:
+                local.log_weights = sequence_log_ratio(
+                    old.logprobs, local.rollout_logprobs.to(old.logprobs.device), mask).cpu()
             diff = (old.logprobs - local.rollout_logprobs.to(old.logprobs.device)).abs()
             rows.append(torch.stack([diff[mask].sum(), old.entropy[mask].sum(),
                                      mask.sum().to(diff.dtype)]))
@@ -393,9 +403,12 @@ class PolicyUpdater:
                     logprobs: torch.Tensor, entropy: torch.Tensor):
         dev = logprobs.device
         ref = None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev)
+        seq_weights = None
+        if self.off_policy.vcpo:  # VCPO: sequence-level truncated IS on the policy gradient
+            seq_weights = truncated_is_weights(mb.log_weights, self.off_policy.tis_threshold).to(dev)
         loss, m = policy_loss(logprobs, mb.old_logprobs.to(dev), mb.advantages.to(dev),
                               mb.loss_mask.to(dev), self.loss_config, entropy=entropy,
-                              ref_log_probs=ref, denominators=den)
+                              ref_log_probs=ref, seq_weights=seq_weights, denominators=den)
         n = m["num_tokens"]
         kl = m.get("kl", torch.zeros((), device=dev))
         stats = torch.stack([m["pg_loss"], m["pg_clipfrac"] * n, m["pg_clipfrac_lower"] * n,
@@ -413,13 +426,14 @@ class PolicyUpdater:
 
         setup, rows = self.setup, []
         dp_size = ps.get_data_parallel_world_size()
-        for mb, den in zip(plan.local, plan.denominators):
+        for j, (mb, den) in enumerate(zip(plan.local, plan.denominators)):
             zero_grads(setup)
             micro = mb.micro_batches(self.micro_batch_size)
             out = run_micro_batches(
                 setup.model, micro, partial(self._train_loss, den, float(len(micro) * dp_size)),
                 forward_only=False, temperature=self.temperature, vocab_size=self.vocab_size)
-            ok, grad_norm, _ = setup.optimizer.step()
+            with scaled_lr(setup.optimizer, plan.lr_scales[j] if plan.lr_scales else 1.0):
+                ok, grad_norm, _ = setup.optimizer.step()
             if not ok:
                 raise FloatingPointError("optimizer step skipped (non-finite gradients)")
             row = _pass_metrics(_reduce_sums(out, _NUM_STATS))
@@ -441,6 +455,8 @@ class PolicyUpdater:
         inner = self.controller.inner_steps_for_step(step)
         lr = float(self.setup.optimizer.param_groups[0]["lr"])
         metrics: dict[str, float] = self._old_logprobs(plan)
+        if self.off_policy.track:
+            metrics.update(off_policy_correction(self, plan))
         t_old = time.perf_counter()
         self.last_passes = {}
         fast_norm = repo_norm = 0.0
@@ -479,6 +495,7 @@ class PolicyUpdater:
             else float(self.controller.trigger_step),
             "sfpo/snapshot_bytes": float(snapshot_bytes),
             "lr": lr,
+            "lr_effective": lr * (sum(plan.lr_scales) / len(plan.lr_scales) if plan.lr_scales else 1.0),
             "time/old_logprobs_s": t_old - t_start, "time/fast_and_reposition_s": t_fast - t_old,
             "time/slow_s": t_end - t_fast, "time/update_s": t_end - t_start,
         })

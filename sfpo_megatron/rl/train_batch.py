@@ -37,7 +37,7 @@ class TrainBatchError(ValueError):
 
 # Per-row tensors: [B] or [B, S]; ``None`` for log-probs not computed (yet / on this PP stage).
 _ROW_FIELDS = ("tokens", "labels", "loss_mask", "advantages", "rollout_logprobs", "group_ids",
-               "weight_versions", "old_logprobs", "ref_logprobs")
+               "weight_versions", "old_logprobs", "ref_logprobs", "rewards", "log_weights")
 
 
 @dataclass
@@ -51,6 +51,8 @@ class TrainBatch:
     weight_versions: torch.Tensor  # [B] long
     old_logprobs: torch.Tensor | None = None  # [B, S] at θ(s,0), the PPO reference
     ref_logprobs: torch.Tensor | None = None  # [B, S] of the frozen reference policy (KL)
+    rewards: torch.Tensor | None = None  # [B] float32, the scored rewards (OPOB needs them)
+    log_weights: torch.Tensor | None = None  # [B] float64 log w_i = sum_t (old - rollout) (VCPO)
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:
@@ -60,9 +62,9 @@ class TrainBatch:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (b, s):
                 raise TrainBatchError(f"{name} must be [B={b}, S={s}], got {tuple(t.shape)}")
-        for name in ("advantages", "group_ids", "weight_versions"):
+        for name in ("advantages", "group_ids", "weight_versions", "rewards", "log_weights"):
             t = getattr(self, name)
-            if tuple(t.shape) != (b,):
+            if t is not None and tuple(t.shape) != (b,):
                 raise TrainBatchError(f"{name} must be [B={b}], got {tuple(t.shape)}")
 
     @property
@@ -193,4 +195,5 @@ def collate(samples: Sequence[Sample], pad_id: int, *, pad_to_multiple: int = 8,
         advantages=torch.tensor([float(s.advantage) for s in samples], dtype=torch.float32),
         rollout_logprobs=rollout,
         group_ids=torch.tensor([s.group_id for s in samples], dtype=torch.long),
-        weight_versions=torch.tensor([s.weight_version for s in samples], dtype=torch.long))
+        weight_versions=torch.tensor([s.weight_version for s in samples], dtype=torch.long),
+        rewards=torch.tensor([float(s.reward) for s in samples], dtype=torch.float32))

@@ -187,6 +187,54 @@ def vocab_parallel_logprobs(
     return -vocab_parallel_cross_entropy(z, target)
 
 
+def vocab_parallel_logit_grad_sq(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """‖∂ log p(target) / ∂logits‖² per token (shaped like ``target``), no gradient.
+
+    With p = softmax(z / T) over the real vocab, ∂ log p(y) / ∂z_v = (1[v = y] − p_v) / T, so the
+    squared norm is ((1 − p_y)² + Σ_{v≠y} p_v²) / T². It is computed as
+    ((Σ_{v≠y} e_v)² + Σ_{v≠y} e_v²) / (Σ_v e_v)² / T² with e = exp(z/T − max): no cancellation
+    when p_y → 1 (1 − 2p_y + Σp² would lose every digit there). Communication: the max (MAX)
+    and one fused SUM of three per-token scalars over the TP group, like the log-prob path.
+    Padded vocab columns (past ``vocab_size``) are dropped, as everywhere in this module.
+    """
+    group = default_tp_group() if group is None else group
+    with torch.no_grad():
+        z, start, end = _prepare(vocab_parallel_logits, target, temperature, vocab_size, group)
+        if z.shape[-1] > 0:
+            logits_max = z.amax(dim=-1)
+        else:  # a rank whose shard is all vocab padding
+            logits_max = torch.full(z.shape[:-1], float("-inf"), dtype=z.dtype, device=z.device)
+        if group is not None:
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        exp = torch.exp(z - logits_max.unsqueeze(-1))
+        off_rank = (target < start) | (target >= end)
+        local_target = (target - start).masked_fill(off_rank, 0).unsqueeze(-1)
+        if z.shape[-1] > 0:
+            at_target = exp.gather(-1, local_target).squeeze(-1)
+            e_target = at_target.masked_fill(off_rank, 0.0)
+            # Zero the target's column so the sums below run over v ≠ y only (a token whose
+            # target lives on another rank keeps its column 0, the placeholder index).
+            exp.scatter_(-1, local_target, at_target.masked_fill(~off_rank, 0.0).unsqueeze(-1))
+        else:
+            e_target = torch.zeros_like(logits_max)
+        others = exp.sum(dim=-1)
+        others_sq = exp.square_().sum(dim=-1)  # in place: exp is a [tokens, V/tp] allocation
+        del exp
+        sums = torch.stack([others, others_sq, e_target])
+        if group is not None:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        others, others_sq, e_y = sums.unbind(0)
+        total = others + e_y
+        return (others.square() + others_sq) / total.square() / (temperature * temperature)
+
+
 def logprobs_and_entropy_from_full_logits(
     logits: torch.Tensor, target: torch.Tensor, *, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,237 @@
+"""The trainer side of VCPO (arXiv 2602.17616): what one update does with stale rollouts.
+
+Called by :class:`~sfpo_megatron.rl.sfpo.PolicyUpdater` right after the old log-probs at θ(s,0):
+
+* **importance weights**: log w_i = Σ_t (log π_θ(s,0) − log μ) per trajectory, from the old
+  log-probs (θ(s,0), recomputed by the trainer) and the rollout engine's log-probs μ — the same
+  w for every pass of the update (the K fast passes and the slow pass of SFPO all see the same
+  stale batch), as verl computes its rollout-IS weights from ``old_log_prob``;
+* **ESS** per optimizer step: over each mini-batch, all-reduced across DP (``vcpo.
+  effective_sample_size``), ρ = ESS / B; with ``--vcpo`` the step's LR is multiplied by
+  ``ess_lr_scale(ρ)`` (:func:`scaled_lr`, restored right after ``optimizer.step()``);
+* **truncated IS** in the loss: min(w_i, C) per sequence (``PolicyUpdater._train_loss``);
+* **OPOB** (``--off-policy-baseline opob``): the group advantages are recomputed from the rewards
+  with b* = Σ w²‖g‖²R / Σ w²‖g‖², ‖g‖² from ``rl.trajectory_grad_norms`` (``--opob-grad-norm``).
+
+Without ``--vcpo`` but with ``--async-rollout`` only the statistics are computed and logged (ESS,
+ρ, w percentiles): the update itself is the plain one.
+
+Log-weights live on the last pipeline stage (where the log-probs are); the per-mini-batch ESS and
+the logged statistics are broadcast over the pipeline group so every rank steps with the same
+LR and reports the same metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from sfpo_megatron.rl.train_batch import TrainBatch
+from sfpo_megatron.rl.vcpo import (
+    LR_SCALING_MODES,
+    VCPOError,
+    effective_sample_size,
+    ess_lr_scale,
+    importance_weight_stats,
+    opob_advantages,
+)
+
+if TYPE_CHECKING:
+    from sfpo_megatron.rl.sfpo import PolicyUpdater, _Plan
+
+GRAD_NORM_MODES = ("logit", "exact")
+_PERCENTILES = (50.0, 90.0, 99.0)
+
+
+@dataclass(frozen=True)
+class OffPolicyConfig:
+    track: bool = False  # compute and log importance weights / ESS (async or VCPO)
+    vcpo: bool = False  # apply the correction (TIS in the loss, ESS-scaled LR, OPOB)
+    tis_threshold: float = 8.0
+    lr_scaling: str = "sqrt"
+    rho_base: float = 1.0
+    opob: bool = False
+    grad_norm: str = "logit"
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> OffPolicyConfig:
+        vcpo = bool(getattr(args, "vcpo", False))
+        cfg = OffPolicyConfig(
+            track=vcpo or bool(getattr(args, "async_rollout", False)), vcpo=vcpo,
+            tis_threshold=float(getattr(args, "tis_threshold", 8.0)),
+            lr_scaling=str(getattr(args, "ess_lr_scaling", "sqrt")),
+            rho_base=float(getattr(args, "ess_rho_base", 1.0)),
+            opob=getattr(args, "off_policy_baseline", "none") == "opob",
+            grad_norm=str(getattr(args, "opob_grad_norm", "logit")))
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if self.opob and not self.vcpo:
+            raise VCPOError("--off-policy-baseline opob is part of VCPO: add --vcpo")
+        if not self.tis_threshold > 0:
+            raise VCPOError(f"--tis-threshold must be > 0, got {self.tis_threshold}")
+        if not self.rho_base > 0:
+            raise VCPOError(f"--ess-rho-base must be > 0, got {self.rho_base}")
+        if self.lr_scaling not in LR_SCALING_MODES:
+            raise VCPOError(f"--ess-lr-scaling must be one of {LR_SCALING_MODES}, got {self.lr_scaling!r}")
+        if self.grad_norm not in GRAD_NORM_MODES:
+            raise VCPOError(f"--opob-grad-norm must be one of {GRAD_NORM_MODES}, got {self.grad_norm!r}")
+
+
+@contextlib.contextmanager
+def scaled_lr(optimizer, scale: float) -> Iterator[None]:
+    """Every param group's lr × ``scale`` for one ``optimizer.step()``, restored exactly after
+    (the saved values are put back, so scale 1.0 and the round trip are bit-exact)."""
+    if scale == 1.0:
+        yield
+        return
+    groups = optimizer.param_groups
+    saved = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = g["lr"] * scale
+    try:
+        yield
+    finally:
+        for g, lr in zip(groups, saved):
+            g["lr"] = lr
+
+
+def _device() -> torch.device:
+    from sfpo_megatron.distributed.platform import current_platform
+
+    return current_platform().device()
+
+
+def _from_last_stage(values: torch.Tensor | None, width: int) -> torch.Tensor:
+    """A float64 vector computed on the last pipeline stage, on every stage."""
+    from megatron.core import parallel_state as ps
+
+    out = torch.zeros(width, dtype=torch.float64, device=_device())
+    if values is not None:
+        out.copy_(values.to(out.device, torch.float64))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return out.cpu()
+
+
+def _ess_per_mini_batch(plan: _Plan, last_stage: bool) -> torch.Tensor:
+    """[J, 3]: ESS, B and ρ of each mini-batch (all DP ranks), known on every rank."""
+    from megatron.core import parallel_state as ps
+
+    num = len(plan.local)
+    rows = None
+    if last_stage:
+        dp = ps.get_data_parallel_group()
+        rows = torch.tensor([[r.ess, r.num_samples, r.rho] for r in
+                             (effective_sample_size(mb.log_weights, group=dp) for mb in plan.local)],
+                            dtype=torch.float64).reshape(-1)
+    return _from_last_stage(rows, 3 * num).reshape(num, 3)
+
+
+def _weight_stats(plan: _Plan, last_stage: bool, threshold: float) -> dict[str, float]:
+    from megatron.core import parallel_state as ps
+
+    keys = ["is_weight/max", "is_weight/min", "is_weight/mean", "is_weight/log_max",
+            *(f"is_weight/p{p:g}" for p in _PERCENTILES), "is_weight/log_mean",
+            "is_weight/truncated_frac"]
+    values = None
+    if last_stage:
+        lw = torch.cat([mb.log_weights for mb in plan.local]).to(torch.float64)
+        dp = ps.get_data_parallel_group()
+        stats = importance_weight_stats(lw, group=dp, percentiles=_PERCENTILES)
+        sums = torch.tensor([float(lw.sum()), float((lw > math.log(threshold)).sum()), lw.numel()],
+                            dtype=torch.float64, device=_device())
+        dist.all_reduce(sums, group=dp)
+        stats["is_weight/log_mean"] = float(sums[0] / sums[2])
+        stats["is_weight/truncated_frac"] = float(sums[1] / sums[2])
+        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    return dict(zip(keys, _from_last_stage(values, len(keys)).tolist()))
+
+
+def _grad_sq_norms(updater: PolicyUpdater, local: TrainBatch) -> torch.Tensor:
+    from sfpo_megatron.rl import trajectory_grad_norms as tgn
+
+    kw = dict(temperature=updater.temperature, vocab_size=updater.vocab_size)
+    if updater.off_policy.grad_norm == "exact":
+        return tgn.trajectory_grad_sq_norms(updater.setup, local, **kw)
+    return tgn.logit_grad_sq_norms(updater.setup.model, local,
+                                   micro_batch_size=updater.micro_batch_size, **kw)
+
+
+def _opob(updater: PolicyUpdater, plan: _Plan, last_stage: bool) -> dict[str, float]:
+    """Replace the advantages of this rank's rows by the OPOB ones (whole groups, all DP ranks)."""
+    from megatron.core import parallel_state as ps
+
+    t0 = time.perf_counter()
+    local = TrainBatch.concat(plan.local)
+    g2 = _grad_sq_norms(updater, local)  # collective over the model-parallel ranks
+    t_norm = time.perf_counter() - t0
+    gap = torch.zeros(1, dtype=torch.float64)
+    if last_stage:
+        if local.rewards is None:
+            raise VCPOError("--off-policy-baseline opob needs the rewards in the training batch")
+        # Rows of all DP ranks (groups may straddle shards and mini-batches): order does not
+        # matter, OPOB works per group id; this rank's rows are its segment of the gather.
+        cols = torch.stack([local.rewards.double(), local.log_weights.double(), g2.double().cpu(),
+                            local.group_ids.double()]).to(_device())
+        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        parts = [torch.empty_like(cols) for _ in range(dp)]
+        dist.all_gather(parts, cols, group=ps.get_data_parallel_group())
+        r, lw, norms, gid = torch.cat(parts, dim=1).cpu()
+        # b* is invariant to scaling w within a group: shift log w by the group max so exp()
+        # neither overflows nor underflows to an all-zero group.
+        gmax = torch.full_like(lw, -math.inf)
+        for g in gid.unique():
+            sel = gid == g
+            gmax[sel] = lw[sel].max()
+        w = torch.exp(lw - gmax)
+        adv = opob_advantages(r, w, norms, gid.long(), eps=updater.args.advantage_eps,
+                              std_normalize=not updater.args.disable_std_normalization)
+        n = local.size
+        mine = adv[rank * n:(rank + 1) * n].to(torch.float32)
+        offset = 0
+        for mb in plan.local:
+            mb.advantages = mine[offset:offset + mb.size].clone()
+            offset += mb.size
+        gap = (adv.to(torch.float32) - _group_mean_advantages(r, gid, updater.args)).abs().mean()
+        gap = gap.reshape(1).double()
+    gap = _from_last_stage(gap, 1)
+    return {"vcpo/opob_advantage_shift": float(gap[0]), "time/opob_grad_norm_s": t_norm}
+
+
+def _group_mean_advantages(r: torch.Tensor, gid: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    from sfpo_megatron.rl.advantages import group_normalized_advantages
+
+    return group_normalized_advantages(r.tolist(), gid.long().tolist(), eps=args.advantage_eps,
+                                       std_normalize=not args.disable_std_normalization).to(torch.float32)
+
+
+def off_policy_correction(updater: PolicyUpdater, plan: _Plan) -> dict[str, float]:
+    """ESS per mini-batch (and, with --vcpo, the LR scale of each optimizer step), IS-weight
+    statistics, and OPOB advantages; returns the metrics (equal on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    cfg = updater.off_policy
+    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+    ess = _ess_per_mini_batch(plan, last_stage)
+    rho = ess[:, 2].tolist()
+    scales = [ess_lr_scale(min(x, 1.0), cfg.rho_base, cfg.lr_scaling if cfg.vcpo else "none")
+              for x in rho]
+    plan.lr_scales = scales if cfg.vcpo else None
+    metrics = {"vcpo/ess": float(ess[:, 0].mean()), "vcpo/rho": sum(rho) / len(rho),
+               "vcpo/rho_min": min(rho), "vcpo/lr_scale": sum(scales) / len(scales),
+               "vcpo/lr_scale_min": min(scales)}
+    metrics.update(_weight_stats(plan, last_stage, cfg.tis_threshold))
+    if cfg.opob:
+        metrics.update(_opob(updater, plan, last_stage))
+    return metrics

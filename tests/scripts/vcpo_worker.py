@@ -1,0 +1,127 @@
+"""torchrun / single-process worker for tests/test_vcpo_update.py: the VCPO update on megatron.
+
+Scenarios (each from the same HF weights; results written by global rank 0 to ``<out>/<name>.pt``):
+
+* ``onpolicy``: two SFPO updates with the rollout log-probs set to the trainer's own log-probs at
+  θ(s,0), so every importance weight is exactly 1 — once without VCPO, once with ``--vcpo`` (sqrt
+  ESS scaling, truncated IS): the final parameters must be equal bit for bit.
+* ``known_w`` / ``known_w_dp2``: one GRPO update whose rollout log-probs are the trainer's minus
+  δ_i on one response token, so log w_i = δ_i (known). ``--vcpo --ess-lr-scaling sqrt`` vs
+  ``--vcpo --ess-lr-scaling none --lr lr·scale`` with scale computed here from δ: the same
+  parameters bit for bit, and the logged ESS / ρ / scale equal the closed form.
+
+    python vcpo_worker.py --hf DIR --out DIR --scenarios onpolicy,known_w
+    torchrun --nproc_per_node 2 vcpo_worker.py --hf DIR --out DIR --scenarios known_w_dp2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sfpo_common import build_setup, make_samples, rl_args
+from sfpo_worker import hf_params, reinit
+
+RHO_BASE = 0.9
+DELTAS = [0.0, -1.0, 0.5, -2.0, 1.5, 0.0, -0.5, 2.5]  # log w_i of the 8 samples
+BASE = {"--lr-decay-style": "constant", "--num-steps-per-rollout": "1"}
+
+
+def own_logprob_samples(setup, args, arch, step: int, deltas: list[float] | None = None) -> list:
+    """make_samples(step) with rollout log-probs := the trainer's log-probs at the current θ
+    (minus δ_i on the first response token of sample i)."""
+    from sfpo_megatron.rl.policy_forward import compute_logprobs
+    from sfpo_megatron.rl.train_batch import collate
+
+    samples = make_samples(step)
+    batch = collate(samples, 0)
+    # Every rank computes the whole batch (same micro-batching as the updater at DP1); with DP2
+    # the values of a row do not depend on which rows share its micro-batch (rows are independent).
+    from megatron.core import parallel_state as ps
+
+    res = compute_logprobs(setup.model, batch, micro_batch_size=args.micro_batch_size,
+                           temperature=args.rollout_temperature, vocab_size=arch.vocab_size)
+    lp = res.logprobs if res is not None else torch.zeros_like(batch.rollout_logprobs)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise RuntimeError("this worker runs without pipeline parallelism")
+    for i, s in enumerate(samples):
+        p = len(s.prompt_ids)
+        row = lp[i, p - 1:p - 1 + len(s.response_ids)].tolist()
+        if deltas is not None:
+            row[0] = float(torch.tensor(row[0], dtype=torch.float32) - deltas[i])
+        s.rollout_logprobs = row
+    return samples
+
+
+def closed_form(deltas: list[float]) -> dict[str, float]:
+    w = [math.exp(d) for d in deltas]
+    ess = sum(w) ** 2 / sum(x * x for x in w)
+    rho = ess / len(w)
+    return {"ess": ess, "rho": rho, "scale": math.sqrt(min(1.0, rho / RHO_BASE))}
+
+
+def scenario(name: str, hf: Path) -> dict:
+    from sfpo_megatron.rl.sfpo import PolicyUpdater
+
+    reinit(1, 1, 3)
+    dp_flags = ("--use-distributed-optimizer",) if name.endswith("dp2") else ()
+    out: dict = {}
+    if name == "onpolicy":
+        for label, flags in (("plain", ()), ("vcpo", ("--vcpo",))):
+            args = rl_args(hf, {**BASE, "--ess-lr-scaling": "sqrt"}, flags)
+            setup, arch = build_setup(args, hf)
+            updater = PolicyUpdater(args, setup)
+            out[f"{label}_metrics"] = [updater.update(own_logprob_samples(setup, args, arch, s), s)
+                                       for s in (1, 2)]
+            out[label] = hf_params(setup, hf)
+            del updater, setup
+            gc.collect()
+        return out
+    # known_w: the correction with the scaled LR vs the same correction at lr · scale
+    cf = closed_form(DELTAS)
+    out["closed_form"] = cf
+    lr = float(rl_args(hf, BASE).lr)
+    for label in ("scaled", "manual"):
+        # The manual run takes the scale the first one computed (from the actual float32
+        # log-probs; the closed form above is checked against it with a tolerance).
+        over = ({"--ess-lr-scaling": "sqrt"} if label == "scaled" else
+                {"--ess-lr-scaling": "none", "--lr": repr(lr * out["scaled_metrics"]["vcpo/lr_scale"])})
+        args = rl_args(hf, {**BASE, "--algorithm": "grpo", "--ess-rho-base": str(RHO_BASE), **over},
+                       ("--vcpo", *dp_flags))
+        setup, arch = build_setup(args, hf)
+        updater = PolicyUpdater(args, setup)
+        out[f"{label}_metrics"] = updater.update(own_logprob_samples(setup, args, arch, 1, DELTAS), 1)
+        out[label] = hf_params(setup, hf)
+        out[f"{label}_lr_after"] = [g["lr"] for g in setup.optimizer.param_groups]
+        del updater, setup
+        gc.collect()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--hf", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--scenarios", required=True)
+    a = p.parse_args()
+    from sfpo_megatron.distributed import parallel
+    from sfpo_megatron.distributed.platform import setup_platform
+
+    setup_platform()
+    for name in a.scenarios.split(","):
+        t0 = time.perf_counter()
+        result = scenario(name, a.hf)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save(result, a.out / f"{name}.pt")
+            print(f"scenario {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,11 @@
   (Σw)²/Σw², ESS/B and sqrt(min(1, ρ/ρ_base)), and the step really used lr·scale: its parameters
   equal, bit for bit, those of the same update run at that learning rate without scaling — in
   one process and with DP=2 (ESS over the mini-batch of both ranks, distributed optimizer);
-  the LR is restored after the step.
+  the LR is restored after the step;
+* OPOB in the update (exact per-trajectory gradient norms, whose equality with brute-force
+  per-trajectory gradients tests/test_trajectory_grad_norms.py proves): the advantages it
+  recomputes move the update, identically at DP1 and DP2 (prompt groups straddle the DP shards,
+  so a wrong gather or row assignment would show).
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ def results(tmp_path_factory) -> dict:
     out = root / "out"
     out.mkdir()
     common = ["--hf", str(hf), "--out", str(out)]
-    run([PYTHON, WORKER, *common, "--scenarios", "onpolicy,known_w"], timeout=400)
-    torchrun(2, [WORKER, *common, "--scenarios", "known_w_dp2"], timeout=400)
-    return {n: torch.load(out / f"{n}.pt") for n in ("onpolicy", "known_w", "known_w_dp2")}
+    run([PYTHON, WORKER, *common, "--scenarios", "onpolicy,known_w,opob"], timeout=400)
+    torchrun(2, [WORKER, *common, "--scenarios", "known_w_dp2,opob_dp2"], timeout=400)
+    return {n: torch.load(out / f"{n}.pt") for n in ("onpolicy", "known_w", "known_w_dp2", "opob", "opob_dp2")}
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -72,3 +76,20 @@ def test_ess_and_lr_scale_are_exact_for_known_weights(results: dict, name: str) 
     assert _equal(r["scaled"], r["manual"])
     # ... and the scheduler's LR is back to its base value after the step.
     assert set(r["scaled_lr_after"]) == {float(SETTINGS["--lr"])}
+
+
+def _rel(a: dict, b: dict) -> float:
+    va = torch.cat([a[k].reshape(-1) for k in sorted(a)])
+    vb = torch.cat([b[k].reshape(-1) for k in sorted(b)])
+    return float((va - vb).norm() / vb.norm())
+
+
+def test_opob_changes_the_update_identically_at_dp1_and_dp2(results: dict) -> None:
+    one, two = results["opob"], results["opob_dp2"]
+    shift = one["opob_metrics"]["vcpo/opob_advantage_shift"]
+    assert shift > 1e-3  # unequal weights and gradient norms move b* off the group mean
+    assert two["opob_metrics"]["vcpo/opob_advantage_shift"] == pytest.approx(shift, rel=1e-5)
+    assert one["opob_metrics"]["time/opob_grad_norm_s"] > 0
+    assert _rel(one["opob"], one["plain"]) > 1e-4  # OPOB's advantages changed the step
+    assert _rel(two["opob"], one["opob"]) < 1e-5  # DP2 = DP1
+    assert _rel(two["plain"], one["plain"]) < 1e-5

@@ -26,10 +26,11 @@ How the exact mode reads per-row gradients from megatron (0.16.1):
   parts are kept and run after each row: the tied-embedding all-reduce between the first and last
   PP stage, and the TP sum of grads megatron treats as partial (sequence-parallel norms,
   q/k layernorm);
-* the DDP chunks stay in ``no_sync`` for the whole call, and the schedule's own ``no_sync_func``
-  and ``grad_sync_func`` are switched off (leaving the schedule's no-sync context re-enables
-  sync): with ``--overlap-grad-reduce`` the backward hooks would otherwise start the DP reduce
-  of a bucket as soon as it is complete;
+* each row's schedule call runs inside the DDP chunks' ``no_sync`` (entered per row, since
+  ``zero_grad_buffer()`` resets the bucket groups to "sync"), and the schedule's own
+  ``no_sync_func`` and ``grad_sync_func`` are switched off (leaving the schedule's no-sync
+  context re-enables sync): with ``--overlap-grad-reduce`` the backward hooks would otherwise
+  start the DP reduce of a bucket as soon as it is complete;
 * the loss is Σ_t log π; the schedule divides it by ``num_microbatches`` (1 here) and multiplies
   it by the optimizer's loss scale (``config.grad_scale_func``; 1 for fp32 / bf16, the dynamic
   scale with fp16), so the squared norm is divided by the loss scale²;
@@ -207,7 +208,8 @@ def _counted_params(model: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter
                 continue
             if not hasattr(p, "main_grad"):
                 raise TrajectoryGradNormError(
-                    "exact trajectory grad norms need megatron DDP-wrapped chunks (param.main_grad)")
+                    "exact trajectory grad norms need megatron DDP-wrapped chunks "
+                    "(param.main_grad)")
             if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p, tp_group):
                 out.append(p)
     return out

@@ -11,7 +11,10 @@ Scenarios (each from the same HF weights; results written by global rank 0 to ``
   parameters bit for bit, and the logged ESS / ρ / scale equal the closed form.
 
     python vcpo_worker.py --hf DIR --out DIR --scenarios onpolicy,known_w
-    torchrun --nproc_per_node 2 vcpo_worker.py --hf DIR --out DIR --scenarios known_w_dp2
+* ``opob`` / ``opob_dp2``: one GRPO update with ``--off-policy-baseline opob`` (exact gradient
+  norms) on those weights, and the same without OPOB.
+
+    torchrun --nproc_per_node 2 vcpo_worker.py --hf DIR --out DIR --scenarios known_w_dp2,opob_dp2
 """
 
 from __future__ import annotations
@@ -79,6 +82,19 @@ def scenario(name: str, hf: Path) -> dict:
             updater = PolicyUpdater(args, setup)
             out[f"{label}_metrics"] = [updater.update(own_logprob_samples(setup, args, arch, s), s)
                                        for s in (1, 2)]
+            out[label] = hf_params(setup, hf)
+            del updater, setup
+            gc.collect()
+        return out
+    if name.startswith("opob"):
+        # OPOB (exact per-trajectory gradient norms) with known weights: the same update at DP1
+        # and DP2 (groups straddle the DP shards), and without OPOB for contrast.
+        for label, flags in (("opob", ("--off-policy-baseline", "opob", "--opob-grad-norm", "exact")),
+                             ("plain", ())):
+            args = rl_args(hf, {**BASE, "--algorithm": "grpo"}, ("--vcpo", *dp_flags, *flags))
+            setup, arch = build_setup(args, hf)
+            updater = PolicyUpdater(args, setup)
+            out[f"{label}_metrics"] = updater.update(own_logprob_samples(setup, args, arch, 1, DELTAS), 1)
             out[label] = hf_params(setup, hf)
             del updater, setup
             gc.collect()

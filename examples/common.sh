@@ -8,6 +8,13 @@
 #   bash examples/<model>.sh sfpo [extra trainer flags]   # SFPO run, then evaluation of its checkpoint
 #   bash examples/<model>.sh grpo [extra trainer flags]   # the GRPO baseline (same settings, no SFPO)
 #   bash examples/<model>.sh eval [extra eval flags]      # the base model on the six test sets
+#   bash examples/<model>.sh vcpo [extra trainer flags]   # GRPO with asynchronous rollouts + VCPO
+#   bash examples/<model>.sh sfpo-vcpo [...]              # SFPO with asynchronous rollouts + VCPO
+#
+# The two asynchronous modes need their own rollout GPUs (LAYOUT=disaggregated is forced) and use
+# MAX_STALENESS (default 2) and VCPO's objective (arXiv 2602.17616): sequence-level truncated IS
+# (threshold 8), sqrt ESS learning-rate scaling, no PPO clip, no entropy bonus, seq-mean-token-mean,
+# weight decay 0.1.
 #
 # Environment: DATA_DIR (prepared JSONL, see examples/prepare_data.sh), RUNS_DIR, LAYOUT
 # (colocated: the paper's one node of 8 GPUs; disaggregated: 1 trainer node + 1 rollout node),
@@ -88,9 +95,23 @@ check_inputs() {
     if [ "$missing" = 1 ] && [ "$DRY_RUN" != 1 ]; then exit 1; fi
 }
 
+# ASYNC_FLAGS: asynchronous rollouts with VCPO's settings (on top of PAPER_FLAGS; later flags win).
+set_async_flags() {
+    ASYNC_FLAGS=(--async-rollout --max-staleness "${MAX_STALENESS:-2}" --vcpo --tis-threshold 8
+        --ess-lr-scaling sqrt --ess-rho-base 1.0 --no-ppo-clip --entropy-coef 0.0
+        --loss-agg-mode seq-mean-token-mean --weight-decay 0.1)
+}
+
 example_main() {
     local mode=${1:-}
     shift || true
+    local algo=$mode async=()
+    if [ "$mode" = vcpo ] || [ "$mode" = sfpo-vcpo ]; then
+        LAYOUT=disaggregated  # generation overlaps training: the servers need their own GPUs
+        algo=$([ "$mode" = vcpo ] && echo grpo || echo sfpo)
+        set_async_flags
+        async=("${ASYNC_FLAGS[@]}")
+    fi
     local run_dir script nodes job s rollout_env=() eval_sets=()
     for s in "${EVAL_SETS[@]}"; do eval_sets+=("$DATA_DIR/$s.jsonl"); done
     # SGLang on the servers: bf16 and a context that fits prompt + response.
@@ -101,13 +122,14 @@ example_main() {
         *) echo "LAYOUT must be colocated or disaggregated, got '$LAYOUT'" >&2; exit 2 ;;
     esac
     case "$mode" in
-        sfpo | grpo)
+        sfpo | grpo | vcpo | sfpo-vcpo)
             check_inputs "$DATA_DIR/$TRAIN_SET.jsonl" "${eval_sets[@]}"
             run_dir=$RUNS_DIR/$MODEL_NAME-$mode
-            set_paper_flags "$mode"
+            set_paper_flags "$algo"
             set_eval_flags
             job=$(submit HF_DIR="$HF_DIR" RUN_DIR="$run_dir" SAVE_INTERVAL=20 "${rollout_env[@]}" -- \
-                -N "$nodes" --job-name "$MODEL_NAME-$mode" "$script" "${PAPER_FLAGS[@]}" "${EVAL_FLAGS[@]}" "$@")
+                -N "$nodes" --job-name "$MODEL_NAME-$mode" "$script" "${PAPER_FLAGS[@]}" "${async[@]}" \
+                "${EVAL_FLAGS[@]}" "$@")
             echo "submitted $MODEL_NAME $mode training: job $job, run dir $run_dir"
             job=$(submit HF_DIR="$HF_DIR" CKPT="$run_dir/checkpoints" RUN_DIR="$run_dir/eval_final" \
                 EVAL_TASKS="$TRAIN_TP" "${rollout_env[@]}" -- \
@@ -125,7 +147,7 @@ example_main() {
             echo "submitted $MODEL_NAME base-model evaluation: job $job, results in $run_dir"
             ;;
         *)
-            echo "usage: bash $0 sfpo|grpo|eval [extra flags]" >&2
+            echo "usage: bash $0 sfpo|grpo|vcpo|sfpo-vcpo|eval [extra flags]" >&2
             exit 2 ;;
     esac
 }

@@ -148,3 +148,21 @@ def test_example_eval_mode_and_disaggregated_layout(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(REPO / "examples/qwen3-4b-base.sh"), "train"], capture_output=True,
                           text=True, timeout=60, env={**os.environ, "DRY_RUN": "1"})
     assert proc.returncode == 2 and "usage: bash" in proc.stderr
+
+
+@pytest.mark.parametrize("mode, algorithm", [("vcpo", "grpo"), ("sfpo-vcpo", "sfpo")])
+def test_example_async_vcpo_modes(mode: str, algorithm: str, tmp_path: Path) -> None:
+    """The asynchronous modes: disaggregated layout (the servers keep their own GPUs), VCPO's
+    objective and settings (arXiv 2602.17616) on top of the paper's batch / LR, MAX_STALENESS."""
+    from sfpo_megatron.rl.loop import check_rl_args
+
+    train, _ = dry_run("qwen2.5-math-1.5b.sh", mode, tmp_path, MAX_STALENESS="4")
+    envs, opts, script, flags = split_command(train)
+    assert script.endswith("slurm/rl_sfpo.sbatch") and opts[:2] == ["-N", "2"]
+    args = build_rl_parser().parse_args(["--model-config", "unused", *flags])
+    check_rl_args(args)
+    assert args.algorithm == algorithm and not args.colocate
+    assert (args.async_rollout, args.max_staleness, args.vcpo) == (True, 4, True)
+    assert (args.tis_threshold, args.ess_lr_scaling, args.ess_rho_base) == (8.0, "sqrt", 1.0)
+    assert args.no_ppo_clip and args.entropy_coef == 0.0 and args.kl_coef == 0.0
+    assert (args.loss_agg_mode, args.weight_decay, args.lr, args.clip_grad) == ("seq-mean-token-mean", 0.1, 1e-6, 1.0)

@@ -1,4 +1,5 @@
-"""``sfpo-megatron rl``: the synchronous RL loop on the megatron trainer.
+"""``sfpo-megatron rl``: the RL loop on the megatron trainer (synchronous, or asynchronous
+rollouts with ``--async-rollout``).
 
 One RL step (``--num-rollouts`` of them)::
 
@@ -24,6 +25,13 @@ SIGKILL included, restarts with the same command from the last complete checkpoi
 ``--rollout-deterministic`` every rollout is a function of (weights, prompt, seed) and the
 restarted run's metrics equal an uninterrupted run's bit for bit (CPU, fixed thread counts).
 SIGTERM / SIGUSR1 checkpoint at the end of the current step and exit with 143.
+
+``--async-rollout --max-staleness k``: rank 0's ``AsyncRolloutProducer`` (rl/async_rollout.py)
+generates batch s as soon as the servers hold version ≥ s − 1 − k, in a thread, while the
+trainer trains earlier batches; each sample keeps the version it was generated with, the step
+checks the bound, logs the staleness histogram and ``rollout_batches.jsonl``, and the update
+computes importance weights / ESS (rl/off_policy.py; corrected with ``--vcpo``). Checkpoints
+carry the finished, untrained batches: a restart (async or not) trains every prompt once.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ the other (an asynchronous run uses both cores: the trainer and the CPU rollout 
     async_k8          --max-staleness 8
     async_k8_vcpo     ... --vcpo
     async_k2_opob     --max-staleness 2 --vcpo --off-policy-baseline opob (logit grad norms)
+    (async_k2_opob_exact, on request: OPOB with the exact per-trajectory gradient norms)
 
 Reported per configuration (mean over seeds, and per seed): training wall-clock for the same
 number of rollouts (the run's step times minus evaluation; the evaluation is the same work for
@@ -47,9 +48,13 @@ CONFIGS: dict[str, list[str]] = {
     "async_k8_vcpo": ["--async-rollout", "--max-staleness", "8", "--vcpo"],
     "async_k2_opob": ["--async-rollout", "--max-staleness", "2", "--vcpo", "--off-policy-baseline", "opob",
                       "--opob-grad-norm", "logit"],
+    # Not in the default set: the exact per-trajectory norms (one extra backward per trajectory).
+    "async_k2_opob_exact": ["--async-rollout", "--max-staleness", "2", "--vcpo", "--off-policy-baseline", "opob",
+                            "--opob-grad-norm", "exact"],
 }
+DEFAULT_CONFIGS = [n for n in CONFIGS if n != "async_k2_opob_exact"]
 COLORS = {"sync": "black", "async_k2": "tab:orange", "async_k2_vcpo": "tab:blue", "async_k8": "tab:red",
-          "async_k8_vcpo": "tab:green", "async_k2_opob": "tab:purple"}
+          "async_k8_vcpo": "tab:green", "async_k2_opob": "tab:purple", "async_k2_opob_exact": "tab:brown"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rl-steps", type=int, default=40)
     p.add_argument("--eval-prompts", type=int, default=500)
     p.add_argument("--eval-interval", type=int, default=5)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help="comma-separated subset of " + ",".join(CONFIGS))
+    p.add_argument("--from-json", default=None, help="print the report of a results JSON and exit")
     p.add_argument("--work", default=None, help="work directory (default demo_out/bench_TASK)")
     p.add_argument("--reuse-warm-start", action="store_true")
     p.add_argument("--name", default="async_vcpo")
@@ -113,15 +120,18 @@ def format_report(agg: dict, seeds: int, method: str) -> str:
         return "-" if x is None else format(x, fmt)
 
     lines = [f"{method.upper()} on the demo task, {seeds} seed(s) per configuration (means over seeds)",
-             f"{'config':<15} {'train wall s':>12} {'speedup vs sync (95% CI)':>26} {'best acc':>9} "
-             f"{'final acc':>9} {'stale':>6} {'rho':>6} {'lr scale':>8} {'opob s/step':>11}"]
+             f"{'config':<19} {'train wall s':>12} {'speedup vs sync (95% CI)':>26} {'best acc':>9} "
+             f"{'final acc':>9} {'stale':>6} {'rho':>6} {'lr scale':>8} {'update s':>8} {'opob s':>7}"]
     for name, a in agg.items():
         sp = a.get("speedup_vs_sync")
         sp_s = "-" if sp is None else f"{sp['ratio']:.2f}x ({sp['ci95'][0]:.2f}-{sp['ci95'][1]:.2f})"
-        lines.append(f"{name:<15} {a['train_wall_s_mean']:>12.1f} {sp_s:>26} "
+        lines.append(f"{name:<19} {a['train_wall_s_mean']:>12.1f} {sp_s:>26} "
                      f"{100 * a['best_accuracy_mean']:>8.1f}% {100 * a['final_accuracy_mean']:>8.1f}% "
                      f"{f(a['staleness_mean'], '.2f'):>6} {f(a['rho_mean'], '.3f'):>6} "
-                     f"{f(a['lr_scale_mean'], '.3f'):>8} {f(a['opob_grad_norm_s_mean'], '.3f'):>11}")
+                     f"{f(a['lr_scale_mean'], '.3f'):>8} {f(a['update_s_mean'], '.2f'):>8} "
+                     f"{f(a['opob_grad_norm_s_mean'], '.3f'):>7}")
+    lines.append("update s: mean time of one update per step (its OPOB gradient-norm pass included, the "
+                 "opob s column)")
     return "\n".join(lines)
 
 
@@ -151,6 +161,10 @@ def plot(runs: dict[str, list[dict]], path: Path, title: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.from_json:
+        data = json.loads(Path(a.from_json).read_text())
+        print(format_report(data["aggregate"], len(next(iter(data["runs"].values()))), data["method"]))
+        return 0
     cfg = DemoConfig(out=Path(a.work or REPO / "demo_out" / f"bench_{a.task}"), task=a.task, rl_steps=a.rl_steps,
                      eval_prompts=a.eval_prompts, eval_interval=a.eval_interval, side_by_side=False)
     paths, timer = Paths(cfg.out), Timer()

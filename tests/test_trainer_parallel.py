@@ -98,11 +98,12 @@ def test_distributed_optimizer_shards_state(reference, layout_runs):
 
 
 def test_resume_is_bitwise_and_reshards(base, reference):
-    # 3 iterations + save, then the same command with --train-iters 6 resumes from `latest`.
+    # 3 iterations + save, then the same command with --train-iters 6 resumes from `latest` in
+    # --save: the checkpoint there wins over --load (which only initialises a fresh run).
     out = base["root"] / "resume"
     flags = ["--model-config", str(base["cfg"]), "--log-dir", str(out / "logs"),
-             "--save", str(out / "ckpt")] + COMMON
-    sfpo(1, "pretrain", flags + ["--train-iters", "3", "--load", str(base["init"]), "--finetune"])
+             "--save", str(out / "ckpt"), "--load", str(base["init"]), "--finetune"] + COMMON
+    sfpo(1, "pretrain", flags + ["--train-iters", "3"])
     sfpo(1, "pretrain", flags + ["--train-iters", "6"])
     resumed = read_jsonl(out / "logs" / "metrics.jsonl")
     assert [m["iteration"] for m in resumed] == list(range(1, 7))

@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from sfpo_megatron.demo.pipeline import DemoConfig, DemoError, Paths, Timer, run_rl_pair, warm_start

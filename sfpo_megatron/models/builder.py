@@ -66,7 +66,7 @@ def check_impl(transformer_impl: str, fp8: str | None, fp8_recipe: str) -> None:
             )
     if transformer_impl == "transformer_engine":
         _require_transformer_engine(
-            f"transformer_impl='transformer_engine'" + (f" with fp8={fp8!r}" if fp8 else "")
+            "transformer_impl='transformer_engine'" + (f" with fp8={fp8!r}" if fp8 else "")
         )
 
 

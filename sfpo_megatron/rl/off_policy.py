@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from sfpo_megatron.rl.policy_forward import broadcast_from_last_stage
 from sfpo_megatron.rl.train_batch import TrainBatch
 from sfpo_megatron.rl.vcpo import (
     LR_SCALING_MODES,
@@ -111,19 +112,6 @@ def _device() -> torch.device:
     return current_platform().device()
 
 
-def _from_last_stage(values: torch.Tensor | None, width: int) -> torch.Tensor:
-    """A float64 vector computed on the last pipeline stage, on every stage."""
-    from megatron.core import parallel_state as ps
-
-    out = torch.zeros(width, dtype=torch.float64, device=_device())
-    if values is not None:
-        out.copy_(values.to(out.device, torch.float64))
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
-    return out.cpu()
-
-
 def _ess_per_mini_batch(plan: _Plan, last_stage: bool) -> torch.Tensor:
     """[J, 3]: ESS, B and ρ of each mini-batch (all DP ranks), known on every rank."""
     from megatron.core import parallel_state as ps
@@ -135,7 +123,7 @@ def _ess_per_mini_batch(plan: _Plan, last_stage: bool) -> torch.Tensor:
         rows = torch.tensor([[r.ess, r.num_samples, r.rho] for r in
                              (effective_sample_size(mb.log_weights, group=dp) for mb in plan.local)],
                             dtype=torch.float64).reshape(-1)
-    return _from_last_stage(rows, 3 * num).reshape(num, 3)
+    return broadcast_from_last_stage(rows, 3 * num).reshape(num, 3)
 
 
 def _weight_stats(plan: _Plan, last_stage: bool, threshold: float) -> dict[str, float]:
@@ -155,7 +143,7 @@ def _weight_stats(plan: _Plan, last_stage: bool, threshold: float) -> dict[str, 
         stats["is_weight/log_mean"] = float(sums[0] / sums[2])
         stats["is_weight/truncated_frac"] = float(sums[1] / sums[2])
         values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-    return dict(zip(keys, _from_last_stage(values, len(keys)).tolist()))
+    return dict(zip(keys, broadcast_from_last_stage(values, len(keys)).tolist()))
 
 
 def _grad_sq_norms(updater: PolicyUpdater, local: TrainBatch) -> torch.Tensor:
@@ -205,7 +193,7 @@ def _opob(updater: PolicyUpdater, plan: _Plan, last_stage: bool) -> dict[str, fl
             offset += mb.size
         gap = (adv.to(torch.float32) - _group_mean_advantages(r, gid, updater.args)).abs().mean()
         gap = gap.reshape(1).double()
-    gap = _from_last_stage(gap, 1)
+    gap = broadcast_from_last_stage(gap, 1)
     return {"vcpo/opob_advantage_shift": float(gap[0]), "time/opob_grad_norm_s": t_norm}
 
 

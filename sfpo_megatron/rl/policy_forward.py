@@ -22,10 +22,12 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from sfpo_megatron.rl.train_batch import TrainBatch
 
 LossFn = Callable[[TrainBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
+LogitsFn = Callable[[TrainBatch, torch.Tensor], tuple[torch.Tensor, Any]]
 
 
 class PolicyForwardError(ValueError):
@@ -38,23 +40,53 @@ def _device() -> torch.device:
     return current_platform().device()
 
 
-def _forward_step(temperature: float, vocab_size: int, loss_fn: LossFn, data_iterator, model):
-    from sfpo_megatron.rl.vocab_parallel import vocab_parallel_logprobs_and_entropy
-
+def _forward_step(logits_fn: LogitsFn, data_iterator, model):
     mb: TrainBatch = next(data_iterator)
     dev = _device()
     tokens = mb.tokens.to(dev, non_blocking=True)
     position_ids = torch.arange(mb.seq_length, device=dev).unsqueeze(0).expand_as(tokens)
     # attention_mask=None: causal attention (right padding is never attended by real tokens).
     output = model(tokens, position_ids, None)
+    return output, partial(logits_fn, mb)
 
-    def loss_func(logits: torch.Tensor):
-        labels = mb.labels.to(logits.device, non_blocking=True)
-        logprobs, entropy = vocab_parallel_logprobs_and_entropy(
-            logits, labels, temperature=temperature, vocab_size=vocab_size)
-        return loss_fn(mb, logprobs, entropy)
 
-    return output, loss_func
+def run_schedule(model: Sequence[torch.nn.Module], micro_batches: Sequence[TrainBatch],
+                 logits_fn: LogitsFn, *, forward_only: bool) -> list[Any]:
+    """One megatron forward(-backward) over ``micro_batches``; ``logits_fn(mb, logits)`` gets the
+    last stage's raw vocab-parallel logits ``[b, s, V/tp]`` and returns ``(loss, reported)``.
+
+    Returns what ``logits_fn`` reported per micro-batch, in order, on the last pipeline stage
+    (an empty list elsewhere).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        raise PolicyForwardError("no micro-batches to run")
+    shapes = {tuple(mb.tokens.shape) for mb in micro_batches}
+    if len(shapes) > 1:
+        raise PolicyForwardError(f"micro-batches of one schedule must share a shape (pipeline "
+                                 f"p2p buffers are fixed), got {sorted(shapes)}")
+    mbs, seq = micro_batches[0].tokens.shape
+    if len(model) == 1:
+        data: Any = iter(micro_batches)
+        target: Any = model[0]
+    else:  # interleaved PP: every virtual stage reads the same micro-batches
+        data = [iter(micro_batches) for _ in model]
+        target = list(model)
+    fb = get_forward_backward_func()
+    return fb(forward_step_func=partial(_forward_step, logits_fn), data_iterator=data, model=target,
+              num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=mbs,
+              forward_only=forward_only)
+
+
+def _logprob_loss(temperature: float, vocab_size: int, loss_fn: LossFn, mb: TrainBatch,
+                  logits: torch.Tensor):
+    from sfpo_megatron.rl.vocab_parallel import vocab_parallel_logprobs_and_entropy
+
+    labels = mb.labels.to(logits.device, non_blocking=True)
+    logprobs, entropy = vocab_parallel_logprobs_and_entropy(
+        logits, labels, temperature=temperature, vocab_size=vocab_size)
+    return loss_fn(mb, logprobs, entropy)
 
 
 def run_micro_batches(model: Sequence[torch.nn.Module], micro_batches: Sequence[TrainBatch],
@@ -66,26 +98,22 @@ def run_micro_batches(model: Sequence[torch.nn.Module], micro_batches: Sequence[
     (an empty list elsewhere). Gradients accumulate in the DDP buffers and are reduced over DP at
     the end (``finalize_model_grads``); the caller zeroes them and steps the optimizer.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    return run_schedule(model, micro_batches, partial(_logprob_loss, temperature, vocab_size, loss_fn),
+                        forward_only=forward_only)
 
-    if not micro_batches:
-        raise PolicyForwardError("no micro-batches to run")
-    shapes = {tuple(mb.tokens.shape) for mb in micro_batches}
-    if len(shapes) > 1:
-        raise PolicyForwardError(f"micro-batches of one schedule must share a shape (pipeline "
-                                 f"p2p buffers are fixed), got {sorted(shapes)}")
-    mbs, seq = micro_batches[0].tokens.shape
-    step = partial(_forward_step, temperature, vocab_size, loss_fn)
-    if len(model) == 1:
-        data: Any = iter(micro_batches)
-        target: Any = model[0]
-    else:  # interleaved PP: every virtual stage reads the same micro-batches
-        data = [iter(micro_batches) for _ in model]
-        target = list(model)
-    fb = get_forward_backward_func()
-    return fb(forward_step_func=step, data_iterator=data, model=target,
-              num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=mbs,
-              forward_only=forward_only)
+
+def broadcast_from_last_stage(values: torch.Tensor | None, size: int) -> torch.Tensor:
+    """A float64 vector ``[size]`` computed on the last pipeline stage (``values``; None on the
+    other stages), on every stage, as a CPU tensor."""
+    from megatron.core import parallel_state as ps
+
+    out = torch.zeros(size, dtype=torch.float64, device=_device())
+    if values is not None:
+        out.copy_(values.reshape(-1).to(out.device, torch.float64))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return out.cpu()
 
 
 @dataclass

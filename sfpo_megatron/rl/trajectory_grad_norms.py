@@ -48,13 +48,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from sfpo_megatron.rl.policy_forward import broadcast_from_last_stage, run_schedule
 from sfpo_megatron.rl.train_batch import TrainBatch
 
 # Rows are cut to their last response token, rounded up to this multiple (x TP size, which
@@ -79,48 +79,6 @@ def _check_args(batch: TrainBatch, temperature: float, vocab_size: int) -> None:
         raise TrajectoryGradNormError(f"vocab_size must be >= 1, got {vocab_size}")
     if batch.size < 1:
         raise TrajectoryGradNormError("the batch has no rows")
-
-
-def _forward_step(loss_fn: Callable[[TrainBatch, torch.Tensor], tuple[torch.Tensor, Any]],
-                  data_iterator, model):
-    """policy_forward's forward step, handing the raw vocab-parallel logits to ``loss_fn``."""
-    mb: TrainBatch = next(data_iterator)
-    dev = _device()
-    tokens = mb.tokens.to(dev, non_blocking=True)
-    position_ids = torch.arange(mb.seq_length, device=dev).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, position_ids, None)  # causal; right padding is never attended
-    return output, partial(loss_fn, mb)
-
-
-def _schedule(model: Sequence[torch.nn.Module], micro_batches: Sequence[TrainBatch],
-              loss_fn, *, forward_only: bool) -> list[Any]:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    mbs, seq = micro_batches[0].tokens.shape
-    if len(model) == 1:
-        data: Any = iter(micro_batches)
-        target: Any = model[0]
-    else:  # interleaved PP: every virtual stage reads the same micro-batches
-        data = [iter(micro_batches) for _ in model]
-        target = list(model)
-    return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_fn), data_iterator=data, model=target,
-        num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=mbs,
-        forward_only=forward_only)
-
-
-def _broadcast_from_last_stage(rows: list[torch.Tensor], size: int) -> torch.Tensor:
-    """The last PP stage's per-row values on every PP stage, as float64 CPU ``[size]``."""
-    from megatron.core import parallel_state as ps
-
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        out = torch.cat(rows).to(_device(), torch.float64)
-    else:
-        out = torch.zeros(size, dtype=torch.float64, device=_device())
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
-    return out.cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,9 +106,9 @@ def logit_grad_sq_norms(model: Sequence[torch.nn.Module], batch: TrainBatch, *,
     split over TP. Float64 CPU ``[B_local]`` on every rank."""
     _check_args(batch, temperature, vocab_size)
     micro = batch.micro_batches(micro_batch_size)
-    out = _schedule(model, micro, partial(_logit_rows, float(temperature), int(vocab_size)),
-                    forward_only=True)
-    return _broadcast_from_last_stage(out, batch.size)
+    out = run_schedule(model, micro, partial(_logit_rows, float(temperature), int(vocab_size)),
+                       forward_only=True)
+    return broadcast_from_last_stage(torch.cat(out) if out else None, batch.size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +227,7 @@ def trajectory_grad_sq_norms(setup, batch: TrainBatch, *, temperature: float,
             with contextlib.ExitStack() as no_sync:
                 for chunk in model:
                     no_sync.enter_context(chunk.no_sync())
-                _schedule(model, [row] * copies, _PaddedLoss(step, copies), forward_only=False)
+                run_schedule(model, [row] * copies, _PaddedLoss(step, copies), forward_only=False)
             _model_parallel_grad_reductions(model, config)
             with torch.no_grad():
                 sq = torch.zeros((), dtype=torch.float64, device=local.device)

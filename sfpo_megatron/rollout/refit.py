@@ -26,14 +26,11 @@ touch the model (``start``, ``refit``) are collectives every trainer rank makes:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import shutil
 import socket
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -233,7 +230,7 @@ class RolloutEngines:
             extra_args=extra, log_dir=str(self.workdir / "logs"),
             weight_version=str(weight_version),
             gpu_offset=0 if a.colocate else trainer_gpus)
-        self.launcher = OrphanSafeLauncher(cfg)
+        self.launcher = RolloutLauncher(cfg)
         urls = self.launcher.start()
         self._connect(urls)
         return urls
@@ -257,8 +254,7 @@ class RolloutEngines:
             kwargs.update(tp_size=a.rollout_tp_size)
         self.transport = make_transport(a.weight_transport, self.client, **kwargs)
         if a.weight_transport == "distributed":
-            with _own_rendezvous_store():
-                self.transport.connect()
+            self.transport.connect()
         log.info("rollout servers %s, weight transport %s", urls, a.weight_transport)
         return list(urls)
 
@@ -307,29 +303,6 @@ class RolloutEngines:
         failed = {u: r for u, r in results.items() if isinstance(r, dict) and not r.get("success", True)}
         if failed:
             raise RefitError(f"{what} failed: {failed}")
-
-
-@contextlib.contextmanager
-def _own_rendezvous_store() -> Iterator[None]:
-    """torchrun sets TORCHELASTIC_USE_AGENT_STORE, which makes torch's ``tcp://`` rendezvous join
-    the elastic agent's store as a client even on rank 0, so nobody would host the weight-update
-    group's store (the servers are clients too). Rank 0 must host it: hide the flag meanwhile."""
-    saved = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
-
-
-class OrphanSafeLauncher(RolloutLauncher):
-    """Engines die with the trainer even when it gets SIGKILL (no atexit hook runs then):
-    ``setpriv --pdeathsig KILL`` sets the parent-death signal, then execs the server."""
-
-    def build_command(self, index: int, port: int) -> list[str]:
-        cmd = super().build_command(index, port)
-        setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-        return [setpriv, "--pdeathsig", "KILL", "--", *cmd] if setpriv else cmd
 
 
 def check_rollout_args(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import threading
@@ -122,6 +123,11 @@ class LaunchConfig:
     weight_version: str | None = None
     gpu_offset: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    # Engines get SIGKILL when the launching thread's process dies, even by SIGKILL (no atexit
+    # hook runs then): `setpriv --pdeathsig KILL` (util-linux) sets the parent-death signal and
+    # execs the server. The signal follows the *thread* that started the engine: start them from
+    # the main thread.
+    die_with_parent: bool = True
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -170,6 +176,12 @@ def _install_hooks() -> None:
                 os.kill(os.getpid(), signum)
 
         signal.signal(sig, handler)
+
+
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` behind ``setpriv --pdeathsig KILL`` on Linux (unchanged where setpriv is missing)."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "KILL", "--", *cmd] if setpriv else cmd
 
 
 class RolloutLauncher:
@@ -226,6 +238,8 @@ class RolloutLauncher:
         try:
             for i, port in enumerate(self._ports()):
                 cmd = self.build_command(i, port)
+                if self.cfg.die_with_parent:
+                    cmd = die_with_parent(cmd)
                 log_path = log_dir / f"engine_{i}.log"
                 with open(log_path, "ab") as log:
                     log.write(f"\n==== {time.strftime('%F %T')} {' '.join(cmd)}\n".encode())

@@ -76,18 +76,21 @@ def init_weight_update_group(
     """Join the weight-update group exactly as SGLang's servers do.
 
     SGLang (and the trainers that drive it) rendezvous through a TCP store at
-    ``tcp://master_address:master_port`` hosted by rank 0, namespace it with
+    ``master_address:master_port`` hosted by rank 0, namespace it with
     ``PrefixStore(group_name)`` and build a standalone process group that leaves the default group
     (the trainer's megatron world) untouched. Matching that key layout is what lets this trainer talk
     to real SGLang and SGLang-style trainers talk to the CPU server. torch has no public API for a
     second "world" group, hence the private helper (same as SGLang, OpenRLHF, verl).
+
+    The store is a ``TCPStore`` made here, hosted by rank 0 — not ``rendezvous("tcp://...")``,
+    which under torchrun (``TORCHELASTIC_USE_AGENT_STORE``) joins the elastic agent's store as a
+    client even on rank 0, so nobody would host this group's store.
     """
     from torch.distributed.distributed_c10d import (
         Backend,
         PrefixStore,
         _new_process_group_helper,
         _world,
-        rendezvous,
     )
 
     if not group_name:
@@ -99,10 +102,8 @@ def init_weight_update_group(
             "backend 'nccl' needs CUDA, and torch.cuda.is_available() is False here; use backend 'gloo'"
         )
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(
-        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
-    store.set_timeout(timeout)
+    # multi_tenant: one process may host several groups' stores on the same port.
+    store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout, multi_tenant=True)
     store = PrefixStore(group_name, store)
     extra: dict[str, Any] = {}
     if backend == "nccl":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from functools import partial
 
@@ -122,7 +123,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     """Runs the loop; returns the last iteration's metrics (used by tests and benchmarks)."""
     from megatron.core import parallel_state as ps
 
-    from sfpo_megatron.components.checkpoint import load_checkpoint, save_checkpoint
+    from sfpo_megatron.components.checkpoint import load_checkpoint, resolve_load_dir, save_checkpoint
     from sfpo_megatron.components.metrics import MetricsLogger, ThroughputMeter, memory_stats
     from sfpo_megatron.components.optimizer import optimizer_state_bytes
     from sfpo_megatron.components.preemption import PreemptionHandler
@@ -142,16 +143,19 @@ def pretrain(args: argparse.Namespace) -> dict:
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
     iteration, extra = 0, {}
-    if args.load:
+    if args.save and resolve_load_dir(args.save) is not None:
+        # A run restarted with the same command line (crash, preemption, requeue) continues
+        # its own progress in --save; --load only initialises a fresh run (as `rl` does).
+        res = load_checkpoint(args.save, setup.model, setup.optimizer, setup.scheduler)
+        iteration, extra = res.iteration, res.extra_state
+        if args.load and os.path.abspath(args.load) != os.path.abspath(args.save):
+            log.info("resuming from --save %s (iteration %d); --load %s is not used", args.save,
+                     iteration, args.load)
+    elif args.load:
         res = load_checkpoint(args.load, setup.model, setup.optimizer, setup.scheduler,
                               load_optim=not (args.finetune or args.no_load_optim),
                               load_rng=not (args.finetune or args.no_load_rng))
         if res is not None and not args.finetune:
-            iteration, extra = res.iteration, res.extra_state
-    elif args.save:
-        # Resume a crashed run that is restarted with the same command line.
-        res = load_checkpoint(args.save, setup.model, setup.optimizer, setup.scheduler)
-        if res is not None:
             iteration, extra = res.iteration, res.extra_state
     consumed = int(extra.get("consumed_samples", iteration * args.global_batch_size))
 

@@ -384,7 +384,7 @@ sfpo_checkpoints() {
     fi
 }
 
-# sfpo_load_flags SAVE [INIT] (pretraining, where --load wins over --save): SFPO_LOAD_FLAGS resume
+# sfpo_load_flags SAVE [INIT] (pretraining): SFPO_LOAD_FLAGS resume
 # from SAVE when an earlier attempt checkpointed there, else load INIT's weights only.
 sfpo_load_flags() {
     local save=$1 init=${2:-}

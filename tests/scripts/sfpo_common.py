@@ -92,3 +92,37 @@ def build_setup(args, model_dir: Path):
     load_hf_weights(setup.model, str(model_dir), str(model_dir))
     setup.optimizer.reload_model_params()
     return setup, arch
+
+
+def run_worker(scenario) -> None:
+    """The workers' command line: ``--hf DIR --out DIR --scenarios a,b,...``; runs
+    ``scenario(name, hf, out)`` for each name in this process group and saves its result from
+    global rank 0 as ``<out>/<name>.pt``."""
+    import argparse
+    import gc
+    import time
+    import traceback
+
+    import torch.distributed as dist
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--hf", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--scenarios", required=True)
+    a = p.parse_args()
+    from sfpo_megatron.distributed import parallel
+    from sfpo_megatron.distributed.platform import setup_platform
+
+    setup_platform()
+    for name in a.scenarios.split(","):
+        t0 = time.perf_counter()
+        try:
+            result = scenario(name, a.hf, a.out)
+        except Exception:
+            traceback.print_exc()
+            raise
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save(result, a.out / f"{name}.pt")
+            print(f"scenario {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        gc.collect()
+    parallel.destroy()

@@ -10,16 +10,13 @@ final parameters in HF naming (full tensors), per-step metrics and scenario-spec
 
 from __future__ import annotations
 
-import argparse
 import gc
-import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from sfpo_common import build_setup, make_samples, rl_args
+from sfpo_common import build_setup, make_samples, rl_args, run_worker
 
 STEPS = 2
 LAYOUTS = {  # scenario → (tp, pp, extra flags, setting overrides)
@@ -249,29 +246,5 @@ def errors(args, setup, arch, hf: Path) -> dict:
     return {"errors": found}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--hf", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--scenarios", required=True)
-    a = p.parse_args()
-    from sfpo_megatron.distributed import parallel
-    from sfpo_megatron.distributed.platform import setup_platform
-
-    setup_platform()
-    for name in a.scenarios.split(","):
-        t0 = time.perf_counter()
-        try:
-            result = scenario(name, a.hf, a.out)
-        except Exception:
-            traceback.print_exc()
-            raise
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            torch.save(result, a.out / f"{name}.pt")
-            print(f"scenario {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-        gc.collect()
-    parallel.destroy()
-
-
 if __name__ == "__main__":
-    main()
+    run_worker(scenario)

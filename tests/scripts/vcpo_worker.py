@@ -19,16 +19,13 @@ Scenarios (each from the same HF weights; results written by global rank 0 to ``
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from sfpo_common import build_setup, make_samples, rl_args
+from sfpo_common import build_setup, make_samples, rl_args, run_worker
 from sfpo_worker import hf_params, reinit
 
 RHO_BASE = 0.9
@@ -120,24 +117,5 @@ def scenario(name: str, hf: Path) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--hf", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--scenarios", required=True)
-    a = p.parse_args()
-    from sfpo_megatron.distributed import parallel
-    from sfpo_megatron.distributed.platform import setup_platform
-
-    setup_platform()
-    for name in a.scenarios.split(","):
-        t0 = time.perf_counter()
-        result = scenario(name, a.hf)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            torch.save(result, a.out / f"{name}.pt")
-            print(f"scenario {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    parallel.destroy()
-
-
 if __name__ == "__main__":
-    main()
+    run_worker(lambda name, hf, out: scenario(name, hf))

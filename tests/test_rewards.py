@@ -148,6 +148,29 @@ def test_runner_counts_raising_and_hanging_functions(tmp_path: Path) -> None:
         runner.score(["ok"], ["1"])
 
 
+def test_runner_counts_stay_per_call_across_threads(tmp_path: Path) -> None:
+    """The asynchronous rollout thread and the evaluation share one runner: each call's
+    (errors, timeouts) are its own, whatever the other thread scores meanwhile."""
+    import threading
+
+    meta = {"pid_file": str(tmp_path / "unused.pid")}
+    results: dict[str, tuple] = {}
+    with RewardRunner(f"{__name__}:scripted_reward", num_workers=2, timeout_s=5.0) as runner:
+
+        def call(name: str, responses: list[str]) -> None:
+            results[name] = runner.score_counted(responses, ["1"] * len(responses), [meta] * len(responses))
+
+        threads = [threading.Thread(target=call, args=("rollout", ["raise", "ok"] * 20)),
+                   threading.Thread(target=call, args=("eval", ["ok", "nan", "ok"] * 10))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results["rollout"] == ([0.0, 1.0] * 20, 20, 0)
+        assert results["eval"] == ([1.0, 0.0, 1.0] * 10, 10, 0)
+        assert runner.stats() == {"calls": 70, "errors": 30, "timeouts": 0}
+
+
 def test_resolve_reward_fn() -> None:
     assert resolve_reward_fn("math") is math_verify_reward
     assert resolve_reward_fn("rg") is reasoning_gym_reward

@@ -265,6 +265,7 @@ class RewardRunner:
         self.errors = 0
         self.timeouts = 0
         self._pool = ProcessPool(max_workers=num_workers, context=multiprocessing.get_context(mp_context))
+        self._lock = threading.Lock()  # one batch at a time; the counters stay per call
         # Workers are stopped even if close() is never called.
         self._finalizer = weakref.finalize(self, _stop_pool, self._pool)
 
@@ -275,6 +276,27 @@ class RewardRunner:
         metadatas: Sequence[dict[str, Any]] | None = None,
     ) -> list[float]:
         """One reward per response; failed or timed-out samples get 0.0."""
+        return self.score_counted(responses, answers, metadatas)[0]
+
+    def score_counted(
+        self,
+        responses: Sequence[str],
+        answers: Sequence[str],
+        metadatas: Sequence[dict[str, Any]] | None = None,
+    ) -> tuple[list[float], int, int]:
+        """(rewards, errors, timeouts) of this call alone: threads sharing the runner (the
+        asynchronous rollout producer and the evaluation) each get their own counts."""
+        with self._lock:
+            errors, timeouts = self.errors, self.timeouts
+            rewards = self._score(responses, answers, metadatas)
+            return rewards, self.errors - errors, self.timeouts - timeouts
+
+    def _score(
+        self,
+        responses: Sequence[str],
+        answers: Sequence[str],
+        metadatas: Sequence[dict[str, Any]] | None,
+    ) -> list[float]:
         if metadatas is None:
             metadatas = [{} for _ in responses]
         if not len(responses) == len(answers) == len(metadatas):

@@ -116,14 +116,14 @@ def generate_groups(client, items: Sequence[Any], tokenizer, rewards, *, n: int,
             texts=[tokenizer.decode(s.output_ids) for s in samples],
             weight_version=samples[0].weight_version if samples else None,
             weight_versions=[s.weight_version for s in samples]))
-    before = (rewards.errors, rewards.timeouts)
     flat = [(g, t) for g in groups for t in g.texts]
-    scores = rewards.score([t for _, t in flat], [g.item.answer for g, _ in flat],
-                           [g.item.metadata for g, _ in flat]) if flat else []
+    scores, errors, timeouts = rewards.score_counted(
+        [t for _, t in flat], [g.item.answer for g, _ in flat],
+        [g.item.metadata for g, _ in flat]) if flat else ([], 0, 0)
     it = iter(scores)
     for g in groups:
         g.rewards = [float(next(it)) for _ in g.texts]
-    return groups, RewardCounts(rewards.errors - before[0], rewards.timeouts - before[1])
+    return groups, RewardCounts(errors, timeouts)
 
 
 def group_metrics(groups: Sequence[ScoredGroup], prefix: str) -> dict[str, float]:

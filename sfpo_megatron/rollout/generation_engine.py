@@ -1,0 +1,685 @@
+"""The CPU rollout server's generation engine: one thread owns the HF model and runs batches
+(prefill, decode, sampling with per-sequence generators, aborts, pauses) and weight updates
+between them. Semantics: see :mod:`sfpo_megatron.rollout.server`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sfpo_megatron.rollout.server_requests import FLOAT32_MIN, SamplingConfig, SeqSpec
+
+logger = logging.getLogger("sfpo_megatron.rollout.server")
+
+# ============================================================================================
+# Generation engine: one thread owns the model; batches, sampling, weight updates.
+# ============================================================================================
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+@dataclass
+class Sequence:
+    spec: SeqSpec
+    generator: torch.Generator
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    created: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top: list[tuple[list[float], list[int]]] = field(default_factory=list)
+    output_ids_lp: list[list[float]] = field(default_factory=list)
+    input_logprobs: list[float | None] = field(default_factory=list)
+    input_top: list[tuple[list[float], list[int]] | None] = field(default_factory=list)
+    input_ids_lp: list[list[float] | None] = field(default_factory=list)
+    finish_reason: dict | None = None
+    stop_text_cut: int | None = None
+
+    @property
+    def rid(self) -> str:
+        return self.spec.rid
+
+
+@dataclass
+class _Batch:
+    seqs: list[Sequence]
+    cache: Any
+    mask: torch.Tensor  # (B, T) attention mask over cache + next token
+    next_pos: torch.Tensor  # (B,) position id of the token to feed next
+    logits: torch.Tensor  # (B, V) next-token logits, float32
+    counts: torch.Tensor | None  # (B, V) generated-token counts, only when a row is penalised
+
+
+class GenerationEngine:
+    """Owns the model. All model access (forward, weight updates, offload) runs on its thread."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        eos_token_ids: set[int],
+        max_batch_size: int = 64,
+        weight_version: str = "default",
+        return_original_logprob: bool = False,
+        tokenizer: Any | None = None,
+        offload_dir: str | None = None,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.vocab_size = int(model.config.vocab_size)
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_batch_size = max_batch_size
+        self.weight_version = weight_version
+        self.return_original_logprob = return_original_logprob
+        self.tokenizer = tokenizer
+        self.offload_dir = Path(offload_dir or tempfile.gettempdir())
+        self._seed_rng = random.Random(seed)
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._running: list[Sequence] = []
+        self._paused = False
+        self._pause_mode = "abort"
+        self._released = False
+        self._abort_all = False
+        self._abort_rids: set[str] = set()
+        self._stop = False
+        self._offload_path: Path | None = None
+        self._param_shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self.stats = {"requests": 0, "sequences": 0, "generated_tokens": 0, "batches": 0, "weight_updates": 0}
+        self._thread = threading.Thread(target=self._loop, name="rollout-engine", daemon=True)
+
+    # ---- thread-safe API ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @property
+    def pause_mode(self) -> str | None:
+        return self._pause_mode if self._paused else None
+
+    def submit(self, specs: list[SeqSpec]) -> list[Sequence]:
+        seqs = []
+        for spec in specs:
+            g = torch.Generator()
+            base = spec.params.seed if spec.params.seed is not None else self._seed_rng.getrandbits(62)
+            g.manual_seed(base + spec.sample_index)
+            seqs.append(Sequence(spec, g))
+        with self._cond:
+            if self._stop:
+                raise EngineError("the engine is shutting down")
+            self._waiting.extend(seqs)
+            self.stats["requests"] += 1
+            self.stats["sequences"] += len(seqs)
+            self._cond.notify_all()
+        return seqs
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the engine thread between batches (or between decode steps while paused)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._commands.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    def abort(self, rids: set[str] | None = None, message: str = "Aborted by request", prefix: str | None = None) -> int:
+        """Abort waiting and running sequences: those in ``rids``, those whose rid starts with
+        ``prefix`` (SGLang's /abort_request matching), or all when both are None."""
+
+        def hit(rid: str) -> bool:
+            if rids is None and prefix is None:
+                return True
+            return (rids is not None and rid in rids) or (prefix is not None and rid.startswith(prefix))
+
+        with self._cond:
+            waiting = [s for s in self._waiting if hit(s.rid)]
+            for s in waiting:
+                self._waiting.remove(s)
+                self._finish(s, {"type": "abort", "message": message})
+            running = [s for s in self._running if hit(s.rid) and not s.future.done()]
+            if rids is None and prefix is None:
+                self._abort_all = bool(running)
+            else:
+                self._abort_rids |= {s.rid for s in running}
+            self._cond.notify_all()
+            return len(waiting) + len(running)
+
+    def pause(self, mode: str) -> int:
+        aborted = self.abort(message="Aborted by /pause_generation") if mode == "abort" else 0
+        with self._cond:
+            self._paused = True
+            self._pause_mode = mode
+            self._cond.notify_all()
+        return aborted
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def load(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "num_reqs": len(self._waiting) + len(self._running),
+                "num_waiting_reqs": len(self._waiting),
+                "num_running_reqs": len(self._running),
+                "num_tokens": sum(len(s.spec.prompt_ids) + len(s.output_ids) for s in self._running),
+            }
+
+    # ---- engine thread -----------------------------------------------------------------
+
+    def _can_run(self) -> bool:
+        return not self._paused and not self._released
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._commands and not (self._waiting and self._can_run()):
+                    self._cond.wait()
+                if self._stop:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+                batch: list[Sequence] = []
+                if not commands:
+                    while self._waiting and len(batch) < self.max_batch_size:
+                        batch.append(self._waiting.popleft())
+                    self._running = batch
+                    self._abort_all, self._abort_rids = False, set()
+            for fn, fut in commands:
+                self._run_command(fn, fut)
+            if batch:
+                try:
+                    self._run_batch(batch)
+                except Exception as e:  # the batch fails; the server keeps serving
+                    logger.exception("generation batch failed")
+                    with self._cond:
+                        failed = batch + self._running  # includes sequences admitted mid-batch
+                    for s in failed:
+                        if not s.future.done():
+                            s.future.set_exception(EngineError(f"generation failed: {e}"))
+                finally:
+                    with self._cond:
+                        self._running = []
+        with self._cond:
+            leftovers = list(self._waiting) + list(self._running)
+            self._waiting.clear()
+        for s in leftovers:
+            if not s.future.done():
+                s.future.set_exception(EngineError("server shut down"))
+
+    @staticmethod
+    def _run_command(fn: Callable[[], Any], fut: concurrent.futures.Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as e:
+            fut.set_exception(e)
+
+    def _checkpoint(self) -> None:
+        """Between decode steps: return once the batch may go on or has aborts to apply. While paused
+        in place (or released) serve commands, e.g. weight updates, and wait."""
+        while True:
+            with self._cond:
+                if self._can_run() or self._abort_all or self._abort_rids:
+                    return
+                commands = list(self._commands)
+                self._commands.clear()
+                if not commands:
+                    self._cond.wait()
+                    continue
+            for fn, fut in commands:
+                self._run_command(fn, fut)
+
+    def _finish(self, seq: Sequence, reason: dict) -> None:
+        seq.finish_reason = reason
+        if not seq.future.done():
+            seq.future.set_result(self._result(seq))
+
+    @torch.inference_mode()
+    def _run_batch(self, seqs: list[Sequence]) -> None:
+        self.stats["batches"] += 1
+        batch = self._prefill(seqs)
+        while batch.seqs:
+            self._sample_step(batch)
+            self._retire(batch)
+            while batch.seqs:
+                self._checkpoint()
+                self._apply_aborts(batch)
+                if self._can_run():
+                    break
+            if not batch.seqs:
+                break
+            self._decode(batch)
+            self._admit(batch)
+
+    def _admit(self, batch: _Batch) -> None:
+        """Continuous batching: prefill waiting sequences and merge them into the running batch, so
+        a batch never waits for its longest row while requests queue. Stops while commands (weight
+        updates) wait, so the batch drains and they run between batches."""
+        if not self._mergeable(batch.cache):
+            return
+        with self._cond:
+            if self._commands or not self._can_run():
+                return
+            new = []
+            while self._waiting and len(batch.seqs) + len(new) < self.max_batch_size:
+                new.append(self._waiting.popleft())
+            if not new:
+                return
+            self._running = self._running + new
+        fresh = self._prefill(new)
+        if fresh.seqs:
+            self._merge(batch, fresh)
+
+    @staticmethod
+    def _mergeable(cache: Any) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def _merge(self, batch: _Batch, fresh: _Batch) -> None:
+        """Append ``fresh``'s rows to ``batch``, left-padding whichever cache is shorter (the padded
+        positions are masked out, as in any left-padded batch)."""
+        t_old, t_new = batch.mask.shape[1], fresh.mask.shape[1]
+        width = max(t_old, t_new)
+
+        def pad(x: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
+            if extra == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = extra
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        for old_layer, new_layer in zip(batch.cache.layers, fresh.cache.layers):
+            old_layer.keys = torch.cat([pad(old_layer.keys, width - t_old, 2), pad(new_layer.keys, width - t_new, 2)])
+            old_layer.values = torch.cat([pad(old_layer.values, width - t_old, 2), pad(new_layer.values, width - t_new, 2)])
+        batch.mask = torch.cat([pad(batch.mask, width - t_old, 1), pad(fresh.mask, width - t_new, 1)])
+        batch.next_pos = torch.cat([batch.next_pos, fresh.next_pos])
+        batch.logits = torch.cat([batch.logits, fresh.logits])
+        if batch.counts is not None or fresh.counts is not None:
+            zeros = lambda b: torch.zeros(len(b.seqs), self.vocab_size)  # noqa: E731
+            batch.counts = torch.cat([batch.counts if batch.counts is not None else zeros(batch),
+                                      fresh.counts if fresh.counts is not None else zeros(fresh)])
+        batch.seqs = batch.seqs + fresh.seqs
+
+    def _prefill(self, seqs: list[Sequence]) -> _Batch:
+        from transformers import DynamicCache
+
+        lengths = [len(s.spec.prompt_ids) for s in seqs]
+        L, B = max(lengths), len(seqs)
+        ids = torch.zeros(B, L, dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        for r, s in enumerate(seqs):  # left padding: every row's next token sits in column L
+            ids[r, L - lengths[r]:] = torch.tensor(s.spec.prompt_ids)
+            mask[r, L - lengths[r]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        full = any(s.spec.return_logprob and s.spec.logprob_start_len >= 0 for s in seqs)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            use_cache=True, logits_to_keep=0 if full else 1,
+        )
+        logits = out.logits.float()
+        if full:
+            for r, s in enumerate(seqs):
+                if s.spec.return_logprob and s.spec.logprob_start_len >= 0:
+                    self._prompt_logprobs(s, logits[r, L - lengths[r]:])
+        penalised = any(s.spec.params.penalised for s in seqs)
+        counts = torch.zeros(B, self.vocab_size, dtype=torch.float32) if penalised else None
+        batch = _Batch(list(seqs), cache, mask, pos[:, -1] + 1, logits[:, -1], counts)
+        # max_new_tokens == 0 is a prefill-only (scoring) request.
+        done = [s for s in seqs if s.spec.params.max_new_tokens == 0]
+        for s in done:
+            self._finish(s, {"type": "length", "length": 0})
+        if done:
+            self._select(batch, [r for r, s in enumerate(seqs) if s.spec.params.max_new_tokens > 0])
+        return batch
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Logprob of prompt token k given tokens < k (raw distribution); None for the first token."""
+        logp = torch.log_softmax(logits, dim=-1).clamp(min=FLOAT32_MIN)
+        prompt = seq.spec.prompt_ids
+        k_top, ids = seq.spec.top_logprobs_num, seq.spec.token_ids_logprob
+        for k in range(seq.spec.logprob_start_len, len(prompt)):
+            if k == 0:
+                seq.input_logprobs.append(None)
+                seq.input_top.append(None)
+                seq.input_ids_lp.append(None)
+                continue
+            row = logp[k - 1]
+            seq.input_logprobs.append(float(row[prompt[k]]))
+            if k_top:
+                v, i = torch.topk(row, k_top)
+                seq.input_top.append((v.tolist(), i.tolist()))
+            if ids:
+                seq.input_ids_lp.append(row[ids].tolist())
+
+    def _decode(self, batch: _Batch) -> None:
+        last = torch.tensor([s.output_ids[-1] for s in batch.seqs], dtype=torch.long)
+        batch.mask = torch.cat([batch.mask, torch.ones(len(batch.seqs), 1, dtype=batch.mask.dtype)], dim=1)
+        out = self.model(
+            input_ids=last[:, None], attention_mask=batch.mask, position_ids=batch.next_pos[:, None],
+            past_key_values=batch.cache, use_cache=True,
+        )
+        batch.logits = out.logits[:, -1].float()
+        batch.next_pos = batch.next_pos + 1
+
+    def _sample_step(self, batch: _Batch) -> None:
+        logits = batch.logits
+        if torch.isnan(logits).any():
+            raise EngineError("the model produced NaN logits (corrupted weights?)")
+        seqs = batch.seqs
+        adjusted = self._adjust_logits(logits, batch)
+        temps = torch.tensor([1.0 if s.spec.params.greedy else s.spec.params.temperature for s in seqs])
+        scaled = adjusted / temps[:, None]
+        logp = torch.log_softmax(scaled, dim=-1)
+        report = torch.log_softmax(logits, dim=-1) if self.return_original_logprob else logp
+        report = report.clamp(min=FLOAT32_MIN)
+        tokens = adjusted.argmax(dim=-1)
+        for r, s in enumerate(seqs):
+            p = s.spec.params
+            if p.greedy:
+                continue
+            row = scaled[r:r + 1]
+            row = self._filter(row, p)
+            probs = torch.softmax(row, dim=-1)[0]
+            tokens[r] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        token_list = tokens.tolist()
+        lps = report.gather(1, tokens[:, None])[:, 0].tolist()
+        for r, s in enumerate(seqs):
+            tok = token_list[r]
+            s.output_ids.append(tok)
+            if s.spec.return_logprob:
+                s.output_logprobs.append(lps[r])
+                if s.spec.top_logprobs_num:
+                    v, i = torch.topk(report[r], s.spec.top_logprobs_num)
+                    s.output_top.append((v.tolist(), i.tolist()))
+                if s.spec.token_ids_logprob:
+                    s.output_ids_lp.append(report[r, s.spec.token_ids_logprob].tolist())
+            if batch.counts is not None:
+                batch.counts[r, tok] += 1
+        self.stats["generated_tokens"] += len(seqs)
+
+    def _adjust_logits(self, logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """Penalties, logit bias and min_new_tokens, applied before temperature (as in SGLang)."""
+        out = None
+        for r, s in enumerate(batch.seqs):
+            p = s.spec.params
+            needs_stop_mask = p.min_new_tokens > len(s.output_ids)
+            if not (p.penalised or p.logit_bias or needs_stop_mask):
+                continue
+            if out is None:
+                out = logits.clone()
+            row = out[r]
+            if p.penalised and batch.counts is not None:
+                c = batch.counts[r]
+                seen = c > 0
+                row -= p.frequency_penalty * c + p.presence_penalty * seen.float()
+                if p.repetition_penalty != 1.0:
+                    row[:] = torch.where(seen & (row < 0), row * p.repetition_penalty, row)
+                    row[:] = torch.where(seen & (row >= 0), row / p.repetition_penalty, row)
+            for tid, b in p.logit_bias:
+                row[tid] += b
+            if needs_stop_mask:
+                stops = (set() if p.ignore_eos else self.eos_token_ids) | p.stop_token_ids
+                if stops:
+                    row[list(stops)] = float("-inf")
+        return logits if out is None else out
+
+    @staticmethod
+    def _filter(row: torch.Tensor, p: SamplingConfig) -> torch.Tensor:
+        from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        if p.top_k > 0:
+            row = TopKLogitsWarper(p.top_k)(None, row)
+        if p.top_p < 1.0:
+            row = TopPLogitsWarper(p.top_p)(None, row)
+        if p.min_p > 0.0:
+            row = MinPLogitsWarper(p.min_p)(None, row)
+        return row
+
+    def _retire(self, batch: _Batch) -> None:
+        keep = []
+        for r, s in enumerate(batch.seqs):
+            reason = self._finish_reason(s)
+            if reason is None:
+                keep.append(r)
+            else:
+                self._finish(s, reason)
+        if len(keep) < len(batch.seqs):
+            self._select(batch, keep)
+
+    def _finish_reason(self, s: Sequence) -> dict | None:
+        """SGLang's order: the length limit first, then stop tokens, then stop strings."""
+        p, tok = s.spec.params, s.output_ids[-1]
+        if len(s.output_ids) >= p.max_new_tokens:
+            return {"type": "length", "length": p.max_new_tokens}
+        if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
+            return {"type": "stop", "matched": tok}
+        if p.stop_strs:
+            text = self.tokenizer.decode(s.output_ids, skip_special_tokens=p.skip_special_tokens)
+            for stop in p.stop_strs:
+                idx = text.find(stop)
+                if idx >= 0:
+                    s.stop_text_cut = idx
+                    return {"type": "stop", "matched": stop}
+        return None
+
+    def _apply_aborts(self, batch: _Batch) -> None:
+        with self._cond:
+            abort_all, rids = self._abort_all, set(self._abort_rids)
+            self._abort_all, self._abort_rids = False, set()
+        if not abort_all and not rids:
+            return
+        keep = []
+        for r, s in enumerate(batch.seqs):
+            if abort_all or s.rid in rids:
+                self._finish(s, {"type": "abort", "message": "Aborted"})
+            else:
+                keep.append(r)
+        self._select(batch, keep)
+
+    def _select(self, batch: _Batch, keep: list[int]) -> None:
+        batch.seqs = [batch.seqs[r] for r in keep]
+        with self._cond:
+            self._running = [s for s in self._running if not s.future.done()]
+        if not keep:
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        batch.cache.batch_select_indices(idx)
+        batch.mask = batch.mask[idx]
+        batch.next_pos = batch.next_pos[idx]
+        batch.logits = batch.logits[idx]
+        if batch.counts is not None:
+            batch.counts = batch.counts[idx]
+        # Columns that are padding for every remaining row only cost attention time: drop them.
+        lead = int(batch.mask.any(dim=0).long().argmax())
+        if lead > 0 and self._mergeable(batch.cache):
+            for layer in batch.cache.layers:
+                if layer.get_seq_length() > 0:
+                    layer.keys = layer.keys[:, :, lead:]
+                    layer.values = layer.values[:, :, lead:]
+            batch.mask = batch.mask[:, lead:]
+
+    def _result(self, s: Sequence) -> dict:
+        """One SGLang /generate result (``text`` only when the server has a tokenizer)."""
+        spec, fr = s.spec, s.finish_reason
+        meta: dict[str, Any] = {
+            "id": s.rid,
+            "finish_reason": fr,
+            "prompt_tokens": len(spec.prompt_ids),
+            "completion_tokens": len(s.output_ids),
+            "cached_tokens": 0,
+            "weight_version": self.weight_version,
+            "e2e_latency": time.perf_counter() - s.created,
+        }
+        if spec.return_logprob:
+            meta["input_token_logprobs"] = [
+                [lp, tok, None] for lp, tok in zip(s.input_logprobs, spec.prompt_ids[max(spec.logprob_start_len, 0):])
+            ]
+            meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(s.output_logprobs, s.output_ids)]
+            if spec.top_logprobs_num:
+                meta["input_top_logprobs"] = [None if t is None else [[v, i, None] for v, i in zip(*t)] for t in s.input_top]
+                meta["output_top_logprobs"] = [[[v, i, None] for v, i in zip(*t)] for t in s.output_top]
+            if spec.token_ids_logprob:
+                ids = spec.token_ids_logprob
+                meta["input_token_ids_logprobs"] = [None if t is None else [[v, i, None] for v, i in zip(t, ids)] for t in s.input_ids_lp]
+                meta["output_token_ids_logprobs"] = [[[v, i, None] for v, i in zip(t, ids)] for t in s.output_ids_lp]
+        out: dict[str, Any] = {}
+        if self.tokenizer is not None:
+            ids = s.output_ids
+            if fr and fr.get("type") == "stop" and isinstance(fr.get("matched"), int) and not spec.params.no_stop_trim:
+                ids = ids[:-1]  # SGLang leaves a matched stop token out of the text
+            text = self.tokenizer.decode(ids, skip_special_tokens=spec.params.skip_special_tokens)
+            if s.stop_text_cut is not None and not spec.params.no_stop_trim:
+                text = text[: s.stop_text_cut]
+            out["text"] = text
+        out["output_ids"] = list(s.output_ids)
+        out["meta_info"] = meta
+        return out
+
+    # ---- weights (run through call(): on the engine thread) -----------------------------
+
+    def param_table(self) -> dict[str, torch.Tensor]:
+        """HF name -> tensor, tied aliases included (``lm_head.weight`` of a tied model)."""
+        return {k: v.data for k, v in self.model.state_dict(keep_vars=True).items()}
+
+    def load_from_disk(self, model_path: str) -> str:
+        from safetensors import safe_open
+
+        path = Path(model_path)
+        if path.is_file() and path.suffix == ".safetensors":
+            files = [path]
+        elif path.is_dir():
+            files = sorted(path.glob("*.safetensors"))
+            index = path / "model.safetensors.index.json"
+            if index.exists():  # like SGLang's loader: only the shards the index names
+                names = set(json.loads(index.read_text())["weight_map"].values())
+                files = [f for f in files if f.name in names]
+        else:
+            raise ValueError(f"model_path {model_path!r} is neither a directory nor a .safetensors file")
+        if not files:
+            raise ValueError(f"no *.safetensors files in {model_path!r}")
+        table = self.param_table()
+        # Check every header before touching the model, so a bad checkpoint changes nothing.
+        plan: list[tuple[Path, str]] = []
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if name not in table:
+                        raise ValueError(f"{f.name}: tensor {name!r} is not a parameter of this model")
+                    shape = tuple(sf.get_slice(name).get_shape())
+                    if shape != tuple(table[name].shape):
+                        raise ValueError(f"{f.name}: {name} has shape {list(shape)}, the model has {list(table[name].shape)}")
+                    plan.append((f, name))
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    if name in table:
+                        table[name].copy_(sf.get_tensor(name))
+        self.stats["weight_updates"] += 1
+        return f"Loaded {len(plan)} tensors from {len(files)} file(s) in {model_path}."
+
+    def receive_from_group(self, pg: Any, names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]]) -> str:
+        """Receive one bucket broadcast from rank 0, in order. Always joins every broadcast (even for a
+        bad name) so the trainer's collective completes; errors are reported after."""
+        import torch.distributed as dist
+
+        table = self.param_table()
+        problems = []
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            target = table.get(name)
+            if target is None:
+                problems.append(f"{name!r} is not a parameter of this model")
+            elif list(target.shape) != list(shape):
+                problems.append(f"{name} has shape {list(shape)}, the model has {list(target.shape)}")
+        works, staged = [], []
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            target = table.get(name)
+            direct = not problems and target is not None and target.dtype == dtype and target.is_contiguous()
+            # Same dtype: receive straight into the parameter (no extra copy).
+            buf = target if direct else torch.empty(shape, dtype=dtype)
+            works.append(dist.broadcast(buf, src=0, group=pg, async_op=True))
+            staged.append((name, buf, direct))
+        for w in works:
+            w.wait()
+        if problems:
+            raise ValueError("; ".join(problems))
+        for name, buf, direct in staged:
+            if not direct:
+                table[name].copy_(buf)
+        self.stats["weight_updates"] += 1
+        return f"Received {len(names)} tensors."
+
+    def release_weights(self) -> str:
+        from safetensors.torch import save_model
+
+        if self._released:
+            return "Weights already released."
+        self.offload_dir.mkdir(parents=True, exist_ok=True)
+        path = self.offload_dir / f"rollout-offload-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
+        save_model(self.model, str(path))
+        self._param_shapes = {}
+        for name, p in self.model.named_parameters():  # unique Parameters; ties share one object
+            self._param_shapes[name] = (p.shape, p.dtype)
+            p.data = torch.empty(0, dtype=p.dtype)
+        self._offload_path = path
+        with self._cond:
+            self._released = True
+        return f"Weights offloaded to {path}."
+
+    def resume_weights(self) -> str:
+        from safetensors.torch import load_model
+
+        if not self._released:
+            return "Weights were not released."
+        params = dict(self.model.named_parameters())
+        for name, (shape, dtype) in self._param_shapes.items():
+            params[name].data = torch.empty(shape, dtype=dtype)
+        assert self._offload_path is not None
+        load_model(self.model, str(self._offload_path))
+        self._offload_path.unlink(missing_ok=True)
+        self._offload_path = None
+        with self._cond:
+            self._released = False
+            self._cond.notify_all()
+        return "Weights restored."
+

@@ -71,7 +71,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         assert proc.poll() is None, f"run ended (code {proc.returncode}) before its step-{KILL_AFTER} checkpoint"
         assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
         time.sleep(0.05)
-    time.sleep(0.5)  # into step 3: rollout / update, well before its end and the next checkpoint
+    # Into step 3: its rollout batch is logged (rollout_batches.jsonl, written before the update),
+    # its metrics are not (written after the update, the refit and the evaluation).
+    batches = out / "logs" / "rollout_batches.jsonl"
+    while not (batches.exists() and any(json.loads(line)["step"] == KILL_AFTER + 1
+                                        for line in batches.read_text().splitlines() if line.endswith("}"))):
+        assert proc.poll() is None, f"run ended (code {proc.returncode}) before step {KILL_AFTER + 1}"
+        assert time.monotonic() < deadline, "step 3 did not start within 10 minutes"
+        time.sleep(0.01)
     children = psutil.Process(proc.pid).children(recursive=True)
     server = [c for c in children if "sfpo_megatron.rollout.server" in " ".join(c.cmdline())]
     proc.kill()

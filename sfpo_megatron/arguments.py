@@ -212,7 +212,7 @@ def add_async_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--off-policy-baseline", choices=["none", "opob"], default="none",
                    help="opob: per prompt group b* = sum w^2 |g|^2 R / sum w^2 |g|^2 (with --vcpo)")
     g.add_argument("--opob-grad-norm", choices=["logit", "exact"], default="logit",
-                   help="|g|^2 = |d log pi(tau) / d logits|^2 from one extra forward pass (logit, no "
+                   help="|g|^2 = |d log pi(tau) / d logits|^2 from the old-logprob forward (logit, no "
                         "backward) or over all parameters (exact, one extra forward+backward)")
 
 

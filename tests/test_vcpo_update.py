@@ -90,6 +90,13 @@ def test_opob_changes_the_update_identically_at_dp1_and_dp2(results: dict) -> No
     assert shift > 1e-3  # unequal weights and gradient norms move b* off the group mean
     assert two["opob_metrics"]["vcpo/opob_advantage_shift"] == pytest.approx(shift, rel=1e-5)
     assert one["opob_metrics"]["time/opob_grad_norm_s"] > 0
+    # The advantages the update used are OPOB's from the standalone norms: exact norms (one
+    # backward per trajectory) and logit norms (folded into the old-log-prob forward).
+    for r in (one, two):
+        for label in ("opob", "opob_logit"):
+            assert r[f"{label}_metrics"]["vcpo/opob_advantage_shift"] == pytest.approx(
+                r[f"{label}_expected_shift"], rel=1e-5), label
+    assert one["opob_logit_metrics"]["vcpo/opob_advantage_shift"] > 1e-3
     assert _rel(one["opob"], one["plain"]) > 1e-4  # OPOB's advantages changed the step
     assert _rel(two["opob"], one["opob"]) < 1e-5  # DP2 = DP1
     assert _rel(two["plain"], one["plain"]) < 1e-5

@@ -11,7 +11,9 @@ Called by :class:`~sfpo_megatron.rl.sfpo.PolicyUpdater` right after the old log-
   ``ess_lr_scale(ρ)`` (:func:`scaled_lr`, restored right after ``optimizer.step()``);
 * **truncated IS** in the loss: min(w_i, C) per sequence (``PolicyUpdater._train_loss``);
 * **OPOB** (``--off-policy-baseline opob``): the group advantages are recomputed from the rewards
-  with b* = Σ w²‖g‖²R / Σ w²‖g‖², ‖g‖² from ``rl.trajectory_grad_norms`` (``--opob-grad-norm``).
+  with b* = Σ w²‖g‖²R / Σ w²‖g‖², ‖g‖² per trajectory (``--opob-grad-norm``): ``logit``, the
+  norm of ∂ log π(τ)/∂logits, comes out of the old-log-prob forward itself (no extra pass);
+  ``exact``, over all parameters, costs one backward per trajectory (``rl.trajectory_grad_norms``).
 
 Without ``--vcpo`` but with ``--async-rollout`` only the statistics are computed and logged (ESS,
 ρ, w percentiles): the update itself is the plain one.
@@ -146,14 +148,14 @@ def _weight_stats(plan: _Plan, last_stage: bool, threshold: float) -> dict[str, 
     return dict(zip(keys, broadcast_from_last_stage(values, len(keys)).tolist()))
 
 
-def _grad_sq_norms(updater: PolicyUpdater, local: TrainBatch) -> torch.Tensor:
-    from sfpo_megatron.rl import trajectory_grad_norms as tgn
+def _grad_sq_norms(updater: PolicyUpdater, plan: _Plan, local: TrainBatch) -> torch.Tensor | None:
+    """‖g‖² of this rank's rows (None off the last stage in logit mode, where nobody needs them)."""
+    from sfpo_megatron.rl.trajectory_grad_norms import trajectory_grad_sq_norms
 
-    kw = dict(temperature=updater.temperature, vocab_size=updater.vocab_size)
-    if updater.off_policy.grad_norm == "exact":
-        return tgn.trajectory_grad_sq_norms(updater.setup, local, **kw)
-    return tgn.logit_grad_sq_norms(updater.setup.model, local,
-                                   micro_batch_size=updater.micro_batch_size, **kw)
+    if updater.off_policy.grad_norm == "exact":  # collective: every rank runs the backward
+        return trajectory_grad_sq_norms(updater.setup, local, temperature=updater.temperature,
+                                        vocab_size=updater.vocab_size)
+    return plan.logit_grad_sq  # from the old-log-prob forward (PolicyUpdater._old_logprobs)
 
 
 def _opob(updater: PolicyUpdater, plan: _Plan, last_stage: bool) -> dict[str, float]:
@@ -162,7 +164,7 @@ def _opob(updater: PolicyUpdater, plan: _Plan, last_stage: bool) -> dict[str, fl
 
     t0 = time.perf_counter()
     local = TrainBatch.concat(plan.local)
-    g2 = _grad_sq_norms(updater, local)  # collective over the model-parallel ranks
+    g2 = _grad_sq_norms(updater, plan, local)
     t_norm = time.perf_counter() - t0
     gap = torch.zeros(1, dtype=torch.float64)
     if last_stage:

@@ -118,33 +118,50 @@ def broadcast_from_last_stage(values: torch.Tensor | None, size: int) -> torch.T
 
 @dataclass
 class TokenLogprobs:
-    """Per-token log π(label) and entropy ``[B, S]`` (0 where ``loss_mask`` is False)."""
+    """Per-token log π(label) and entropy ``[B, S]`` (0 where ``loss_mask`` is False) and, when
+    asked for, ``logit_grad_sq`` ``[B]`` (float64): Σ over the response tokens of
+    ‖∂ log π(label) / ∂logits‖² (VCPO's OPOB "logit" gradient norms)."""
 
     logprobs: torch.Tensor
     entropy: torch.Tensor
+    logit_grad_sq: torch.Tensor | None = None
 
 
-def _collect(mb: TrainBatch, logprobs: torch.Tensor, entropy: torch.Tensor):
-    mask = mb.loss_mask.to(logprobs.device)
+def _collect(temperature: float, vocab_size: int, grad_sq: bool, mb: TrainBatch, logits: torch.Tensor):
+    from sfpo_megatron.rl.vocab_parallel import (
+        vocab_parallel_logit_grad_sq,
+        vocab_parallel_logprobs_and_entropy,
+    )
+
+    labels = mb.labels.to(logits.device, non_blocking=True)
+    mask = mb.loss_mask.to(logits.device)
+    logprobs, entropy = vocab_parallel_logprobs_and_entropy(
+        logits, labels, temperature=temperature, vocab_size=vocab_size)
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    rows = None
+    if grad_sq:  # the same logits, one more pair of vocab reductions: no extra forward
+        per_token = vocab_parallel_logit_grad_sq(logits, labels, temperature, vocab_size)
+        rows = torch.where(mask, per_token.double(), 0.0).sum(dim=-1)
     return (torch.zeros((), device=logprobs.device),
-            (torch.where(mask, logprobs, zero).detach(), torch.where(mask, entropy, zero).detach()))
+            (torch.where(mask, logprobs, zero).detach(), torch.where(mask, entropy, zero).detach(), rows))
 
 
 @torch.no_grad()
 def compute_logprobs(model: Sequence[torch.nn.Module], batch: TrainBatch, *,
-                     micro_batch_size: int, temperature: float,
-                     vocab_size: int) -> TokenLogprobs | None:
-    """Forward-only log-probs and entropies of ``batch`` (this DP rank's rows) under ``model``.
+                     micro_batch_size: int, temperature: float, vocab_size: int,
+                     logit_grad_sq: bool = False) -> TokenLogprobs | None:
+    """Forward-only log-probs and entropies of ``batch`` (this DP rank's rows) under ``model``
+    (and the per-row logit gradient norms with ``logit_grad_sq``).
 
     Used for the old log-probs at θ(s,0) (the policy) and for a frozen reference policy. Returns
     ``None`` on pipeline stages other than the last, which never need them.
     """
     from megatron.core import parallel_state as ps
 
-    out = run_micro_batches(model, batch.micro_batches(micro_batch_size), _collect,
-                            forward_only=True, temperature=temperature, vocab_size=vocab_size)
+    out = run_schedule(model, batch.micro_batches(micro_batch_size),
+                       partial(_collect, float(temperature), int(vocab_size), logit_grad_sq), forward_only=True)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return TokenLogprobs(logprobs=torch.cat([lp for lp, _ in out]).float(),
-                         entropy=torch.cat([ent for _, ent in out]).float())
+    return TokenLogprobs(logprobs=torch.cat([lp for lp, _, _ in out]).float(),
+                         entropy=torch.cat([ent for _, ent, _ in out]).float(),
+                         logit_grad_sq=torch.cat([g for _, _, g in out]).cpu() if logit_grad_sq else None)

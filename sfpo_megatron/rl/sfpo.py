@@ -274,6 +274,7 @@ class _Plan:
     local: list[TrainBatch]  # this DP rank's shard of each mini-batch
     denominators: list[LossDenominators]  # per mini-batch, over the whole (global) mini-batch
     lr_scales: list[float] | None = None  # VCPO: per mini-batch ESS learning-rate multiplier
+    logit_grad_sq: torch.Tensor | None = None  # OPOB "logit" norms of the local rows (last stage)
 
 
 def loss_config_from_args(args: argparse.Namespace) -> PolicyLossConfig:
@@ -379,7 +380,10 @@ class PolicyUpdater:
         local = TrainBatch.concat(plan.local)
         kwargs = dict(micro_batch_size=self.micro_batch_size, temperature=self.temperature,
                       vocab_size=self.vocab_size)
-        old = compute_logprobs(self.setup.model, local, **kwargs)
+        # OPOB's "logit" gradient norms come from this same forward (no extra pass).
+        folded = self.off_policy.opob and self.off_policy.grad_norm == "logit"
+        old = compute_logprobs(self.setup.model, local, logit_grad_sq=folded, **kwargs)
+        plan.logit_grad_sq = None if old is None else old.logit_grad_sq
         ref = compute_logprobs(self.ref_model, local, **kwargs) if self.ref_model else None
         rows = []
         if old is not None:

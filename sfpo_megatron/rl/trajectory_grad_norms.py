@@ -86,16 +86,6 @@ def _check_args(batch: TrainBatch, temperature: float, vocab_size: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _logit_rows(temperature: float, vocab_size: int, mb: TrainBatch, logits: torch.Tensor):
-    from sfpo_megatron.rl.vocab_parallel import vocab_parallel_logit_grad_sq
-
-    labels = mb.labels.to(logits.device, non_blocking=True)
-    mask = mb.loss_mask.to(logits.device, non_blocking=True)
-    per_token = vocab_parallel_logit_grad_sq(logits, labels, temperature, vocab_size)
-    rows = torch.where(mask, per_token.double(), 0.0).sum(dim=-1)
-    return torch.zeros((), device=logits.device), rows
-
-
 @torch.no_grad()
 def logit_grad_sq_norms(model: Sequence[torch.nn.Module], batch: TrainBatch, *,
                         micro_batch_size: int, temperature: float,
@@ -103,12 +93,14 @@ def logit_grad_sq_norms(model: Sequence[torch.nn.Module], batch: TrainBatch, *,
     """‖∂ Σ_t log π(y_t) / ∂z‖² per row of ``batch`` (this DP rank's rows), z the logits of the
     response positions: Σ_t ((1 − p_t(y_t))² + Σ_{v≠y_t} p_t(v)²) / T², p = softmax(z / T) over
     the real vocab. One forward-only pass at ``micro_batch_size`` (no backward); the vocab stays
-    split over TP. Float64 CPU ``[B_local]`` on every rank."""
+    split over TP. Float64 CPU ``[B_local]`` on every rank. (The policy update gets the same
+    values from its old-log-prob forward, ``compute_logprobs(..., logit_grad_sq=True)``.)"""
+    from sfpo_megatron.rl.policy_forward import compute_logprobs
+
     _check_args(batch, temperature, vocab_size)
-    micro = batch.micro_batches(micro_batch_size)
-    out = run_schedule(model, micro, partial(_logit_rows, float(temperature), int(vocab_size)),
-                       forward_only=True)
-    return broadcast_from_last_stage(torch.cat(out) if out else None, batch.size)
+    res = compute_logprobs(model, batch, micro_batch_size=micro_batch_size, temperature=temperature,
+                           vocab_size=vocab_size, logit_grad_sq=True)
+    return broadcast_from_last_stage(None if res is None else res.logit_grad_sq, batch.size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,26 @@ def own_logprob_samples(setup, args, arch, step: int, deltas: list[float] | None
     return samples
 
 
+def expected_opob_shift(setup, args, arch, samples: list, label: str) -> float:
+    """mean |A_opob − A_grpo| over the batch, from the standalone gradient-norm functions on this
+    rank's view of the whole batch and the known log-weights δ."""
+    from sfpo_megatron.rl.advantages import group_normalized_advantages
+    from sfpo_megatron.rl.train_batch import collate
+    from sfpo_megatron.rl.trajectory_grad_norms import logit_grad_sq_norms, trajectory_grad_sq_norms
+    from sfpo_megatron.rl.vcpo import opob_advantages
+
+    batch = collate(samples, 0)
+    kw = dict(temperature=args.rollout_temperature, vocab_size=arch.vocab_size)
+    g2 = (trajectory_grad_sq_norms(setup, batch, **kw) if label == "opob" else
+          logit_grad_sq_norms(setup.model, batch, micro_batch_size=args.micro_batch_size, **kw))
+    rewards = [s.reward for s in samples]
+    groups = [s.group_id for s in samples]
+    opob = opob_advantages(torch.tensor(rewards), torch.exp(torch.tensor(DELTAS, dtype=torch.float64)), g2,
+                           groups)
+    grpo = group_normalized_advantages(rewards, groups).double()
+    return float((opob - grpo).abs().mean())
+
+
 def closed_form(deltas: list[float]) -> dict[str, float]:
     w = [math.exp(d) for d in deltas]
     ess = sum(w) ** 2 / sum(x * x for x in w)
@@ -84,14 +104,19 @@ def scenario(name: str, hf: Path) -> dict:
             gc.collect()
         return out
     if name.startswith("opob"):
-        # OPOB (exact per-trajectory gradient norms) with known weights: the same update at DP1
-        # and DP2 (groups straddle the DP shards), and without OPOB for contrast.
+        # OPOB with known weights, exact and logit gradient norms: the update's advantage shift
+        # equals the one computed here from the standalone norm functions; the same update at
+        # DP1 and DP2 (groups straddle the DP shards), and without OPOB for contrast.
         for label, flags in (("opob", ("--off-policy-baseline", "opob", "--opob-grad-norm", "exact")),
+                             ("opob_logit", ("--off-policy-baseline", "opob", "--opob-grad-norm", "logit")),
                              ("plain", ())):
             args = rl_args(hf, {**BASE, "--algorithm": "grpo"}, ("--vcpo", *dp_flags, *flags))
             setup, arch = build_setup(args, hf)
             updater = PolicyUpdater(args, setup)
-            out[f"{label}_metrics"] = updater.update(own_logprob_samples(setup, args, arch, 1, DELTAS), 1)
+            samples = own_logprob_samples(setup, args, arch, 1, DELTAS)
+            if label != "plain":
+                out[f"{label}_expected_shift"] = expected_opob_shift(setup, args, arch, samples, label)
+            out[f"{label}_metrics"] = updater.update(samples, 1)
             out[label] = hf_params(setup, hf)
             del updater, setup
             gc.collect()

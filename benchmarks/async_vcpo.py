@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from-json", default=None, help="print the report of a results JSON and exit")
     p.add_argument("--work", default=None, help="work directory (default demo_out/bench_TASK)")
     p.add_argument("--reuse-warm-start", action="store_true")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="keep runs whose metrics.jsonl already has all --rl-steps (resume a benchmark)")
     p.add_argument("--name", default="async_vcpo")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -177,9 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     # Seed-major order: every configuration of a seed runs close in time (machine load drifts).
     for seed in range(a.seeds):
         for name in names:
-            job = rl_job(replace(cfg, extra_rl_flags=CONFIGS[name]), paths, a.method, seed, tag=f"_{name}_s{seed}")
-            timer.run(f"{name}_s{seed}", run_jobs, [job], show)
-            r = summarize_run(read_metrics(job.metrics), f"{name} seed {seed}")
+            tag = f"_{name}_s{seed}"
+            done = paths.rl(f"{a.method}{tag}") / "logs" / "metrics.jsonl"
+            if a.reuse_runs and done.exists() and any(r.get("iteration") == a.rl_steps for r in read_metrics(done)):
+                metrics = done  # finished in an earlier invocation (its wall-clock is in its metrics)
+            else:
+                job = rl_job(replace(cfg, extra_rl_flags=CONFIGS[name]), paths, a.method, seed, tag=tag)
+                timer.run(f"{name}_s{seed}", run_jobs, [job], show)
+                metrics = job.metrics
+            r = summarize_run(read_metrics(metrics), f"{name} seed {seed}")
             runs[name].append({"seed": seed, **r})
             print(f"seed {seed} {name}: train wall {r['train_wall_s']:.1f} s, best acc "
                   f"{100 * r['best_accuracy']:.1f} %, final {100 * r['final_accuracy']:.1f} %", flush=True)

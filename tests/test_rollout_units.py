@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sfpo_megatron.rollout import transport
-from sfpo_megatron.rollout.client import RolloutClient, RouterUnavailableError
+from sfpo_megatron.rollout.client import RolloutClient, RolloutServerError, RouterUnavailableError
 from sfpo_megatron.rollout.server import RequestError, parse_generate_request
 from sfpo_megatron.rollout.sglang_launcher import (
     LaunchConfig,
@@ -317,3 +317,42 @@ def _running(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/stat")
     return not (status.exists() and status.read_text().split()[2] == "Z")  # a zombie has exited
+
+
+def test_admin_get_survives_a_connection_the_server_closed() -> None:
+    """A keep-alive connection closed by the server without an answer (idle timeout race): an
+    idempotent GET is retried once on a fresh connection; a POST is not (it may have acted)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    served: list[str] = []
+
+    def serve() -> None:
+        for i in range(3):
+            conn, _ = listener.accept()
+            request = conn.recv(65536).decode(errors="replace")
+            served.append(request.split(" ", 2)[0])
+            if i in (0, 2):  # the first GET's connection and the POST: closed without an answer
+                conn.close()
+                continue
+            body = b'{"weight_version": "7"}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    client = RolloutClient([url])
+    try:
+        assert client.get_weight_version() == {url: "7"}
+        with pytest.raises(RolloutServerError, match="/flush_cache: ConnectionError"):
+            client.call(url, "/flush_cache", {}, method="POST")
+        assert served == ["GET", "GET", "POST"]
+    finally:
+        thread.join(10)
+        listener.close()

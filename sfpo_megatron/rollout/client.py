@@ -271,13 +271,22 @@ class RolloutClient:
     def call(self, url: str, path: str, payload: dict | None = None, method: str = "POST", timeout: float | None = None) -> Any:
         """One admin call. Returns the JSON answer (or {"success", "message"} for text answers).
         SGLang answers failed weight updates with 400 + {"success": false, ...}: returned, not raised."""
-        try:
-            r = self._session().request(
-                method, _normalise_url(url) + path, json=payload, headers=self._headers,
-                timeout=(self.connect_timeout, timeout or self.timeout),
-            )
-        except requests.RequestException as e:
-            raise RolloutServerError(f"{url}{path}: {type(e).__name__}: {e}") from e
+        # A pooled keep-alive connection the server closed while idle fails the next request
+        # with "Remote end closed connection": an idempotent GET is retried once on a fresh one.
+        attempts = 2 if method == "GET" else 1
+        for attempt in range(attempts):
+            try:
+                r = self._session().request(
+                    method, _normalise_url(url) + path, json=payload, headers=self._headers,
+                    timeout=(self.connect_timeout, timeout or self.timeout),
+                )
+                break
+            except requests.ConnectionError as e:
+                if attempt + 1 < attempts:
+                    continue
+                raise RolloutServerError(f"{url}{path}: {type(e).__name__}: {e}") from e
+            except requests.RequestException as e:
+                raise RolloutServerError(f"{url}{path}: {type(e).__name__}: {e}") from e
         body: Any = None
         if r.headers.get("content-type", "").startswith("application/json"):
             try:

@@ -531,7 +531,10 @@ def serve(cfg: ServerConfig) -> None:
     app = build_app(cfg, engine, context_length)
     logger.info("CPU rollout server: %s on http://%s:%d (eos %s, context %d)", cfg.model_path, cfg.host, cfg.port, sorted(eos), context_length)
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False)
+        # Keep idle connections longer than a trainer step (uvicorn's default is 5 s): the
+        # trainer's pooled admin connection is then rarely closed under it.
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
+                    timeout_keep_alive=120)
     finally:
         engine.shutdown()
 

@@ -36,7 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sfpo_megatron.demo.pipeline import DemoConfig, Paths, Timer, rl_job, run_jobs, warm_start  # noqa: E402
-from sfpo_megatron.demo.report import bootstrap_ratio_ci, curve_from_metrics, read_metrics  # noqa: E402
+from sfpo_megatron.demo.report import (  # noqa: E402
+    bootstrap_ratio_ci,
+    curve_from_metrics,
+    read_metrics,
+    write_json_atomic,
+)
 from sfpo_megatron.demo.task import TASKS  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -198,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"config": cfg.as_dict(), "method": a.method, "configs": {n: CONFIGS[n] for n in names},
            "runs": runs, "aggregate": agg, "timings": timer.phases, "total_wall_s": time.perf_counter() - t0,
            "plot": str(png.relative_to(REPO))}
-    path = RESULTS / f"{a.name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(path)
+    path = write_json_atomic(RESULTS / f"{a.name}.json", out)
     print(f"wrote {path.relative_to(REPO)} and {png.relative_to(REPO)}")
     return 0
 

@@ -19,7 +19,6 @@ Writes benchmarks/results/sfpo_vs_grpo.json and .png; work files under demo_out/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from sfpo_megatron.demo.report import (  # noqa: E402
     eval_standard_error,
     plot_curves,
     read_metrics,
+    write_json_atomic,
 )
 from sfpo_megatron.demo.task import TASKS  # noqa: E402
 
@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"config": cfg.as_dict(), "seeds": per_seed, "aggregate": agg,
            "max_eval_standard_error": max_se, "timings": timer.phases,
            "total_wall_s": time.perf_counter() - t0, "plot": str(png.relative_to(REPO))}
-    path = RESULTS / f"{a.name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(path)
+    path = write_json_atomic(RESULTS / f"{a.name}.json", out)
     print(f"wrote {path.relative_to(REPO)} and {png.relative_to(REPO)}")
     return 0
 

@@ -98,6 +98,15 @@ def _eval_key(rec: Mapping[str, Any], eval_name: str | None) -> str | None:
     return keys[0] if keys else None
 
 
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """``data`` as indented JSON at ``path``, via a temporary file and a rename (never half written)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from sfpo_megatron.rollout import DiskTransport, DistributedTransport, RolloutClient
+from sfpo_megatron.rollout.client import RolloutClient
 from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
+from sfpo_megatron.rollout.transport import DiskTransport, DistributedTransport
 
 
 def build_model(path: Path, layers: int) -> tuple[torch.nn.Module, float]:

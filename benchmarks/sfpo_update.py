@@ -38,7 +38,7 @@ FLAGS = ["--lr", "1e-5", "--num-rollouts", "100", "--num-steps-per-rollout", "2"
 
 
 def samples(vocab: int) -> list:
-    from sfpo_megatron.rl.batch import Sample
+    from sfpo_megatron.records import Sample
 
     rng = random.Random(0)
     out = []
@@ -84,9 +84,9 @@ def worker(model_dir: str, algorithm: str, dp: int, updates: int, out: str) -> N
     from sfpo_megatron.distributed import parallel
     from sfpo_megatron.distributed.platform import current_platform, setup_platform
     from sfpo_megatron.models.hf_config import load_hf_config
-    from sfpo_megatron.rl.sfpo import PolicyUpdater
-    from sfpo_megatron.rl.train_batch import collate
-    from sfpo_megatron.train.model_setup import build_training_setup
+    from sfpo_megatron.trainer.model_setup import build_training_setup
+    from sfpo_megatron.trainer.train_batch import collate
+    from sfpo_megatron.update.policy_update import PolicyUpdater
 
     setup_platform()
     flags = ["--model-config", model_dir, "--algorithm", algorithm, *FLAGS]

@@ -1,7 +1,8 @@
 """``sfpo-megatron`` console script: ``pretrain``, ``rl``, ``eval`` subcommands.
 
 Works as a plain command (one process), under ``torchrun`` and under ``srun`` (rank and world
-from the environment).
+from the environment). Bad input of any subcommand (a ``UserError``) ends here: one line naming
+the problem, exit code 2.
 """
 
 from __future__ import annotations
@@ -9,16 +10,26 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
+
+from sfpo_megatron.arguments import build_pretrain_parser, build_rl_parser
+from sfpo_megatron.components.preemption import EXIT_CODE
+from sfpo_megatron.distributed import parallel
+from sfpo_megatron.errors import UserError
+from sfpo_megatron.rl.evaluate import run_eval
+from sfpo_megatron.rl.loop import Preempted
+from sfpo_megatron.rl.loop import run as run_rl
+from sfpo_megatron.rollout.sglang_launcher import split_sglang_args
+from sfpo_megatron.trainer.pretrain import pretrain
 
 SUBCOMMANDS = ("pretrain", "rl", "eval")
+log = logging.getLogger("sfpo_megatron")
 
 
 def _setup_logging() -> None:
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"[%(asctime)s r{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import warnings
-
     # megatron warns at import that TE/apex are missing; the platform switch handles that.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*apex.*")
@@ -31,41 +42,33 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _setup_logging()
+    cmd, rest = argv[0], argv[1:]
     try:
-        return _run(argv[0], argv[1:])
-    except _user_errors() as e:
+        return _run(cmd, rest)
+    except UserError as e:
         # Bad input: one line naming the problem, not a traceback.
-        print(f"sfpo-megatron {argv[0]}: error: {e}", file=sys.stderr)
+        print(f"sfpo-megatron {cmd}: error: {e}", file=sys.stderr)
         return 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from sfpo_megatron.components.checkpoint import CheckpointError
-    from sfpo_megatron.distributed.parallel import LayoutError
-    from sfpo_megatron.models.hf_config import ParallelLayoutError, UnsupportedModelError
-
-    return (LayoutError, CheckpointError, ParallelLayoutError, UnsupportedModelError)
+    except Preempted as e:
+        log.warning("%s: checkpoint written, exiting with %d", e, EXIT_CODE)
+        return EXIT_CODE
+    finally:
+        parallel.destroy()
 
 
 def _run(cmd: str, rest: list[str]) -> int:
     if cmd == "pretrain":
-        from sfpo_megatron.arguments import build_pretrain_parser
-        from sfpo_megatron.distributed import parallel
-        from sfpo_megatron.train.pretrain import pretrain
-
-        args = build_pretrain_parser().parse_args(rest)
-        try:
-            pretrain(args)
-        finally:
-            parallel.destroy()
+        pretrain(build_pretrain_parser().parse_args(rest))
         return 0
-    if cmd == "rl":
-        from sfpo_megatron.rl.loop import main as rl_main
-
-        return rl_main(rest)
-    from sfpo_megatron.rl.evaluate import main as eval_main
-
-    return eval_main(rest)
+    # `--sglang-*` flags go to the SGLang servers (as `--*`).
+    rest, sglang_args = split_sglang_args(rest)
+    parser = build_rl_parser()
+    if cmd == "eval":
+        parser.prog = "sfpo-megatron eval"
+        run_eval(parser.parse_args(rest), sglang_args)
+    else:
+        run_rl(parser.parse_args(rest), sglang_args)
+    return 0
 
 
 if __name__ == "__main__":  # dist_checkpointing spawns processes: keep the guard

@@ -2,7 +2,7 @@
 
 The megatron implementation is checked against this file: same tiny model weights, same batch,
 ``torch.optim.AdamW`` (betas 0.9/0.999) here vs megatron's optimizer there, parameters compared
-after a few SFPO steps. It uses the project's own loss (:mod:`sfpo_megatron.rl.losses`) so only the
+after a few SFPO steps. It uses the project's own loss (:mod:`sfpo_megatron.algorithms.losses`) so only the
 update schedule is under test.
 
 One rollout batch s (all tensors already on the model's device):
@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sfpo_megatron.rl.losses import PolicyLossConfig, mini_batch_denominators, policy_loss
-from sfpo_megatron.rl.vocab_parallel import logprobs_and_entropy_from_full_logits
+from sfpo_megatron.algorithms.losses import PolicyLossConfig, mini_batch_denominators, policy_loss
+from sfpo_megatron.trainer.vocab_parallel import logprobs_and_entropy_from_full_logits
 
 
 @dataclass(frozen=True)

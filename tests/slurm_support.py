@@ -20,7 +20,7 @@ SLURM_DIR = Path(os.environ.get("SFPO_SLURM_DIR", "/tmp/sfpo-slurm"))
 SLURM_CONF = str(SLURM_DIR / "slurm.conf")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-ROLLOUT_SERVER = "sfpo_megatron.rollout.server"
+ROLLOUT_SERVER = "sfpo_megatron.cpu_server.server"
 
 
 def _cluster_env() -> dict:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from test_convert_parity import REPO, save_hf_models
 
 from sfpo_megatron.conversion.hf_mapping import (
     ArchitectureMismatchError,
@@ -26,7 +27,6 @@ from sfpo_megatron.conversion.hf_mapping import (
     load_hf_weights,
 )
 from sfpo_megatron.models.hf_config import UnsupportedModelError
-from test_convert_parity import REPO, save_hf_models
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_convert_parity import REPO, save_hf_models, torchrun
 
 TO_MCORE = REPO / "tools" / "convert_hf_to_mcore.py"

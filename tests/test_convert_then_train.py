@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from launch import read_jsonl, sfpo
 from test_convert_parity import save_hf_models, torchrun
 from test_convert_roundtrip import TO_MCORE

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
+from launch import child_env
 
 from sfpo_megatron.distributed import cpu_compat
 from sfpo_megatron.distributed.platform import setup_platform
-
-from launch import child_env
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -219,7 +219,7 @@ def test_rl_flags_parse_and_fit_the_update_layout(tmp_path: Path) -> None:
     from sfpo_megatron.arguments import build_rl_parser
     from sfpo_megatron.demo.pipeline import DemoConfig, Paths, rl_flags
     from sfpo_megatron.rl.loop import check_rl_args
-    from sfpo_megatron.rl.train_batch import check_update_layout
+    from sfpo_megatron.trainer.train_batch import check_update_layout
 
     for cfg in (DemoConfig(), DemoConfig.quick()):
         args = build_rl_parser().parse_args(rl_flags(cfg, Paths(tmp_path), "sfpo", 3, tmp_path / "rl"))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch import PYTHON, read_jsonl, run
 
 

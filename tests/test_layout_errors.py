@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from launch import sfpo, write_tiny_config
 
 from sfpo_megatron.distributed.parallel import LayoutError, check_layout
-
-from launch import sfpo, write_tiny_config
 
 BASE = dict(world_size=4, tp=1, pp=1, num_layers=4, num_attention_heads=8, num_query_groups=4,
             micro_batch_size=1, global_batch_size=8)

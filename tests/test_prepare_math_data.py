@@ -9,7 +9,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from launch import PYTHON, REPO, child_env, read_jsonl, run
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -186,9 +185,9 @@ def test_cli_writes_the_file_the_trainer_reads(tmp_path: Path) -> None:
                str(tmp_path / "nope"), "--output", str(out)], env=child_env(), timeout=60, check=False)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     # The project's own loader accepts the output (prompt / answer keys, extra keys as metadata).
-    from sfpo_megatron.data.prompts import load_prompt_dataset
-
     from test_data_tokenizer import build_hf_tokenizer
+
+    from sfpo_megatron.data.prompts import load_prompt_dataset
 
     tok_dir = tmp_path / "tok"
     build_hf_tokenizer(tok_dir)

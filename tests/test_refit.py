@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from launch import REPO, child_env, torchrun
 from test_rollout_units import SERVER_ENV, build_tiny_model_dir
 

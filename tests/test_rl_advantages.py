@@ -8,7 +8,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from sfpo_megatron.rl.advantages import (
+from sfpo_megatron.algorithms.advantages import (
     AdvantageInputError,
     broadcast_to_tokens,
     group_normalized_advantages,

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from launch import PYTHON, REPO, child_env, read_jsonl, run
 from test_rollout_units import SERVER_ENV, build_tiny_model_dir
 
@@ -160,16 +159,16 @@ class Recorder:
         self.sampler = None
 
     def __call__(self, step: int):
-        from sfpo_megatron.rl.loop import RolloutResult
+        from sfpo_megatron.records import RolloutBatch
 
         self.started[step] = self.ref[0]._version
         self.sampler.next_indices()
-        return RolloutResult(samples=[], metrics={})
+        return RolloutBatch(samples=[], metrics={})
 
 
 def make_producer(k: int, last: int = 10):
     from sfpo_megatron.data.prompts import PromptSampler
-    from sfpo_megatron.rl.async_rollout import AsyncRolloutProducer
+    from sfpo_megatron.rollout.async_producer import AsyncRolloutProducer
 
     ref: list = []
     rec = Recorder(ref)
@@ -216,7 +215,7 @@ def test_producer_state_points_at_the_first_untrained_prompt() -> None:
 
 
 def test_producer_error_reaches_the_trainer() -> None:
-    from sfpo_megatron.rl.async_rollout import AsyncRolloutProducer
+    from sfpo_megatron.rollout.async_producer import AsyncRolloutProducer
 
     def broken(step: int):
         raise ConnectionError(f"server gone at batch {step}")

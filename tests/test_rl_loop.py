@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from launch import REPO, child_env, read_jsonl, sfpo
 from test_rollout_units import SERVER_ENV, build_tiny_model_dir
 
@@ -168,18 +167,18 @@ def test_eval_subcommand_reproduces_the_loops_evaluation(run: dict) -> None:
 def test_bad_flags_fail_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
                                            message: str) -> None:
     """The console script's `rl` entry point, in this process: it stops before building anything."""
-    from sfpo_megatron.rl.loop import main
+    from sfpo_megatron.cli import main
 
-    code = main(["--model-config", str(tmp_path), "--prompt-data", "p.jsonl"] + flags)
+    code = main(["rl", "--model-config", str(tmp_path), "--prompt-data", "p.jsonl"] + flags)
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("sfpo-megatron rl: error: ") and message in err
 
 
 def test_eval_needs_a_policy_and_data(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    from sfpo_megatron.rl.evaluate import main
+    from sfpo_megatron.cli import main
 
-    assert main(["--model-config", str(tmp_path), "--load", str(tmp_path)]) == 2
+    assert main(["eval", "--model-config", str(tmp_path), "--load", str(tmp_path)]) == 2
     assert "needs --eval-prompt-data NAME=SPEC" in capsys.readouterr().err
-    assert main(["--model-config", str(tmp_path), "--eval-prompt-data", "x=y.jsonl"]) == 2
+    assert main(["eval", "--model-config", str(tmp_path), "--eval-prompt-data", "x=y.jsonl"]) == 2
     assert "exactly one of --load CKPT_DIR and --hf-checkpoint HF_DIR" in capsys.readouterr().err

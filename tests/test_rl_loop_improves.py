@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from launch import PYTHON, REPO, child_env, read_jsonl, run, sfpo
 from test_rollout_units import SERVER_ENV
 

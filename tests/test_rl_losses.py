@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sfpo_megatron.rl.losses import (
+from sfpo_megatron.algorithms.losses import (
     LossConfigError,
     LossDenominators,
     PolicyLossConfig,

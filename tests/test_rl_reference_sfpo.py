@@ -14,8 +14,8 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.reference_sfpo import RolloutBatch, compute_old_log_probs, policy_pass, sfpo_step
 
-from sfpo_megatron.rl.advantages import group_normalized_advantages
-from sfpo_megatron.rl.losses import PolicyLossConfig
+from sfpo_megatron.algorithms.advantages import group_normalized_advantages
+from sfpo_megatron.algorithms.losses import PolicyLossConfig
 
 VOCAB, HIDDEN, BATCH, SEQ, PROMPT = 11, 16, 8, 8, 3
 LOSS = PolicyLossConfig(eps_clip=0.2, entropy_coeff=0.001, loss_agg_mode="token-mean")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from launch import PYTHON, REPO, child_env, read_jsonl, run
 from test_rollout_units import SERVER_ENV, build_tiny_model_dir
 
@@ -80,7 +79,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         assert time.monotonic() < deadline, "step 3 did not start within 10 minutes"
         time.sleep(0.01)
     children = psutil.Process(proc.pid).children(recursive=True)
-    server = [c for c in children if "sfpo_megatron.rollout.server" in " ".join(c.cmdline())]
+    server = [c for c in children if "sfpo_megatron.cpu_server.server" in " ".join(c.cmdline())]
     proc.kill()
     proc.wait(timeout=60)
     logged_at_kill = [r["iteration"] for r in read_jsonl(out / "logs" / "metrics.jsonl")]

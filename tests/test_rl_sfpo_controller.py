@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from sfpo_megatron.rl.sfpo_controller import SFPOConfigError, SFPOController
+from sfpo_megatron.algorithms.sfpo_controller import SFPOConfigError, SFPOController
 
 # Window 3, entropies 1, 1, 1, 2: at step 4 the window is [1, 1, 2] (H_s included),
 # mean 4/3, population std sqrt(2/9) = 0.4714, z = (2 - 4/3) / (0.4714 + 1e-9) = 1.41421.

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sfpo_megatron.rl.advantages import group_normalized_advantages
-from sfpo_megatron.rl.vcpo import (
+from sfpo_megatron.algorithms.advantages import group_normalized_advantages
+from sfpo_megatron.algorithms.vcpo import (
     VCPOError,
     effective_sample_size,
     ess_lr_scale,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfpo_megatron.rl.vocab_parallel import (
+from sfpo_megatron.trainer.vocab_parallel import (
     VocabParallelError,
     logprobs_and_entropy_from_full_logits,
     vocab_parallel_logprobs,
@@ -111,8 +111,8 @@ def _tp_checks(rank: int) -> dict[str, float]:
 def _dp_checks(rank: int, world: int) -> dict[str, float]:
     import torch.distributed as dist
 
-    from sfpo_megatron.rl.losses import PolicyLossConfig, mini_batch_denominators, policy_loss
-    from sfpo_megatron.rl.vcpo import effective_sample_size, importance_weight_stats
+    from sfpo_megatron.algorithms.losses import PolicyLossConfig, mini_batch_denominators, policy_loss
+    from sfpo_megatron.algorithms.vcpo import effective_sample_size, importance_weight_stats
 
     group = dist.new_group(list(range(world)))  # the "DP" group of this test: both ranks
     out: dict[str, float] = {}

@@ -22,9 +22,6 @@ from typing import Any
 import pytest
 import requests
 import torch
-
-from sfpo_megatron.rollout import DiskTransport, NoLiveServerError, RolloutClient
-from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
 from test_rollout_units import (
     SERVER_ENV,
     VOCAB,
@@ -37,6 +34,10 @@ from test_rollout_units import (
     model_with_state,
     perturbed_state,
 )
+
+from sfpo_megatron.rollout.client import NoLiveServerError, RolloutClient
+from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
+from sfpo_megatron.rollout.transport import DiskTransport
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +138,8 @@ BROADCASTER = textwrap.dedent("""
     # A trainer stand-in: plain python (no transformers), rank 0 of the weight-update group, transport.py.
     import json, sys
     from safetensors.torch import load_file
-    from sfpo_megatron.rollout import RolloutClient, DistributedTransport
+    from sfpo_megatron.rollout.client import RolloutClient
+    from sfpo_megatron.rollout.transport import DistributedTransport
 
     weights, urls, out = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
     state = load_file(weights)

@@ -10,8 +10,6 @@ from typing import Any
 import pytest
 import requests
 import torch
-
-from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
 from test_rollout_units import (
     EOS,
     SERVER_ENV,
@@ -22,6 +20,8 @@ from test_rollout_units import (
     load_hf,
     make_prompts,
 )
+
+from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
 
 API_KEY = "test-key"
 MAX_BYTES = 64 * 1024

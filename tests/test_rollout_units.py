@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sfpo_megatron.cpu_server.server import RequestError, parse_generate_request
+from sfpo_megatron.distributed import weight_update_group
 from sfpo_megatron.rollout import transport
 from sfpo_megatron.rollout.client import RolloutClient, RolloutServerError, RouterUnavailableError
-from sfpo_megatron.rollout.server import RequestError, parse_generate_request
 from sfpo_megatron.rollout.sglang_launcher import (
     LaunchConfig,
     RolloutLauncher,
@@ -145,10 +146,10 @@ def test_iter_buckets_rejects_bad_input() -> None:
 
 def test_dtype_names_round_trip() -> None:
     for dt in (torch.float32, torch.bfloat16, torch.float16):
-        assert transport.parse_dtype(transport.dtype_name(dt)) is dt
-    assert transport.parse_dtype("torch.bfloat16") is torch.bfloat16
+        assert weight_update_group.parse_dtype(weight_update_group.dtype_name(dt)) is dt
+    assert weight_update_group.parse_dtype("torch.bfloat16") is torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'float99'"):
-        transport.parse_dtype("float99")
+        weight_update_group.parse_dtype("float99")
 
 
 def test_disk_transport_writes_a_loadable_sharded_checkpoint(tmp_path: Path, tiny_dir: Path) -> None:
@@ -210,8 +211,8 @@ def test_gpu_only_paths_fail_clearly_on_cpu() -> None:
         pytest.skip("CUDA present")
     with pytest.raises(transport.TransportUnavailableError, match="CUDA IPC handles .* torch.cuda.is_available\\(\\) is False"):
         transport.TensorTransport(client)
-    with pytest.raises(transport.TransportUnavailableError, match="backend 'nccl' needs CUDA"):
-        transport.init_weight_update_group("127.0.0.1", 1, 0, 2, backend="nccl")
+    with pytest.raises(weight_update_group.WeightUpdateGroupError, match="backend 'nccl' needs CUDA"):
+        weight_update_group.init_weight_update_group("127.0.0.1", 1, 0, 2, backend="nccl")
     with pytest.raises(ValueError, match="unknown refit transport 'rdma'"):
         transport.make_transport("rdma", client)
     if __import__("importlib").util.find_spec("sglang_router") is None:
@@ -236,7 +237,7 @@ def test_request_parsing_expands_batches_like_sglang() -> None:
 
 def test_engine_return_original_logprob_reports_the_raw_distribution(tiny_dir: Path) -> None:
     """SGLANG_RETURN_ORIGINAL_LOGPROB semantics: log_softmax(logits), not of logits / temperature."""
-    from sfpo_megatron.rollout.server import GenerationEngine, SamplingConfig, SeqSpec
+    from sfpo_megatron.cpu_server.server import GenerationEngine, SamplingConfig, SeqSpec
 
     model = load_hf(tiny_dir)
     prompt = make_prompts(1, seed=9)[0]

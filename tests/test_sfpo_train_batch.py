@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfpo_megatron.rl.batch import Sample
-from sfpo_megatron.rl.train_batch import (
+from sfpo_megatron.records import Sample
+from sfpo_megatron.trainer.train_batch import (
     TrainBatch,
     TrainBatchError,
     check_update_layout,

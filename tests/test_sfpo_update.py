@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch import PYTHON, REPO, run, torchrun
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -60,8 +59,8 @@ def reference(hf: Path, alpha: float, inner: int, steps: int, kl_coef: float = 0
         from reference_sfpo import RolloutBatch, compute_old_log_probs, sfpo_step
     except ImportError:
         from tests.reference_sfpo import RolloutBatch, compute_old_log_probs, sfpo_step
-    from sfpo_megatron.rl.losses import PolicyLossConfig
-    from sfpo_megatron.rl.train_batch import collate
+    from sfpo_megatron.algorithms.losses import PolicyLossConfig
+    from sfpo_megatron.trainer.train_batch import collate
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     ref_policy = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
@@ -145,7 +144,7 @@ def test_sfpo_matches_reference(runs, name):
 
 
 def make_mask() -> torch.Tensor:
-    from sfpo_megatron.rl.train_batch import collate
+    from sfpo_megatron.trainer.train_batch import collate
 
     return collate(make_samples(1), 0).loss_mask[:, :-1]
 

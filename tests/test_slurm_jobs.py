@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from safetensors.torch import load_file
-
-from launch import PYTHON, child_env, read_jsonl, write_tiny_config
+from launch import PYTHON, child_env, read_jsonl
 from launch import run as run_command
+from launch import write_tiny_config
+from safetensors.torch import load_file
 from slurm_support import (
     REPO,
     ROLLOUT_SERVER,

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ckpt_reader import read_model_tensors
 from launch import read_jsonl, sfpo, write_tiny_config
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch import PYTHON, REPO, run, torchrun
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -144,7 +143,7 @@ def test_logit_matches_autograd(runs, name):
 def test_vocab_parallel_logit_grad_sq_single_rank():
     """Closed form vs autograd per token (fp64, padded vocab columns dropped), and no
     cancellation in fp32 where p(y) → 1."""
-    from sfpo_megatron.rl.vocab_parallel import vocab_parallel_logit_grad_sq
+    from sfpo_megatron.trainer.vocab_parallel import vocab_parallel_logit_grad_sq
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 4, 24, generator=g, dtype=torch.float64) * 3
@@ -177,7 +176,7 @@ def test_vocab_parallel_logit_grad_sq_single_rank():
 
 
 def test_opob_advantages_from_exact_norms(runs):
-    from sfpo_megatron.rl.vcpo import opob_advantages
+    from sfpo_megatron.algorithms.vcpo import opob_advantages
 
     ref_g2, _ = brute_force(runs["hf"])
     g2 = assembled(runs["dp2"]["exact"])
@@ -207,7 +206,7 @@ def test_opob_advantages_from_exact_norms(runs):
 
 
 def test_bad_settings_name_the_value():
-    from sfpo_megatron.rl.trajectory_grad_norms import (
+    from sfpo_megatron.trainer.trajectory_grad_norms import (
         TrajectoryGradNormError,
         logit_grad_sq_norms,
         trajectory_grad_sq_norms,

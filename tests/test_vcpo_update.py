@@ -20,12 +20,11 @@ import sys
 
 import pytest
 import torch
-
 from launch import PYTHON, REPO, run, torchrun
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
-from sfpo_common import save_hf_model  # noqa: E402
 from sfpo_common import SETTINGS  # noqa: E402
+from sfpo_common import save_hf_model  # noqa: E402
 from vcpo_worker import DELTAS, closed_form  # noqa: E402
 
 WORKER = str(REPO / "tests" / "scripts" / "vcpo_worker.py")

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import numpy
-from tqdm import tqdm
-
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from tqdm import tqdm
 
 from sfpo_megatron.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 

@@ -27,6 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint import FileSystemReader
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +112,16 @@ def validate_checkpoint_dir(path: str) -> dict:
 
 
 def _layout() -> tuple[int, int, int]:
-    from megatron.core import parallel_state as ps
-
     return (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
             ps.get_data_parallel_rank())
 
 
 def _layout_sizes() -> tuple[int, int, int]:
-    from megatron.core import parallel_state as ps
-
     return (ps.get_pipeline_model_parallel_world_size(),
             ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size())
 
 
 def rng_state() -> dict[str, Any]:
-    from megatron.core import tensor_parallel
-
     return {
         "random": random.getstate(),
         "np": np.random.get_state(),
@@ -130,8 +132,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch"])
@@ -141,8 +141,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _rng_sharded_object(state: dict | None):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     return ShardedObject("rng_state", state, _layout_sizes(), _layout(), replica_id=0)
 
 
@@ -171,9 +169,6 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer=Non
                     scheduler=None, extra_state: dict | None = None,
                     optim_sharding: str = "fully_reshardable", keep_last: int | None = None) -> str:
     """Collective: every trainer rank calls it. Returns the final checkpoint directory."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-
     final = iter_dir(root, iteration)
     tmp = f"{final}.tmp"
     if _rank() == 0:
@@ -246,10 +241,6 @@ def resolve_load_dir(root: str) -> tuple[str, int] | None:
 def _check_model_shapes(path: str, state: dict) -> None:
     """A model tensor whose global shape differs from the checkpoint's (another architecture,
     another vocab padding) must fail by name, not load silently wrong."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from torch.distributed.checkpoint import FileSystemReader
-
     stored = FileSystemReader(path).read_metadata().state_dict_metadata
     for key in [k for k in state if k.startswith("model")]:
         for sh in nested_values(state[key]):
@@ -266,9 +257,6 @@ def load_checkpoint(root: str, model_chunks: list, optimizer=None, scheduler=Non
                     load_optim: bool = True, load_rng: bool = True,
                     strict: bool = True) -> LoadResult | None:
     """Collective load; returns None when ``root`` holds no checkpoint (a fresh start)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     found = resolve_load_dir(root)
     if found is None:
         return None

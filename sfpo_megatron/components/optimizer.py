@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
 
 def build_optimizer(args: argparse.Namespace, model_chunks: list):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     config = OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
@@ -23,8 +25,6 @@ def build_scheduler(args: argparse.Namespace, optimizer, total_steps: int):
 
     Pretraining steps it once per iteration; RL once per rollout batch (SFPO's default).
     """
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     decay = args.lr_decay_iters or total_steps
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
@@ -36,8 +36,6 @@ def build_scheduler(args: argparse.Namespace, optimizer, total_steps: int):
 
 
 def _dtype(args):
-    import torch
-
     return torch.bfloat16 if args.bf16 else torch.float32
 
 
@@ -46,8 +44,6 @@ def optimizer_state_bytes(optimizer) -> dict[str, int]:
 
     With the distributed optimizer both are this rank's shard only.
     """
-    import torch
-
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
     main, state = 0, 0
     seen: set[int] = set()

@@ -18,15 +18,15 @@ import re
 from collections import OrderedDict
 from typing import Any, Iterator, Optional, Sequence
 
+import megatron.core.datasets.helpers_cpp
 import torch
-from torch.utils.data import DataLoader, Dataset
-
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 from megatron.core.datasets.utils import Split, compile_helpers
 from megatron.core.tokenizers import MegatronTokenizerBase
+from torch.utils.data import DataLoader, Dataset
 
 from sfpo_megatron.data.tokenizer import Tokenizer
 
@@ -232,7 +232,6 @@ def _ensure_dataset_helpers() -> None:
         compile_helpers()
     if distributed:
         torch.distributed.barrier()
-    import megatron.core.datasets.helpers_cpp  # noqa: F401,F811
 
 
 @contextlib.contextmanager

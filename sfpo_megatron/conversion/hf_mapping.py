@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from safetensors import safe_open
 
 from sfpo_megatron.models.hf_config import HFArch, check_parallel_layout, load_hf_config
 
@@ -250,8 +253,6 @@ class SafetensorsSource:
     """
 
     def __init__(self, directory: str) -> None:
-        from safetensors import safe_open
-
         self.directory = directory
         self._open = safe_open
         index = os.path.join(directory, "model.safetensors.index.json")
@@ -284,8 +285,6 @@ class SafetensorsSource:
 
 def copy_hf_side_files(src: str, dst: str) -> list[str]:
     """Copy ``HF_SIDE_FILES`` present in ``src`` to ``dst``; returns their names."""
-    import shutil
-
     os.makedirs(dst, exist_ok=True)
     copied = []
     for name in HF_SIDE_FILES:
@@ -411,8 +410,6 @@ def bind(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> list[Bindin
 
 
 def _tp() -> tuple[int, int, Any]:
-    from megatron.core import parallel_state as ps
-
     if not dist.is_initialized():
         return 0, 1, None
     return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
@@ -502,8 +499,6 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
     forward: call ``chunk.start_param_sync(force_sync=True)`` on each chunk first. ``release=True`` frees each parameter once exported (converters only: the model is unusable
     afterwards), which keeps an export's peak memory near one model.
     """
-    from megatron.core import parallel_state as ps
-
     arch = load_hf_config(hf_config)
     dist_on = dist.is_initialized()
     if dist_on and ps.get_data_parallel_rank(with_context_parallel=True) != 0:

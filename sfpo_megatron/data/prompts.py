@@ -30,6 +30,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import reasoning_gym
 
 from sfpo_megatron.data.tokenizer import Message, Tokenizer
 
@@ -237,9 +240,6 @@ def read_parquet_rows(
     path: str | os.PathLike, prompt_key: str, answer_key: str, skip_malformed: bool
 ) -> tuple[list[_Row], int]:
     """(valid rows, number skipped) of a Parquet file; row numbers in errors are 1-based."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = str(path)
     collector = _RowCollector(path, "row", skip_malformed)
     try:
@@ -289,8 +289,6 @@ def parse_rg_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 def reasoning_gym_rows(name: str, config: dict[str, Any]) -> list[_Row]:
     """Generate a reasoning-gym task locally; each row keeps its rg entry for scoring."""
-    import reasoning_gym
-
     try:
         dataset = reasoning_gym.create_dataset(name, **config)
     except (ValueError, TypeError, AssertionError, KeyError) as exc:
@@ -489,3 +487,10 @@ class PromptSampler:
                 f"a dataset of {len(self.dataset)}"
             )
         self.epoch, self.position = epoch, position
+
+
+def dataset_kwargs(args: Any) -> dict[str, Any]:
+    """The prompt-formatting flags of ``rl`` / ``eval`` as keyword arguments of the loaders."""
+    return dict(prompt_key=args.prompt_key, answer_key=args.answer_key, system_prompt=args.system_prompt,
+                prompt_template=args.prompt_template, apply_chat_template=args.apply_chat_template,
+                skip_malformed=args.skip_malformed)

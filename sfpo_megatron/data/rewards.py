@@ -35,6 +35,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any
 
+import reasoning_gym
+from math_verify import parse, verify
+from pebble import ProcessPool
+from reasoning_gym.utils import extract_answer
+
 logger = logging.getLogger(__name__)
 
 
@@ -107,8 +112,6 @@ def extract_final_answer(text: str) -> str | None:
 
 
 def _parse_math(answer: str) -> list:
-    from math_verify import parse
-
     # Boxing makes math-verify read the whole string as one LaTeX answer (e.g. \sqrt{2}, \{1,2\}).
     return parse("\\boxed{" + answer + "}", parsing_timeout=None)
 
@@ -119,8 +122,6 @@ def math_verify_reward(response: str, answer: str, metadata: dict[str, Any] | No
     A response without an extractable final answer scores 0.0. The reference may itself contain
     a `\\boxed{}` (e.g. a full MATH solution); its last one is used.
     """
-    from math_verify import verify
-
     predicted = extract_final_answer(response)
     if not predicted:
         return 0.0
@@ -139,8 +140,6 @@ _RG_LOCK = threading.Lock()
 
 def _rg_dataset(name: str, config: dict[str, Any]) -> Any:
     """The reasoning-gym dataset of an item, built once per process (creation is lazy and cheap)."""
-    import reasoning_gym
-
     key = (name, repr(sorted(config.items())))
     with _RG_LOCK:
         if key not in _RG_DATASETS:
@@ -150,8 +149,6 @@ def _rg_dataset(name: str, config: dict[str, Any]) -> Any:
 
 def reasoning_gym_reward(response: str, answer: str, metadata: dict[str, Any]) -> float:
     """The reasoning-gym task's own score (possibly partial, see the module docstring)."""
-    from reasoning_gym.utils import extract_answer
-
     try:
         name, config, entry = metadata["rg_dataset"], metadata["rg_config"], metadata["rg_entry"]
     except (KeyError, TypeError) as exc:
@@ -244,8 +241,6 @@ class RewardRunner:
         timeout_s: float = 10.0,
         mp_context: str = "forkserver",
     ) -> None:
-        from pebble import ProcessPool
-
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         if not timeout_s > 0:

@@ -17,6 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import sentencepiece as spm
+from transformers import AutoTokenizer
+
 Message = dict[str, str]
 
 
@@ -102,8 +105,6 @@ class HFTokenizer(Tokenizer):
     """A local HF tokenizer directory, using the tokenizer's own chat template."""
 
     def __init__(self, path: str | os.PathLike, chat_template: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
         self.path = str(path)
         try:
             self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
@@ -159,8 +160,6 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece `.model` file with a simple, configurable chat format (`ChatFormat`)."""
 
     def __init__(self, model_file: str | os.PathLike, chat_format: ChatFormat | None = None) -> None:
-        import sentencepiece as spm
-
         self.path = str(model_file)
         if not Path(self.path).is_file():
             raise TokenizerError(f"SentencePiece model {self.path!r} does not exist")
@@ -250,8 +249,6 @@ def train_sentencepiece(
     followed by a response's ids decode to the prompt text followed by the response text. Ids: pad 0, unk 1, bos 2, eos 3. `vocab_size` is an upper
     bound: a tiny corpus may yield fewer pieces.
     """
-    import sentencepiece as spm
-
     if vocab_size < 8:
         raise TokenizerError(f"vocab_size must be at least 8, got {vocab_size}")
     texts = [t for t in texts if t]

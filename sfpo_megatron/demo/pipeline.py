@@ -27,6 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+import transformers
+from tqdm import tqdm
+
+from sfpo_megatron.data.tokenizer import load_tokenizer
 from sfpo_megatron.demo.task import (
     TRAIN_SEED,
     VALID_SEED,
@@ -212,8 +217,6 @@ class Job:
 
     def signal_workers(self, sig: int) -> None:
         """Send `sig` to the job's trainer processes: torchrun's workers, or the job itself."""
-        import psutil
-
         me = psutil.Process(self.proc.pid)
         if "torchrun" in Path(self.cmd[0]).name:  # only its trainer ranks, no helper processes
             workers = [c for c in me.children() if "sfpo_megatron.cli" in " ".join(c.cmdline())]
@@ -247,8 +250,6 @@ def _postfix(rec: dict[str, Any]) -> str:
 
 def run_jobs(jobs: Sequence[Job], show_progress: bool = True) -> None:
     """Start the jobs, show one progress bar each, wait; any failure stops the others."""
-    from tqdm import tqdm
-
     bars = [tqdm(total=j.total or None, desc=j.name, position=i, leave=True, dynamic_ncols=True,
                  disable=not show_progress, file=sys.stderr, unit="step")
             for i, j in enumerate(jobs)]
@@ -313,10 +314,6 @@ def _fresh(*dirs: Path) -> None:
 
 def prepare(cfg: DemoConfig, paths: Paths) -> dict[str, Any]:
     """Tokenizer, SFT corpus (JSONL) and the tiny Qwen2 config; returns a summary."""
-    import transformers
-
-    from sfpo_megatron.data.tokenizer import load_tokenizer
-
     task = get_task(cfg.task)
     _fresh(paths.sft_jsonl.parent, paths.model_config)
     texts = sft_corpus(task, cfg.sft_docs)

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
 
@@ -225,10 +227,7 @@ COLORS = {"grpo": "tab:blue", "sfpo": "tab:orange"}
 def plot_curves(runs: Sequence[Curve], path: str | os.PathLike, title: str = "",
                 target: float | None = None) -> Path:
     """Accuracy (%) against rollouts, one line per run (color by method); writes a PNG."""
-    import matplotlib
-
     matplotlib.use("Agg")  # no display: write files only
-    import matplotlib.pyplot as plt
 
     if not runs:
         raise ReportError("plot_curves needs at least one curve")

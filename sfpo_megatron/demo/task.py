@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import reasoning_gym
+
+from sfpo_megatron.data.rewards import reasoning_gym_reward
 from sfpo_megatron.data.tokenizer import ChatFormat, train_sentencepiece
 
 # Seeds of the three disjoint streams of task items (reasoning-gym seeds items by seed + index).
@@ -60,8 +63,6 @@ class DemoTask:
 
     def entries(self, size: int, seed: int) -> list[dict[str, Any]]:
         """The reasoning-gym entries of `spec(size, seed)`."""
-        import reasoning_gym
-
         if size <= 0:
             raise DemoTaskError(f"size must be positive, got {size}")
         return list(reasoning_gym.create_dataset(self.name, size=size, seed=seed, **self.config))
@@ -139,6 +140,4 @@ def exact_match_reward(response: str, answer: str, metadata: dict[str, Any]) -> 
     the response ("191" for 91 scores 2/3); the demo reports accuracy, so it rewards only exact
     answers.
     """
-    from sfpo_megatron.data.rewards import reasoning_gym_reward
-
     return 1.0 if reasoning_gym_reward(response, answer, metadata) >= 1.0 else 0.0

@@ -29,7 +29,12 @@ import functools
 import logging
 from typing import Any
 
+import megatron.core.optimizer as mcore_optimizer
+import megatron.core.optimizer.distrib_optimizer as mcore_distrib_optimizer
+import megatron.core.tensor_parallel.random as mcore_random
 import torch
+import torch.utils._device as torch_device
+from torch.optim.adam import adam as adam_functional
 
 _APPLIED = False
 _CPU = torch.device("cpu")
@@ -148,8 +153,6 @@ class ParamGroupStepAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.optim.adam import adam as adam_functional
-
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
@@ -215,7 +218,6 @@ def _patch_torch_cuda() -> None:
 def _patch_factories_and_tensor() -> None:
     # `with torch.device(...)` recognises factories by identity from a list it builds (and
     # caches) on first use: build it from the originals, or meta-device init lands on CPU.
-    import torch.utils._device as torch_device
 
     torch_device._device_constructors()
     for name in _FACTORIES:
@@ -239,10 +241,6 @@ def _patch_factories_and_tensor() -> None:
 
 
 def _patch_megatron() -> None:
-    import megatron.core.optimizer as mcore_optimizer
-    import megatron.core.optimizer.distrib_optimizer as mcore_distrib_optimizer
-    import megatron.core.tensor_parallel.random as mcore_random
-
     def _get_state(device=None, clone=False, graph_safe=False):
         return torch.get_rng_state()
 

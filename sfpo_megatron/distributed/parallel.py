@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from sfpo_megatron.distributed.platform import setup_platform
 
@@ -91,8 +92,6 @@ def check_layout(*, world_size: int, tp: int, pp: int, num_layers: int, num_atte
 
 def set_seed(seed: int) -> None:
     """Megatron-LM's seeding: distinct per pipeline stage, identical across TP/DP ranks."""
-    from megatron.core import parallel_state, tensor_parallel
-
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(stage_seed)
     np.random.seed(stage_seed)
@@ -103,8 +102,6 @@ def set_seed(seed: int) -> None:
 def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234,
                timeout_minutes: int = 30) -> DistEnv:
     """Initialise torch.distributed and megatron's parallel groups (idempotent)."""
-    from megatron.core import parallel_state
-
     platform = setup_platform()
     env = read_dist_env()
     if not dist.is_initialized():
@@ -126,8 +123,6 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 123
 
 
 def destroy() -> None:
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

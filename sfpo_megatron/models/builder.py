@@ -18,6 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 
 from sfpo_megatron.models.hf_config import (
     HFArch,
@@ -26,6 +32,7 @@ from sfpo_megatron.models.hf_config import (
     parse_dtype,
     transformer_config_from_hf,
 )
+from sfpo_megatron.models.sdpa_attention import SDPAttention
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 FP8_FORMATS = ("hybrid", "e4m3")
@@ -72,14 +79,8 @@ def check_impl(transformer_impl: str, fp8: str | None, fp8_recipe: str) -> None:
 
 def layer_spec(arch: HFArch, transformer_impl: str = "local"):
     """The transformer-layer ``ModuleSpec`` for ``arch``."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
     if transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    from sfpo_megatron.models.sdpa_attention import SDPAttention
 
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
@@ -129,9 +130,6 @@ def model_provider(
     (e.g. ``recompute_granularity="full"``, ``sequence_parallel=True``,
     ``perform_initialization=False`` when weights are loaded right after).
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
     arch = load_hf_config(hf_config)
     check_impl(transformer_impl, fp8, fp8_recipe)
     actual_tp = parallel_state.get_tensor_model_parallel_world_size()

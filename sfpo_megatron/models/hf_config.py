@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
 
 
 class UnsupportedModelError(ValueError):
@@ -241,8 +242,6 @@ def transformer_config_from_hf(
 ):
     """The ``TransformerConfig`` of this HF model; ``overrides`` are further TransformerConfig
     fields from the trainer (recompute, sequence_parallel, use_cpu_initialization, ...)."""
-    from megatron.core.transformer import TransformerConfig
-
     arch = load_hf_config(hf_config)
     check_parallel_layout(arch, tp, pp, vpp)
     dtype = parse_dtype(params_dtype)

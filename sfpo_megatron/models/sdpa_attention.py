@@ -13,14 +13,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+from torch import Tensor
 
 # Megatron's attention_mask_func fills masked scores with -10000; an additive mask of the same
 # value keeps fully masked (padding) rows finite instead of NaN.

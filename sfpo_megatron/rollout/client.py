@@ -31,6 +31,8 @@ from typing import Any
 
 import requests
 
+from sfpo_megatron.rollout.sglang_launcher import find_free_port, wait_for_health
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,27 +54,6 @@ class RolloutServerError(RolloutError):
 
 class RouterUnavailableError(RolloutError):
     """``use_router=True`` but ``sglang_router`` is not installed."""
-
-
-@dataclass
-class Sample:
-    """One generated sample, as the trainer needs it."""
-
-    prompt_index: int
-    sample_index: int
-    prompt_ids: list[int]
-    output_ids: list[int]
-    output_logprobs: list[float] | None
-    finish_reason: dict
-    weight_version: str | None
-    text: str | None
-    server: str
-    attempts: int
-    meta_info: dict = field(repr=False)
-
-    @property
-    def aborted(self) -> bool:
-        return (self.finish_reason or {}).get("type") == "abort"
 
 
 @dataclass
@@ -220,7 +201,7 @@ class RolloutClient:
         return_logprob: bool = True,
         seed: int | None = None,
         extra: dict | None = None,
-    ) -> list[list[Sample]]:
+    ) -> list[list[Response]]:
         """``n`` samples for each prompt (token ids); result[i][j] is sample j of prompt i.
 
         Each sample is its own request, so the load spreads per sample and a failed one is retried
@@ -233,11 +214,11 @@ class RolloutClient:
             raise ValueError("pass the number of samples as generate(n=...), not sampling_params['n']")
         params.pop("n", None)
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
-        results: list[list[Sample | None]] = [[None] * n for _ in prompts]
+        results: list[list[Response | None]] = [[None] * n for _ in prompts]
         if not jobs:
             return []
 
-        def run(i: int, j: int) -> Sample:
+        def run(i: int, j: int) -> Response:
             sp = dict(params)
             if seed is not None:
                 sp["sampling_seed"] = seed + i * n + j
@@ -256,10 +237,10 @@ class RolloutClient:
         return results  # type: ignore[return-value]
 
     @staticmethod
-    def _sample(out: dict, i: int, j: int, prompt: list[int], url: str, attempts: int) -> Sample:
+    def _sample(out: dict, i: int, j: int, prompt: list[int], url: str, attempts: int) -> Response:
         meta = out.get("meta_info", {})
         lps = meta.get("output_token_logprobs")
-        return Sample(
+        return Response(
             prompt_index=i, sample_index=j, prompt_ids=prompt, output_ids=list(out.get("output_ids", [])),
             output_logprobs=None if lps is None else [float(x[0]) for x in lps],
             finish_reason=meta.get("finish_reason") or {}, weight_version=meta.get("weight_version"),
@@ -416,7 +397,6 @@ class RolloutClient:
                 "use_router=True needs the sglang_router package (pip install sglang-router==0.3.2, the 'gpu' extra); "
                 "it is not importable here. Drop use_router to use the client's own least-loaded dispatch."
             )
-        from sfpo_megatron.rollout.sglang_launcher import find_free_port, wait_for_health
 
         port = find_free_port()
         cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),

@@ -1,7 +1,7 @@
 """Start rollout engines as child processes: real SGLang on GPU nodes, or the CPU server.
 
 One process per engine (``python -m sglang.launch_server`` or ``python -m
-sfpo_megatron.rollout.server``), same interface either way (``--rollout-backend sglang|cpu``), so the
+sfpo_megatron.cpu_server.server``), same interface either way (``--rollout-backend sglang|cpu``), so the
 launch / health-wait / log / shutdown path is exercised on CPU machines too:
 
 * engine i listens on ``host:base_port + i`` (free ports when no base port is given) and, for
@@ -22,9 +22,9 @@ import atexit
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import threading
@@ -206,7 +206,7 @@ class RolloutLauncher:
             if c.mem_fraction_static is not None:
                 cmd += ["--mem-fraction-static", str(c.mem_fraction_static)]
         else:
-            cmd = [sys.executable, "-m", "sfpo_megatron.rollout.server", "--model-path", c.model_path,
+            cmd = [sys.executable, "-m", "sfpo_megatron.cpu_server.server", "--model-path", c.model_path,
                    "--host", c.host, "--port", str(port)]
             if c.mem_fraction_static is not None:
                 logger.warning("--rollout-mem-fraction has no meaning for the CPU rollout server; ignored")

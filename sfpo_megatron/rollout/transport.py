@@ -39,7 +39,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
+from sfpo_megatron.distributed.weight_update_group import (
+    DEFAULT_GROUP_NAME,
+    destroy_weight_update_group,
+    dtype_name,
+    init_weight_update_group,
+)
+from sfpo_megatron.errors import UserError
 from sfpo_megatron.rollout.sglang_launcher import find_free_port
 
 if TYPE_CHECKING:
@@ -47,91 +55,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GROUP_NAME = "weight_update_group"
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
 
 
-class RefitError(RuntimeError):
+class RefitError(UserError, RuntimeError):
     """A weight push failed; the message names the server and its answer."""
 
 
 class TransportUnavailableError(RefitError):
     """The requested transport cannot run on this machine (e.g. CUDA IPC without a GPU)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Process group with SGLang's handshake (shared by the trainer side and the CPU server)
-# --------------------------------------------------------------------------------------------
-
-
-def init_weight_update_group(
-    master_address: str,
-    master_port: int,
-    rank: int,
-    world_size: int,
-    group_name: str = DEFAULT_GROUP_NAME,
-    backend: str = "gloo",
-    timeout_s: float = 600.0,
-) -> dist.ProcessGroup:
-    """Join the weight-update group exactly as SGLang's servers do.
-
-    SGLang (and the trainers that drive it) rendezvous through a TCP store at
-    ``master_address:master_port`` hosted by rank 0, namespace it with
-    ``PrefixStore(group_name)`` and build a standalone process group that leaves the default group
-    (the trainer's megatron world) untouched. Matching that key layout is what lets this trainer talk
-    to real SGLang and SGLang-style trainers talk to the CPU server. torch has no public API for a
-    second "world" group, hence the private helper (same as SGLang, OpenRLHF, verl).
-
-    The store is a ``TCPStore`` made here, hosted by rank 0 — not ``rendezvous("tcp://...")``,
-    which under torchrun (``TORCHELASTIC_USE_AGENT_STORE``) joins the elastic agent's store as a
-    client even on rank 0, so nobody would host this group's store.
-    """
-    from torch.distributed.distributed_c10d import (
-        Backend,
-        PrefixStore,
-        _new_process_group_helper,
-        _world,
-    )
-
-    if not group_name:
-        raise ValueError("group_name must be a non-empty string")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside the group's world_size {world_size}")
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise TransportUnavailableError(
-            "backend 'nccl' needs CUDA, and torch.cuda.is_available() is False here; use backend 'gloo'"
-        )
-    timeout = datetime.timedelta(seconds=timeout_s)
-    # multi_tenant: one process may host several groups' stores on the same port.
-    store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout, multi_tenant=True)
-    store = PrefixStore(group_name, store)
-    extra: dict[str, Any] = {}
-    if backend == "nccl":
-        # Eager NCCL init: otherwise the first broadcast, not this call, would do the rendezvous.
-        extra["device_id"] = torch.device("cuda", torch.cuda.current_device())
-    pg, _ = _new_process_group_helper(
-        world_size, rank, [], Backend(backend), store, group_name=group_name, timeout=timeout, **extra
-    )
-    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
-
-
-def destroy_weight_update_group(pg: dist.ProcessGroup) -> None:
-    dist.destroy_process_group(pg)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The dtype string SGLang expects in ``dtypes`` ("bfloat16", "float32", ...)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """Inverse of ``dtype_name``; also accepts the ``torch.`` prefix. ValueError names bad input."""
-    attr = name.removeprefix("torch.") if isinstance(name, str) else None
-    dtype = getattr(torch, attr, None) if attr else None
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,8 +219,6 @@ class DiskTransport(WeightTransport):
 
     def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[Path, int, int, int]:
         """Write one HF-style sharded safetensors dir atomically; return (dir, tensors, shards, bytes)."""
-        from safetensors.torch import save_file
-
         final = self.version_dir(weight_version)
         tmp = self.directory / f".tmp_{final.name}_{uuid.uuid4().hex[:8]}"
         tmp.mkdir()

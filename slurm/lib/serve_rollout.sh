@@ -34,7 +34,7 @@ read -r -a extra <<<"${ROLLOUT_EXTRA_ARGS:-}"
 echo "[serve_rollout] $ROLLOUT_BACKEND server $local_id on $node ($bind:$port), model $ROLLOUT_MODEL_PATH"
 case "$ROLLOUT_BACKEND" in
     cpu)
-        exec "$SFPO_PYTHON" -m sfpo_megatron.rollout.server --model-path "$ROLLOUT_MODEL_PATH" \
+        exec "$SFPO_PYTHON" -m sfpo_megatron.cpu_server.server --model-path "$ROLLOUT_MODEL_PATH" \
             --host "$bind" --port "$port" "${extra[@]}" ;;
     sglang)
         mem=()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from sfpo_common import build_setup, make_samples, rl_args, run_worker
 from sfpo_worker import hf_params
 
@@ -49,7 +48,7 @@ def reinit(tp: int, pp: int, seed: int, vpp: int | None) -> None:
 
 def norm_batch():
     """make_samples(1) (2 groups x 4 rows, varied lengths) with row 6's response emptied."""
-    from sfpo_megatron.rl.train_batch import collate
+    from sfpo_megatron.trainer.train_batch import collate
 
     samples = make_samples(1)
     samples[6].response_ids, samples[6].rollout_logprobs = [], []
@@ -72,7 +71,7 @@ def gather(obj):
 
 
 def state_snapshot(setup) -> list[torch.Tensor]:
-    from sfpo_megatron.rl.sfpo import inner_optimizers, main_params
+    from sfpo_megatron.trainer.main_params import inner_optimizers, main_params
 
     model = [p.detach().clone() for c in setup.model for p in c.parameters()]
     main = [p.detach().clone() for opt in inner_optimizers(setup.optimizer)
@@ -81,7 +80,7 @@ def state_snapshot(setup) -> list[torch.Tensor]:
 
 
 def grpo_update(hf: Path, args_over: dict, flags: tuple, setup=None):
-    from sfpo_megatron.rl.sfpo import PolicyUpdater
+    from sfpo_megatron.update.policy_update import PolicyUpdater
 
     args = rl_args(hf, {**args_over, "--algorithm": "grpo"}, flags)
     if setup is None:
@@ -93,7 +92,7 @@ def grpo_update(hf: Path, args_over: dict, flags: tuple, setup=None):
 def scenario(name: str, hf_root: Path) -> dict:
     from megatron.core import parallel_state as ps
 
-    from sfpo_megatron.rl.trajectory_grad_norms import logit_grad_sq_norms, trajectory_grad_sq_norms
+    from sfpo_megatron.trainer.trajectory_grad_norms import logit_grad_sq_norms, trajectory_grad_sq_norms
 
     tp, pp, vpp, flags, suffix = LAYOUTS[name]
     hf = Path(str(hf_root) + suffix)

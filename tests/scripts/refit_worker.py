@@ -96,13 +96,14 @@ def main() -> None:
     model_dir, url, workdir, out_path = sys.argv[1:5]
     setup_platform()
     from sfpo_megatron.conversion.hf_mapping import load_hf_weights
+    from sfpo_megatron.distributed.rank0 import on_rank0
     from sfpo_megatron.models.hf_config import load_hf_config
-    from sfpo_megatron.rl.batch import Sample
-    from sfpo_megatron.rl.policy_forward import compute_logprobs
-    from sfpo_megatron.rl.sfpo import PolicyUpdater
-    from sfpo_megatron.rl.train_batch import collate
-    from sfpo_megatron.rollout.refit import RolloutEngines, on_rank0
-    from sfpo_megatron.train.model_setup import build_training_setup
+    from sfpo_megatron.records import Sample
+    from sfpo_megatron.rollout.engines import RolloutEngines
+    from sfpo_megatron.trainer.model_setup import build_training_setup
+    from sfpo_megatron.trainer.policy_forward import compute_logprobs
+    from sfpo_megatron.trainer.train_batch import collate
+    from sfpo_megatron.update.policy_update import PolicyUpdater
 
     args = rl_args(model_dir, url, workdir, "distributed")
     parallel.initialize(tp=2, seed=args.seed)
@@ -186,7 +187,7 @@ def main() -> None:
             engines.close()
     if rank0:  # a synchronous rollout refuses responses from other weights than it expects
         from sfpo_megatron.data.prompts import PromptItem
-        from sfpo_megatron.rl.evaluate import RolloutVersionError, generate_groups
+        from sfpo_megatron.rollout.generate import RolloutVersionError, generate_groups
 
         items = [PromptItem(index=41, prompt_ids=PROMPTS[0], prompt_text="", answer="")]
         try:

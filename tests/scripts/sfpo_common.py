@@ -47,8 +47,8 @@ def make_samples(step: int, n_prompts: int = 2, n: int = 4, seed: int = 0,
                  max_prompt: int = 6, max_response: int = 10, vocab: int = VOCAB) -> list:
     """A deterministic rollout batch: varied prompt/response lengths, rewards with one
     all-equal group (zero advantages) and one mixed group."""
-    from sfpo_megatron.rl.advantages import group_normalized_advantages
-    from sfpo_megatron.rl.batch import Sample
+    from sfpo_megatron.algorithms.advantages import group_normalized_advantages
+    from sfpo_megatron.records import Sample
 
     rng = random.Random(1000 * seed + step)
     samples = []
@@ -85,7 +85,7 @@ def build_setup(args, model_dir: Path):
     """megatron training setup with the HF weights loaded (and copied into the main params)."""
     from sfpo_megatron.conversion.hf_mapping import load_hf_weights
     from sfpo_megatron.models.hf_config import load_hf_config
-    from sfpo_megatron.train.model_setup import build_training_setup
+    from sfpo_megatron.trainer.model_setup import build_training_setup
 
     arch = load_hf_config(str(model_dir))
     setup = build_training_setup(args, arch, total_scheduler_steps=args.num_rollouts)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from sfpo_common import build_setup, make_samples, rl_args, run_worker
 
 STEPS = 2
@@ -63,7 +62,7 @@ def old_logprobs_at_theta0(setup, args, arch, batch) -> torch.Tensor | None:
     of the last stage), None elsewhere."""
     from megatron.core import parallel_state as ps
 
-    from sfpo_megatron.rl.policy_forward import compute_logprobs
+    from sfpo_megatron.trainer.policy_forward import compute_logprobs
 
     res = compute_logprobs(setup.model, batch, micro_batch_size=args.micro_batch_size,
                            temperature=args.rollout_temperature, vocab_size=arch.vocab_size)
@@ -102,7 +101,7 @@ def _model_main_pairs(opt):
 def bf16_recorder(alpha: float, checks: list):
     from megatron.core import parallel_state as ps
 
-    from sfpo_megatron.rl.sfpo import inner_optimizers
+    from sfpo_megatron.trainer.main_params import inner_optimizers
 
     rec: dict = {}
 
@@ -150,8 +149,8 @@ def run_steps(updater, steps, metrics: list) -> None:
 
 
 def scenario(name: str, hf: Path, out: Path) -> dict:
-    from sfpo_megatron.rl.sfpo import PolicyUpdater
-    from sfpo_megatron.rl.train_batch import collate
+    from sfpo_megatron.trainer.train_batch import collate
+    from sfpo_megatron.update.policy_update import PolicyUpdater
 
     tp, pp, flags, overrides = LAYOUTS[name]
     args = rl_args(hf, {**overrides, "--tensor-model-parallel-size": str(tp),
@@ -181,7 +180,7 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
 def reference_model_via_checkpoint(args, arch, setup, out: Path) -> list:
     """Save the initial policy (iteration 0) and load it as the frozen reference policy."""
     from sfpo_megatron.components.checkpoint import save_checkpoint
-    from sfpo_megatron.rl.sfpo import build_reference_model
+    from sfpo_megatron.trainer.model_setup import build_reference_model
 
     init = out / "kl_init_ckpt"
     save_checkpoint(str(init), 0, setup.model)
@@ -192,7 +191,7 @@ def resume(args, setup, updater, hf: Path, out: Path, result: dict) -> dict:
     """Steps 1-2 (the trigger fires at step 2), checkpoint, step 3; then a fresh setup resumes
     from the checkpoint and runs steps 3 and 4."""
     from sfpo_megatron.components.checkpoint import load_checkpoint, save_checkpoint
-    from sfpo_megatron.rl.sfpo import PolicyUpdater
+    from sfpo_megatron.update.policy_update import PolicyUpdater
 
     ckpt = out / "resume_ckpt"
     run_steps(updater, (1, 2), result["metrics"])
@@ -216,7 +215,7 @@ def resume(args, setup, updater, hf: Path, out: Path, result: dict) -> dict:
 
 def errors(args, setup, arch, hf: Path) -> dict:
     """Bad settings and batches: the exception type and message of each."""
-    from sfpo_megatron.rl.sfpo import PolicyUpdater
+    from sfpo_megatron.update.policy_update import PolicyUpdater
 
     found = {}
 

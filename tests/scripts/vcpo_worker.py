@@ -24,7 +24,6 @@ import math
 from pathlib import Path
 
 import torch
-
 from sfpo_common import build_setup, make_samples, rl_args, run_worker
 from sfpo_worker import hf_params, reinit
 
@@ -36,8 +35,8 @@ BASE = {"--lr-decay-style": "constant", "--num-steps-per-rollout": "1"}
 def own_logprob_samples(setup, args, arch, step: int, deltas: list[float] | None = None) -> list:
     """make_samples(step) with rollout log-probs := the trainer's log-probs at the current θ
     (minus δ_i on the first response token of sample i)."""
-    from sfpo_megatron.rl.policy_forward import compute_logprobs
-    from sfpo_megatron.rl.train_batch import collate
+    from sfpo_megatron.trainer.policy_forward import compute_logprobs
+    from sfpo_megatron.trainer.train_batch import collate
 
     samples = make_samples(step)
     batch = collate(samples, 0)
@@ -62,10 +61,10 @@ def own_logprob_samples(setup, args, arch, step: int, deltas: list[float] | None
 def expected_opob_shift(setup, args, arch, samples: list, label: str) -> float:
     """mean |A_opob − A_grpo| over the batch, from the standalone gradient-norm functions on this
     rank's view of the whole batch and the known log-weights δ."""
-    from sfpo_megatron.rl.advantages import group_normalized_advantages
-    from sfpo_megatron.rl.train_batch import collate
-    from sfpo_megatron.rl.trajectory_grad_norms import logit_grad_sq_norms, trajectory_grad_sq_norms
-    from sfpo_megatron.rl.vcpo import opob_advantages
+    from sfpo_megatron.algorithms.advantages import group_normalized_advantages
+    from sfpo_megatron.algorithms.vcpo import opob_advantages
+    from sfpo_megatron.trainer.train_batch import collate
+    from sfpo_megatron.trainer.trajectory_grad_norms import logit_grad_sq_norms, trajectory_grad_sq_norms
 
     batch = collate(samples, 0)
     kw = dict(temperature=args.rollout_temperature, vocab_size=arch.vocab_size)
@@ -87,7 +86,7 @@ def closed_form(deltas: list[float]) -> dict[str, float]:
 
 
 def scenario(name: str, hf: Path) -> dict:
-    from sfpo_megatron.rl.sfpo import PolicyUpdater
+    from sfpo_megatron.update.policy_update import PolicyUpdater
 
     reinit(1, 1, 3)
     dp_flags = ("--use-distributed-optimizer",) if name.endswith("dp2") else ()

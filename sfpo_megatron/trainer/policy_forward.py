@@ -3,7 +3,7 @@
 Every forward goes through ``get_forward_backward_func`` so the same code runs with TP, PP
 (1F1B, interleaved) and DP. On the last pipeline stage ``GPTModel`` called without labels returns
 the logits ``[b, s, V/tp]`` (megatron 0.16.1 transposes its ``[s, b, V/tp]`` output back to
-batch-first); :func:`sfpo_megatron.rl.vocab_parallel.vocab_parallel_logprobs_and_entropy` turns
+batch-first); :func:`sfpo_megatron.trainer.vocab_parallel.vocab_parallel_logprobs_and_entropy` turns
 them into log-probs and entropies without gathering the vocabulary, at the rollout temperature
 and with megatron's padded vocab columns dropped.
 
@@ -23,8 +23,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from sfpo_megatron.rl.train_batch import TrainBatch
+from sfpo_megatron.distributed.platform import current_platform
+from sfpo_megatron.trainer.train_batch import TrainBatch
+from sfpo_megatron.trainer.vocab_parallel import (
+    vocab_parallel_logit_grad_sq,
+    vocab_parallel_logprobs_and_entropy,
+)
 
 LossFn = Callable[[TrainBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
 LogitsFn = Callable[[TrainBatch, torch.Tensor], tuple[torch.Tensor, Any]]
@@ -35,8 +42,6 @@ class PolicyForwardError(ValueError):
 
 
 def _device() -> torch.device:
-    from sfpo_megatron.distributed.platform import current_platform
-
     return current_platform().device()
 
 
@@ -58,8 +63,6 @@ def run_schedule(model: Sequence[torch.nn.Module], micro_batches: Sequence[Train
     Returns what ``logits_fn`` reported per micro-batch, in order, on the last pipeline stage
     (an empty list elsewhere).
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     if not micro_batches:
         raise PolicyForwardError("no micro-batches to run")
     shapes = {tuple(mb.tokens.shape) for mb in micro_batches}
@@ -81,8 +84,6 @@ def run_schedule(model: Sequence[torch.nn.Module], micro_batches: Sequence[Train
 
 def _logprob_loss(temperature: float, vocab_size: int, loss_fn: LossFn, mb: TrainBatch,
                   logits: torch.Tensor):
-    from sfpo_megatron.rl.vocab_parallel import vocab_parallel_logprobs_and_entropy
-
     labels = mb.labels.to(logits.device, non_blocking=True)
     logprobs, entropy = vocab_parallel_logprobs_and_entropy(
         logits, labels, temperature=temperature, vocab_size=vocab_size)
@@ -105,8 +106,6 @@ def run_micro_batches(model: Sequence[torch.nn.Module], micro_batches: Sequence[
 def broadcast_from_last_stage(values: torch.Tensor | None, size: int) -> torch.Tensor:
     """A float64 vector ``[size]`` computed on the last pipeline stage (``values``; None on the
     other stages), on every stage, as a CPU tensor."""
-    from megatron.core import parallel_state as ps
-
     out = torch.zeros(size, dtype=torch.float64, device=_device())
     if values is not None:
         out.copy_(values.reshape(-1).to(out.device, torch.float64))
@@ -128,11 +127,6 @@ class TokenLogprobs:
 
 
 def _collect(temperature: float, vocab_size: int, grad_sq: bool, mb: TrainBatch, logits: torch.Tensor):
-    from sfpo_megatron.rl.vocab_parallel import (
-        vocab_parallel_logit_grad_sq,
-        vocab_parallel_logprobs_and_entropy,
-    )
-
     labels = mb.labels.to(logits.device, non_blocking=True)
     mask = mb.loss_mask.to(logits.device)
     logprobs, entropy = vocab_parallel_logprobs_and_entropy(
@@ -156,8 +150,6 @@ def compute_logprobs(model: Sequence[torch.nn.Module], batch: TrainBatch, *,
     Used for the old log-probs at θ(s,0) (the policy) and for a frozen reference policy. Returns
     ``None`` on pipeline stages other than the last, which never need them.
     """
-    from megatron.core import parallel_state as ps
-
     out = run_schedule(model, batch.micro_batches(micro_batch_size),
                        partial(_collect, float(temperature), int(vocab_size), logit_grad_sq), forward_only=True)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):

@@ -14,9 +14,19 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from sfpo_megatron.components.checkpoint import load_checkpoint, resolve_load_dir, save_checkpoint
+from sfpo_megatron.components.metrics import MetricsLogger, ThroughputMeter, memory_stats
+from sfpo_megatron.components.optimizer import optimizer_state_bytes
+from sfpo_megatron.components.preemption import EXIT_CODE, PreemptionHandler
+from sfpo_megatron.components.pretrain_data import DatasetTokenizer, build_pretrain_data_iterators, get_batch
+from sfpo_megatron.data.tokenizer import load_tokenizer
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.distributed.platform import setup_platform
+from sfpo_megatron.models.hf_config import load_hf_config
+from sfpo_megatron.trainer.model_setup import build_training_setup, device, zero_grads
 
 log = logging.getLogger("sfpo_megatron.pretrain")
 
@@ -25,8 +35,6 @@ class Preempted(SystemExit):
     """Raised after the checkpoint that a SIGTERM asked for; exits with 143."""
 
     def __init__(self, iteration: int) -> None:
-        from sfpo_megatron.components.preemption import EXIT_CODE
-
         super().__init__(EXIT_CODE)
         self.iteration = iteration
 
@@ -54,13 +62,10 @@ def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
 
 
 def build_tokenizer(args: argparse.Namespace, arch):
-    from sfpo_megatron.components.pretrain_data import DatasetTokenizer
-
     if args.tokenizer_type == "null" or args.tokenizer_path is None:
         eos = arch.raw.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) else eos
         return DatasetTokenizer(vocab_size=arch.vocab_size, eod=int(eos or 0), name="null")
-    from sfpo_megatron.data.tokenizer import load_tokenizer
 
     return load_tokenizer(args.tokenizer_path)
 
@@ -77,9 +82,6 @@ def lm_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    from sfpo_megatron.components.pretrain_data import get_batch
-    from sfpo_megatron.train.model_setup import device
-
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, device())
     output = model(tokens, position_ids, attention_mask, labels=labels)
     return output, partial(lm_loss_func, loss_mask)
@@ -87,8 +89,6 @@ def forward_step(data_iterator, model):
 
 def reduce_lm_loss(losses: list[dict]) -> float:
     """Token-mean loss over all micro-batches and DP ranks, known on every rank."""
-    from megatron.core import parallel_state as ps
-
     total = torch.zeros(2, dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for d in losses:
@@ -101,10 +101,6 @@ def reduce_lm_loss(losses: list[dict]) -> float:
 
 
 def train_step(setup, data_iterator, num_microbatches: int, args) -> tuple[float, float]:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from sfpo_megatron.train.model_setup import zero_grads
-
     zero_grads(setup)
     fb = get_forward_backward_func()
     iters = data_iterator if len(setup.model) == 1 else [data_iterator] * len(setup.model)
@@ -121,16 +117,6 @@ def train_step(setup, data_iterator, num_microbatches: int, args) -> tuple[float
 
 def pretrain(args: argparse.Namespace) -> dict:
     """Runs the loop; returns the last iteration's metrics (used by tests and benchmarks)."""
-    from megatron.core import parallel_state as ps
-
-    from sfpo_megatron.components.checkpoint import load_checkpoint, resolve_load_dir, save_checkpoint
-    from sfpo_megatron.components.metrics import MetricsLogger, ThroughputMeter, memory_stats
-    from sfpo_megatron.components.optimizer import optimizer_state_bytes
-    from sfpo_megatron.components.preemption import PreemptionHandler
-    from sfpo_megatron.components.pretrain_data import build_pretrain_data_iterators
-    from sfpo_megatron.models.hf_config import load_hf_config
-    from sfpo_megatron.train.model_setup import build_training_setup, device
-
     setup_platform()
     arch = load_hf_config(args.model_config)
     env = parallel.read_dist_env()

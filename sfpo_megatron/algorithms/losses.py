@@ -224,7 +224,7 @@ def policy_loss(
     ``advantages`` ``[B, T]`` or ``[B]`` (one per response); ``entropy`` ``[B, T]`` (with grad
     when ``entropy_coeff`` > 0); ``ref_log_probs`` ``[B, T]``; ``seq_weights`` ``[B]``: per-sequence
     weights applied to the policy-gradient term (VCPO truncated IS, see
-    :func:`sfpo_megatron.rl.vcpo.truncated_is_weights`; treated as constants).
+    :func:`sfpo_megatron.algorithms.vcpo.truncated_is_weights`; treated as constants).
 
     loss = agg(pg) - entropy_coeff · agg(entropy) + kl_coeff · agg(kl), all aggregated with the
     same mode and ``denominators`` (see module doc). Metrics are masked means over this

@@ -1,7 +1,7 @@
 """Per-trajectory squared policy-gradient norms g2_i for VCPO's off-policy optimal baseline.
 
 VCPO (arXiv 2602.17616) weighs each trajectory of a prompt group by w_i² ‖∇θ log π(τ_i)‖² in
-b* = Σ w_i² g2_i R_i / Σ w_i² g2_i (:func:`sfpo_megatron.rl.vcpo.opob_baseline`). Here
+b* = Σ w_i² g2_i R_i / Σ w_i² g2_i (:func:`sfpo_megatron.algorithms.vcpo.opob_baseline`). Here
 log π(τ_i) = Σ_t log π_θ(y_t | prefix) over the response tokens of row i (``loss_mask``), at the
 rollout temperature, with megatron's padded vocab columns dropped (as the training loss).
 
@@ -53,9 +53,16 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
 
-from sfpo_megatron.rl.policy_forward import broadcast_from_last_stage, run_schedule
-from sfpo_megatron.rl.train_batch import TrainBatch
+from sfpo_megatron.distributed.platform import current_platform
+from sfpo_megatron.trainer.main_params import finish_param_gather
+from sfpo_megatron.trainer.model_setup import zero_grads
+from sfpo_megatron.trainer.policy_forward import broadcast_from_last_stage, compute_logprobs, run_schedule
+from sfpo_megatron.trainer.train_batch import TrainBatch
+from sfpo_megatron.trainer.vocab_parallel import vocab_parallel_logprobs_and_entropy
 
 # Rows are cut to their last response token, rounded up to this multiple (x TP size, which
 # sequence parallelism needs), so the shapes the schedule sees stay few and aligned.
@@ -67,8 +74,6 @@ class TrajectoryGradNormError(ValueError):
 
 
 def _device() -> torch.device:
-    from sfpo_megatron.distributed.platform import current_platform
-
     return current_platform().device()
 
 
@@ -95,8 +100,6 @@ def logit_grad_sq_norms(model: Sequence[torch.nn.Module], batch: TrainBatch, *,
     the real vocab. One forward-only pass at ``micro_batch_size`` (no backward); the vocab stays
     split over TP. Float64 CPU ``[B_local]`` on every rank. (The policy update gets the same
     values from its old-log-prob forward, ``compute_logprobs(..., logit_grad_sq=True)``.)"""
-    from sfpo_megatron.rl.policy_forward import compute_logprobs
-
     _check_args(batch, temperature, vocab_size)
     res = compute_logprobs(model, batch, micro_batch_size=micro_batch_size, temperature=temperature,
                            vocab_size=vocab_size, logit_grad_sq=True)
@@ -110,8 +113,6 @@ def logit_grad_sq_norms(model: Sequence[torch.nn.Module], batch: TrainBatch, *,
 
 def _sum_logprobs(temperature: float, vocab_size: int, weight: float, mb: TrainBatch,
                   logits: torch.Tensor):
-    from sfpo_megatron.rl.vocab_parallel import vocab_parallel_logprobs_and_entropy
-
     labels = mb.labels.to(logits.device, non_blocking=True)
     mask = mb.loss_mask.to(logits.device, non_blocking=True)
     logprobs, _ = vocab_parallel_logprobs_and_entropy(
@@ -129,7 +130,6 @@ def _row_length(mask: torch.Tensor, seq_length: int, multiple: int) -> int:
 def _model_parallel_grad_reductions(model: Sequence[torch.nn.Module], config) -> None:
     """finalize_model_grads without the DP part: what makes each main_grad the full gradient of
     its parameter within this DP replica (megatron's own helpers, same groups)."""
-    from megatron.core import parallel_state as ps
     # The module, not the function megatron.core.distributed re-exports under the same name.
     fmg = importlib.import_module("megatron.core.distributed.finalize_model_grads")
 
@@ -146,10 +146,6 @@ def _model_parallel_grad_reductions(model: Sequence[torch.nn.Module], config) ->
 
 def _counted_params(model: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
     """Trainable params in megatron's grad norm: no TP duplicates, no PP copy of tied weights."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-    from megatron.core.transformer.module import param_is_not_shared
-
     tp_group = ps.get_tensor_model_parallel_group()
     out = []
     for chunk in model:
@@ -181,11 +177,6 @@ def trajectory_grad_sq_norms(setup, batch: TrainBatch, *, temperature: float,
     Rows without response tokens get 0 without a pass. Grads are zero on return, parameters
     and optimizer state untouched; the model config is restored even on error.
     """
-    from megatron.core import parallel_state as ps
-
-    from sfpo_megatron.rl.sfpo import finish_param_gather
-    from sfpo_megatron.train.model_setup import zero_grads
-
     _check_args(batch, temperature, vocab_size)
     if ps.get_context_parallel_world_size() > 1:
         raise TrajectoryGradNormError("context parallelism is not supported by the "

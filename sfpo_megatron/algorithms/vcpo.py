@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sfpo_megatron.rl.advantages import _group_index, group_std
+from sfpo_megatron.algorithms.advantages import _group_index, group_std
 
 LR_SCALING_MODES = ("sqrt", "linear", "none")
 

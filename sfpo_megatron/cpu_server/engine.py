@@ -1,6 +1,6 @@
 """The CPU rollout server's generation engine: one thread owns the HF model and runs batches
 (prefill, decode, sampling with per-sequence generators, aborts, pauses) and weight updates
-between them. Semantics: see :mod:`sfpo_megatron.rollout.server`.
+between them. Semantics: see :mod:`sfpo_megatron.cpu_server.server`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from sfpo_megatron.rollout.server_requests import FLOAT32_MIN, SamplingConfig, SeqSpec
+from sfpo_megatron.cpu_server.requests import FLOAT32_MIN, SamplingConfig, SeqSpec
 
-logger = logging.getLogger("sfpo_megatron.rollout.server")
+logger = logging.getLogger("sfpo_megatron.cpu_server.server")
 
 # ============================================================================================
 # Generation engine: one thread owns the model; batches, sampling, weight updates.
@@ -309,8 +315,6 @@ class GenerationEngine:
 
     @staticmethod
     def _mergeable(cache: Any) -> bool:
-        from transformers.cache_utils import DynamicLayer
-
         return all(type(layer) is DynamicLayer for layer in cache.layers)
 
     def _merge(self, batch: _Batch, fresh: _Batch) -> None:
@@ -339,8 +343,6 @@ class GenerationEngine:
         batch.seqs = batch.seqs + fresh.seqs
 
     def _prefill(self, seqs: list[Sequence]) -> _Batch:
-        from transformers import DynamicCache
-
         lengths = [len(s.spec.prompt_ids) for s in seqs]
         L, B = max(lengths), len(seqs)
         ids = torch.zeros(B, L, dtype=torch.long)
@@ -464,8 +466,6 @@ class GenerationEngine:
 
     @staticmethod
     def _filter(row: torch.Tensor, p: SamplingConfig) -> torch.Tensor:
-        from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
         if p.top_k > 0:
             row = TopKLogitsWarper(p.top_k)(None, row)
         if p.top_p < 1.0:
@@ -581,8 +581,6 @@ class GenerationEngine:
         return {k: v.data for k, v in self.model.state_dict(keep_vars=True).items()}
 
     def load_from_disk(self, model_path: str) -> str:
-        from safetensors import safe_open
-
         path = Path(model_path)
         if path.is_file() and path.suffix == ".safetensors":
             files = [path]
@@ -621,8 +619,6 @@ class GenerationEngine:
     def receive_from_group(self, pg: Any, names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]]) -> str:
         """Receive one bucket broadcast from rank 0, in order. Always joins every broadcast (even for a
         bad name) so the trainer's collective completes; errors are reported after."""
-        import torch.distributed as dist
-
         table = self.param_table()
         problems = []
         for name, dtype, shape in zip(names, dtypes, shapes):
@@ -650,8 +646,6 @@ class GenerationEngine:
         return f"Received {len(names)} tensors."
 
     def release_weights(self) -> str:
-        from safetensors.torch import save_model
-
         if self._released:
             return "Weights already released."
         self.offload_dir.mkdir(parents=True, exist_ok=True)
@@ -667,8 +661,6 @@ class GenerationEngine:
         return f"Weights offloaded to {path}."
 
     def resume_weights(self) -> str:
-        from safetensors.torch import load_model
-
         if not self._released:
             return "Weights were not released."
         params = dict(self.model.named_parameters())

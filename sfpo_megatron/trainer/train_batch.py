@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from sfpo_megatron.rl.batch import Sample
+from sfpo_megatron.records import Sample
 
 
 class TrainBatchError(ValueError):

@@ -34,7 +34,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger("sfpo_megatron.rl.async")
+from sfpo_megatron.records import RolloutBatch, Sample
+
+log = logging.getLogger("sfpo_megatron.rollout.async")
 
 _STATE_VERSION = 1
 
@@ -76,16 +78,13 @@ _SAMPLE_FIELDS = ("prompt_index", "group_id", "prompt_ids", "response_ids", "rol
                   "weight_version", "finish_reason", "reward", "advantage")
 
 
-def result_to_state(result: Any) -> dict:
+def batch_to_state(result: RolloutBatch) -> dict:
     return {"step": result.step, "sampler_start": result.sampler_start, "metrics": dict(result.metrics),
             "samples": [{k: getattr(s, k) for k in _SAMPLE_FIELDS} for s in result.samples]}
 
 
-def result_from_state(state: dict) -> Any:
-    from sfpo_megatron.rl.batch import Sample
-    from sfpo_megatron.rl.loop import RolloutResult
-
-    return RolloutResult(samples=[Sample(**s) for s in state["samples"]], metrics=dict(state["metrics"]),
+def batch_from_state(state: dict) -> RolloutBatch:
+    return RolloutBatch(samples=[Sample(**s) for s in state["samples"]], metrics=dict(state["metrics"]),
                          step=int(state["step"]), sampler_start=dict(state["sampler_start"]))
 
 
@@ -182,7 +181,7 @@ class AsyncRolloutProducer:
             pending = list(self._ready)
             resume_at = self._inflight_start if self._inflight_start is not None else self._sampler.state_dict()
         start = pending[0].sampler_start if pending else resume_at
-        return {"version": _STATE_VERSION, "pending": [result_to_state(r) for r in pending],
+        return {"version": _STATE_VERSION, "pending": [batch_to_state(r) for r in pending],
                 "resume_sampler": resume_at, "start_sampler": start}
 
     def close(self) -> None:

@@ -8,6 +8,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from megatron.core import tensor_parallel
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_model_config
+
+from sfpo_megatron.components.checkpoint import CheckpointError, load_checkpoint
+from sfpo_megatron.components.optimizer import build_optimizer, build_scheduler
+from sfpo_megatron.distributed.platform import current_platform
+from sfpo_megatron.models.builder import build_model
 
 
 @dataclass
@@ -28,11 +41,6 @@ def unwrap(chunk):
 
 def build_bare_chunks(args: argparse.Namespace, arch) -> list:
     """This rank's model chunks (one per virtual stage), bf16 behind ``Float16Module``; no DDP."""
-    from megatron.core import tensor_parallel
-    from megatron.core.transformer.module import Float16Module
-
-    from sfpo_megatron.models.builder import build_model
-
     overrides = argparse.Namespace(**vars(args))
     # Initialise the full weight on CPU then shard it: the same seed gives the same model at any TP.
     overrides.use_cpu_initialization = True
@@ -52,8 +60,6 @@ def build_bare_chunks(args: argparse.Namespace, arch) -> list:
 
 
 def build_model_chunks(args: argparse.Namespace, arch) -> list:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     chunks = build_bare_chunks(args, arch)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -75,11 +81,6 @@ def build_model_chunks(args: argparse.Namespace, arch) -> list:
 
 
 def build_training_setup(args: argparse.Namespace, arch, total_scheduler_steps: int) -> TrainingSetup:
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.utils import get_model_config
-
-    from sfpo_megatron.components.optimizer import build_optimizer, build_scheduler
-
     model = build_model_chunks(args, arch)
     optimizer = build_optimizer(args, model)
     scheduler = build_scheduler(args, optimizer, total_scheduler_steps)
@@ -112,6 +113,26 @@ def count_parameters(model: list) -> int:
 
 
 def device() -> torch.device:
-    from sfpo_megatron.distributed.platform import current_platform
-
     return current_platform().device()
+
+
+def build_frozen_model(args: argparse.Namespace, arch) -> list:
+    """Model chunks for forward-only use (no DDP buffers, no gradients), same layout as the
+    policy: this rank's PP stage(s) and TP shard, bf16 behind ``Float16Module`` like the policy."""
+    chunks = build_bare_chunks(args, arch)
+    for chunk in chunks:
+        for p in chunk.parameters():
+            p.requires_grad_(False)
+    for chunk in chunks:
+        chunk.eval()
+    return chunks
+
+
+def build_reference_model(args: argparse.Namespace, arch, load: str) -> list:
+    """The frozen reference policy for ``--kl-coef`` > 0: :func:`build_frozen_model` with the
+    model weights of the torch_dist checkpoint in ``load`` (e.g. the run's initial checkpoint)."""
+    chunks = build_frozen_model(args, arch)
+    if load_checkpoint(load, chunks, load_optim=False, load_rng=False) is None:
+        raise CheckpointError(f"--ref-load {load} holds no checkpoint (the frozen reference "
+                              "policy of --kl-coef)")
+    return chunks

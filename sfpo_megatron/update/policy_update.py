@@ -1,4 +1,4 @@
-"""The SFPO / GRPO policy update on megatron (issue 4; SFPO = arXiv 2510.04072, Algorithm 1).
+"""The SFPO / GRPO policy update on megatron (SFPO = arXiv 2510.04072, Algorithm 1).
 
 For rollout batch s, starting from θ(s,0):
 
@@ -11,33 +11,18 @@ For rollout batch s, starting from θ(s,0):
 4. Stage III: one more pass from θ̃;
 5. LR scheduler stepped once; the controller observes the step's mean token entropy.
 
-α comes from :class:`~sfpo_megatron.rl.sfpo_controller.SFPOController`; α = 0 (always with
+α comes from :class:`~sfpo_megatron.algorithms.sfpo_controller.SFPOController`; α = 0 (always with
 ``--algorithm grpo``, and for good once the entropy trigger fired) skips Stages I and II, so the
 step is exactly one GRPO pass. Adam's moments and step count are never touched by Stage II.
 
-Where the main parameters live (the three megatron optimizers, all reached through
-``optimizer.optimizer.param_groups``, i.e. exactly what Adam updates):
-
-* ``FP32Optimizer`` (fp32 params, no distributed optimizer): the model parameters themselves;
-* ``Float16OptimizerWithFloat16Params`` (``--bf16``): fp32 copies of the bf16 model params, copied
-  back by ``_copy_main_params_to_model_params``;
-* ``DistributedOptimizer``: this DP rank's fp32 shard (a view of the param buffer with fp32
-  params, an fp32 copy with bf16), written into the param buffer by
-  ``_copy_main_params_to_model_params`` and all-gathered by ``DistributedDataParallel.
-  start_param_sync`` — the same calls megatron makes after ``optimizer.step()``.
-
-So Stage II costs one extra copy of the main-param shard (4 bytes / parameter / DP size, in host
-memory with ``--sfpo-snapshot-offload``) and no communication beyond the ordinary all-gather.
+Stage II works on the optimizer's fp32 main parameters (``trainer/main_params.py``): one extra
+copy of this rank's shard (host memory with ``--sfpo-snapshot-offload``), no communication beyond
+megatron's ordinary DP all-gather of the parameter buffers.
 
 The controller's entropy is the mean token entropy of the update's last pass (Stage III, or the
 GRPO pass) — the reference code appends the actor's training ``entropy_loss`` metric of the
 slow ``update_policy`` call. Here it is the token mean over the whole batch (all micro-batches and
 DP ranks) rather than verl's mean of per-micro-batch means, so it does not depend on the split.
-
-Distances ‖θ(s,K) − θ(s,0)‖ and ‖θ̃ − θ(s,0)‖ are global: squared sums over main params that are
-neither TP duplicates nor the PP copy of tied embeddings (megatron's grad-norm rule), all-reduced
-over the optimizer's grad-stats group (model-parallel group, or the world for the distributed
-optimizer).
 
 Use from the RL loop (every trainer rank, same calls)::
 
@@ -55,7 +40,6 @@ After ``update`` returns, the model parameters are θ(s+1,0) on every rank (also
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,169 +48,48 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
-from sfpo_megatron.rl.batch import Sample
-from sfpo_megatron.rl.off_policy import OffPolicyConfig, off_policy_correction, scaled_lr
-from sfpo_megatron.rl.vcpo import sequence_log_ratio, truncated_is_weights
-from sfpo_megatron.rl.losses import (
+from sfpo_megatron.algorithms.losses import (
     LossDenominators,
     PolicyLossConfig,
     mini_batch_denominators,
     policy_loss,
 )
-from sfpo_megatron.rl.policy_forward import compute_logprobs, run_micro_batches
-from sfpo_megatron.rl.sfpo_controller import SFPOController
-from sfpo_megatron.rl.train_batch import (
+from sfpo_megatron.algorithms.sfpo_controller import SFPOController
+from sfpo_megatron.algorithms.vcpo import sequence_log_ratio, truncated_is_weights
+from sfpo_megatron.distributed.platform import current_platform
+from sfpo_megatron.errors import UserError
+from sfpo_megatron.records import Sample
+from sfpo_megatron.trainer.main_params import (
+    MainParamSnapshot,
+    check_supported,
+    copy_main_to_model_params,
+    finish_param_gather,
+    scaled_lr,
+)
+from sfpo_megatron.trainer.model_setup import zero_grads
+from sfpo_megatron.trainer.policy_forward import compute_logprobs, run_micro_batches
+from sfpo_megatron.trainer.train_batch import (
     TrainBatch,
     check_update_layout,
     collate,
     local_mini_batches,
 )
+from sfpo_megatron.trainer.trajectory_grad_norms import trajectory_grad_sq_norms
+from sfpo_megatron.update.off_policy import OffPolicyConfig, off_policy_correction
 
 _STATE_VERSION = 1
 ALGORITHMS = ("sfpo", "grpo")
 
 
-class PolicyUpdateError(ValueError):
+class PolicyUpdateError(UserError):
     """A setting or training setup the SFPO / GRPO update cannot run with."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Main parameters of megatron's optimizers
 # ---------------------------------------------------------------------------------------------
-
-
-def _device() -> torch.device:
-    from sfpo_megatron.distributed.platform import current_platform
-
-    return current_platform().device()
-
-
-def inner_optimizers(optimizer) -> list:
-    """The megatron optimizers inside a ``ChainedOptimizer`` (or the optimizer itself)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def main_params(opt) -> list[torch.Tensor]:
-    """The fp32 parameters the inner (Adam) optimizer updates on this rank."""
-    if getattr(opt, "is_stub_optimizer", False) or opt.optimizer is None:
-        return []
-    return [p for group in opt.optimizer.param_groups for p in group["params"]]
-
-
-def check_supported(optimizer) -> None:
-    """Stage II needs the main params in ``param_groups``; refuse layouts where they are not."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.optimizer.optimizer import (
-        FP32Optimizer,
-        Float16OptimizerWithFloat16Params,
-    )
-
-    for opt in inner_optimizers(optimizer):
-        if not isinstance(opt, (DistributedOptimizer, Float16OptimizerWithFloat16Params,
-                                FP32Optimizer)):
-            raise PolicyUpdateError(f"SFPO reposition does not support {type(opt).__name__}")
-        if getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
-            raise PolicyUpdateError("SFPO reposition does not support the precision-aware "
-                                    "optimizer (main params live inside TE FusedAdam)")
-        ddp_config = getattr(opt, "ddp_config", None)
-        if ddp_config is not None and getattr(ddp_config, "use_megatron_fsdp", False):
-            raise PolicyUpdateError("SFPO reposition does not support megatron FSDP")
-
-
-def _counts_for_norm(opt, p: torch.Tensor) -> bool:
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-    from megatron.core.transformer.module import param_is_not_shared
-
-    return param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(
-        p, getattr(opt, "tp_group", None))
-
-
-def _snapshot_copy(p: torch.Tensor, offload: bool) -> torch.Tensor:
-    if not offload or p.device.type == "cpu":
-        return p.detach().clone()
-    # Pinned host memory so the copies back (Stage II) are asynchronous DMA.
-    host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
-    host.copy_(p.detach(), non_blocking=True)
-    return host
-
-
-class MainParamSnapshot:
-    """θ(s,0): a copy of this rank's main params (its shard with the distributed optimizer)."""
-
-    def __init__(self, optimizer, offload: bool = False) -> None:
-        self.groups = []
-        with torch.no_grad():
-            for opt in inner_optimizers(optimizer):
-                params = main_params(opt)
-                self.groups.append((opt, params, [_snapshot_copy(p, offload) for p in params]))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for _, _, copies in self.groups for c in copies)
-
-    @torch.no_grad()
-    def distance(self) -> float:
-        """‖θ − θ(s,0)‖ over the whole model (all DP / TP / PP ranks); collective."""
-        total = 0.0
-        for opt, params, copies in self.groups:
-            sq = torch.zeros((), dtype=torch.float64, device=_device())
-            for p, p0 in zip(params, copies):
-                if _counts_for_norm(opt, p):
-                    d = torch.linalg.vector_norm(p - p0.to(p.device, non_blocking=True))
-                    sq += d.double().square()
-            if dist.is_initialized():
-                dist.all_reduce(sq, group=opt.get_grad_stats_parallel_group())
-            total += float(sq)
-        return math.sqrt(total)
-
-    @torch.no_grad()
-    def reposition_(self, alpha: float) -> None:
-        """Main params ← lerp(θ(s,0), θ, α) in place (exact at α = 0 and 1)."""
-        for _, params, copies in self.groups:
-            for p, p0 in zip(params, copies):
-                p.copy_(torch.lerp(p0.to(p.device, non_blocking=True), p, alpha))
-
-
-@torch.no_grad()
-def copy_main_to_model_params(optimizer) -> None:
-    """What megatron does after ``optimizer.step()``: main → model params, then (distributed
-    optimizer) the DP all-gather of the param buffers — synchronous, or left to the next
-    forward's pre-hooks when ``--overlap-param-gather`` is on (as after a step)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
-
-    gather_chunks: dict[int, Any] = {}
-    for opt in inner_optimizers(optimizer):
-        if isinstance(opt, (DistributedOptimizer, Float16OptimizerWithFloat16Params)):
-            if not opt.is_stub_optimizer:
-                if opt.config.reuse_grad_buf_for_mxfp8_param_ag:
-                    if not opt.config.overlap_param_gather:
-                        opt._copy_main_params_to_param_buffer()
-                else:
-                    opt._copy_main_params_to_model_params()
-        # FP32Optimizer: the main params are the model params, already in place.
-        if isinstance(opt, DistributedOptimizer) and not opt.ddp_config.overlap_param_gather:
-            for chunk in opt.model_chunks:
-                gather_chunks[id(chunk)] = chunk
-    for chunk in gather_chunks.values():
-        chunk.start_param_sync()
-
-
-@torch.no_grad()
-def finish_param_gather(optimizer) -> None:
-    """With ``--overlap-param-gather`` megatron leaves the all-gather after a step to the next
-    forward's pre-hooks; run it now so readers of the model params (refit, checkpoint) see
-    θ(s+1,0). The next forward then finds the buckets gathered and sends nothing again."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    chunks: dict[int, Any] = {}
-    for opt in inner_optimizers(optimizer):
-        if isinstance(opt, DistributedOptimizer) and opt.ddp_config.overlap_param_gather:
-            for chunk in opt.model_chunks:
-                chunks[id(chunk)] = chunk
-    for chunk in chunks.values():
-        chunk.start_param_sync(force_sync=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,9 +103,7 @@ _NUM_STATS = 8
 
 def _reduce_sums(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:
     """Sum of the last stage's rows over micro-batches and DP ranks, known on every rank."""
-    from megatron.core import parallel_state as ps
-
-    total = torch.zeros(width, dtype=torch.float64, device=_device())
+    total = torch.zeros(width, dtype=torch.float64, device=current_platform().device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for r in rows:
             total += r.to(total.device, torch.float64)
@@ -308,8 +169,6 @@ class PolicyUpdater:
 
     def __init__(self, args: argparse.Namespace, setup, *, ref_model: Sequence | None = None,
                  pad_id: int | None = None) -> None:
-        from megatron.core import parallel_state as ps
-
         if args.algorithm not in ALGORITHMS:
             raise PolicyUpdateError(f"--algorithm must be one of {ALGORITHMS}, got "
                                     f"{args.algorithm!r}")
@@ -365,8 +224,6 @@ class PolicyUpdater:
             self.stage_hook(stage, self)
 
     def _plan(self, batch: TrainBatch) -> _Plan:
-        from megatron.core import parallel_state as ps
-
         dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         check_update_layout(batch.size, self.num_mini_batches, dp_size, self.micro_batch_size)
         scale = self.loss_scale_factor or batch.seq_length
@@ -403,6 +260,13 @@ class PolicyUpdater:
         return {"rollout/train_logprob_abs_diff": float(total[0]) / n,
                 "actor/entropy_at_theta0": float(total[1]) / n}
 
+    def _grad_sq_norms(self, plan: _Plan, local: TrainBatch) -> torch.Tensor | None:
+        """OPOB's ‖g‖² of this rank's rows (None off the last stage in logit mode)."""
+        if self.off_policy.grad_norm == "exact":  # collective: every rank runs the backward
+            return trajectory_grad_sq_norms(self.setup, local, temperature=self.temperature,
+                                            vocab_size=self.vocab_size)
+        return plan.logit_grad_sq  # from the old-log-prob forward (_old_logprobs)
+
     def _train_loss(self, den: LossDenominators, scale: float, mb: TrainBatch,
                     logprobs: torch.Tensor, entropy: torch.Tensor):
         dev = logprobs.device
@@ -419,15 +283,11 @@ class PolicyUpdater:
                              m["ppo_kl"] * n, m["entropy"] * n, kl * n, n,
                              loss.detach()]).double()
         # The schedule divides by the micro-batch count and DDP averages over DP: undo both so
-        # the summed gradients are those of the mini-batch loss (rl/losses.py).
+        # the summed gradients are those of the mini-batch loss (algorithms/losses.py).
         return loss * scale, stats
 
     def _pass(self, plan: _Plan) -> list[dict[str, float]]:
         """One ordinary GRPO/PPO pass: one optimizer step per mini-batch."""
-        from megatron.core import parallel_state as ps
-
-        from sfpo_megatron.train.model_setup import zero_grads
-
         setup, rows = self.setup, []
         dp_size = ps.get_data_parallel_world_size()
         for j, (mb, den) in enumerate(zip(plan.local, plan.denominators)):
@@ -460,7 +320,11 @@ class PolicyUpdater:
         lr = float(self.setup.optimizer.param_groups[0]["lr"])
         metrics: dict[str, float] = self._old_logprobs(plan)
         if self.off_policy.track:
-            metrics.update(off_policy_correction(self, plan))
+            off_metrics, plan.lr_scales = off_policy_correction(
+                self.off_policy, plan.local, grad_sq=partial(self._grad_sq_norms, plan),
+                advantage_eps=self.args.advantage_eps,
+                std_normalize=not self.args.disable_std_normalization)
+            metrics.update(off_metrics)
         t_old = time.perf_counter()
         self.last_passes = {}
         fast_norm = repo_norm = 0.0
@@ -515,29 +379,3 @@ class PolicyUpdater:
         metrics["actor/grad_norm"] = metrics["actor/grad_norm/slow"]
         self._hook("done")
         return metrics
-
-
-def build_frozen_model(args: argparse.Namespace, arch) -> list:
-    """Model chunks for forward-only use (no DDP buffers, no gradients), same layout as the
-    policy: this rank's PP stage(s) and TP shard, bf16 behind ``Float16Module`` like the policy."""
-    from sfpo_megatron.train.model_setup import build_bare_chunks
-
-    chunks = build_bare_chunks(args, arch)
-    for chunk in chunks:
-        for p in chunk.parameters():
-            p.requires_grad_(False)
-    for chunk in chunks:
-        chunk.eval()
-    return chunks
-
-
-def build_reference_model(args: argparse.Namespace, arch, load: str) -> list:
-    """The frozen reference policy for ``--kl-coef`` > 0: :func:`build_frozen_model` with the
-    model weights of the torch_dist checkpoint in ``load`` (e.g. the run's initial checkpoint)."""
-    from sfpo_megatron.components.checkpoint import load_checkpoint
-
-    chunks = build_frozen_model(args, arch)
-    if load_checkpoint(load, chunks, load_optim=False, load_rng=False) is None:
-        raise PolicyUpdateError(f"reference-policy checkpoint directory {load} holds no "
-                                "checkpoint")
-    return chunks

@@ -1,6 +1,6 @@
 """CPU rollout server speaking SGLang's native HTTP API, with HF transformers doing the generation.
 
-    python -m sfpo_megatron.rollout.server --model-path HF_DIR [--host 127.0.0.1] [--port 30000]
+    python -m sfpo_megatron.cpu_server.server --model-path HF_DIR [--host 127.0.0.1] [--port 30000]
         [--api-key K] [--max-batch-size 64] [--max-request-bytes 16777216] [--dtype float32]
 
 Same routes and JSON shapes as SGLang, so the trainer's client (and SGLang's own clients and router)
@@ -56,14 +56,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import Request  # module level: FastAPI resolves the string annotations against globals
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from sfpo_megatron.rollout.generation_engine import EngineError, GenerationEngine
-from sfpo_megatron.rollout.server_requests import (
-    RequestError, SamplingConfig, SeqSpec, _bool, _int, _is_int, _str, log_once, parse_generate_request,
+from sfpo_megatron.cpu_server.engine import EngineError, GenerationEngine
+from sfpo_megatron.cpu_server.requests import (
+    RequestError,
+    SamplingConfig,
+    SeqSpec,
+    _bool,
+    _int,
+    _is_int,
+    _str,
+    log_once,
+    parse_generate_request,
+)
+from sfpo_megatron.distributed.weight_update_group import (
+    DEFAULT_GROUP_NAME,
+    destroy_weight_update_group,
+    init_weight_update_group,
+    parse_dtype,
 )
 
-logger = logging.getLogger("sfpo_megatron.rollout.server")
+logger = logging.getLogger("sfpo_megatron.cpu_server.server")
 
 # ============================================================================================
 # HTTP layer
@@ -134,8 +152,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 
 def _load_model(cfg: ServerConfig) -> tuple[torch.nn.Module, Any | None, set[int]]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     dtypes = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
               "float16": torch.float16, "half": torch.float16, "auto": "auto"}
     if cfg.dtype not in dtypes:
@@ -168,8 +184,6 @@ def _load_model(cfg: ServerConfig) -> tuple[torch.nn.Module, Any | None, set[int
 
 
 def _error(status: int, message: str, param: str | None = None) -> Any:
-    from fastapi.responses import JSONResponse
-
     names = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 501: "NotImplemented", 503: "ServiceUnavailable"}
     return JSONResponse(
         {"object": "error", "message": message, "type": names.get(status, "Error"), "param": param, "code": status},
@@ -178,11 +192,6 @@ def _error(status: int, message: str, param: str | None = None) -> Any:
 
 
 def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) -> Any:
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-
-    from sfpo_megatron.rollout import transport
-
     app = FastAPI(title="sfpo-megatron CPU rollout server")
     groups = _WeightGroups()
     started = time.time()
@@ -403,7 +412,7 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
         port = _int(body.get("master_port"), "master_port", lo=1, hi=65535)
         world = _int(body.get("world_size"), "world_size", lo=2)
         offset = _int(body.get("rank_offset"), "rank_offset", lo=1, hi=world - 1)
-        name = opt(body, "group_name", _str, transport.DEFAULT_GROUP_NAME)
+        name = opt(body, "group_name", _str, DEFAULT_GROUP_NAME)
         backend = opt(body, "backend", _str, "nccl")
         if backend != "gloo":
             raise RequestError("backend", f"the CPU rollout server joins weight-update groups with 'gloo' only, got {backend!r}")
@@ -412,7 +421,7 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
                 return JSONResponse({"success": False, "message": f"Process group with name {name} already exists."}, status_code=400)
             groups.groups[name] = None  # reserve the name while the rendezvous blocks
         try:
-            pg = await asyncio.to_thread(transport.init_weight_update_group, addr, port, offset, world, name, backend,
+            pg = await asyncio.to_thread(init_weight_update_group, addr, port, offset, world, name, backend,
                                          cfg.weight_update_timeout)
         except Exception as e:
             with groups.lock:
@@ -426,12 +435,12 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
     @app.post("/destroy_weights_update_group")
     async def destroy_weights_update_group(request: Request) -> Any:
         body = await body_of(request)
-        name = opt(body, "group_name", _str, transport.DEFAULT_GROUP_NAME)
+        name = opt(body, "group_name", _str, DEFAULT_GROUP_NAME)
         with groups.lock:
             pg = groups.groups.pop(name, None)
         if pg is None:
             return JSONResponse({"success": False, "message": "The group to be destroyed does not exist."}, status_code=400)
-        await on_engine(lambda: transport.destroy_weight_update_group(pg))
+        await on_engine(lambda: destroy_weight_update_group(pg))
         return {"success": True, "message": "Succeeded to destroy custom process group."}
 
     @app.post("/update_weights_from_distributed")
@@ -447,13 +456,13 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
         parsed_dtypes = []
         for i, d in enumerate(dtypes):
             try:
-                parsed_dtypes.append(transport.parse_dtype(d))
+                parsed_dtypes.append(parse_dtype(d))
             except ValueError as e:
                 raise RequestError(f"dtypes[{i}]", str(e)) from None
         for i, s in enumerate(shapes):
             if not isinstance(s, list) or not all(_is_int(x) and x >= 0 for x in s):
                 raise RequestError(f"shapes[{i}]", f"expected a list of non-negative integers, got {s!r}")
-        name = opt(body, "group_name", _str, transport.DEFAULT_GROUP_NAME)
+        name = opt(body, "group_name", _str, DEFAULT_GROUP_NAME)
         load_format = body.get("load_format")
         if load_format is not None:
             raise RequestError("load_format", f"the CPU rollout server receives plain tensors only, got {load_format!r}")
@@ -516,8 +525,6 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
 
 
 def serve(cfg: ServerConfig) -> None:
-    import uvicorn
-
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     model, tokenizer, eos = _load_model(cfg)

@@ -1,7 +1,7 @@
 """The CPU rollout server's request parsing: SGLang ``/generate`` JSON → validated specs.
 
 Every error is a :class:`RequestError` naming the field and the bad value (the HTTP layer answers
-400 with it). Semantics of the fields: see :mod:`sfpo_megatron.rollout.server`.
+400 with it). Semantics of the fields: see :mod:`sfpo_megatron.cpu_server.server`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger("sfpo_megatron.rollout.server")
+logger = logging.getLogger("sfpo_megatron.cpu_server.server")
 
 FLOAT32_MIN = float(torch.finfo(torch.float32).min)  # SGLang clamps -inf logprobs to this
 GREEDY_EPS = 1e-6  # SGLang: temperature below this means greedy

@@ -1,6 +1,6 @@
 """The trainer side of VCPO (arXiv 2602.17616): what one update does with stale rollouts.
 
-Called by :class:`~sfpo_megatron.rl.sfpo.PolicyUpdater` right after the old log-probs at θ(s,0):
+Called by :class:`~sfpo_megatron.update.policy_update.PolicyUpdater` right after the old log-probs at θ(s,0):
 
 * **importance weights**: log w_i = Σ_t (log π_θ(s,0) − log μ) per trajectory, from the old
   log-probs (θ(s,0), recomputed by the trainer) and the rollout engine's log-probs μ — the same
@@ -8,12 +8,12 @@ Called by :class:`~sfpo_megatron.rl.sfpo.PolicyUpdater` right after the old log-
   stale batch), as verl computes its rollout-IS weights from ``old_log_prob``;
 * **ESS** per optimizer step: over each mini-batch, all-reduced across DP (``vcpo.
   effective_sample_size``), ρ = ESS / B; with ``--vcpo`` the step's LR is multiplied by
-  ``ess_lr_scale(ρ)`` (:func:`scaled_lr`, restored right after ``optimizer.step()``);
+  ``ess_lr_scale(ρ)`` (``trainer.main_params.scaled_lr``, restored right after ``optimizer.step()``);
 * **truncated IS** in the loss: min(w_i, C) per sequence (``PolicyUpdater._train_loss``);
 * **OPOB** (``--off-policy-baseline opob``): the group advantages are recomputed from the rewards
   with b* = Σ w²‖g‖²R / Σ w²‖g‖², ‖g‖² per trajectory (``--opob-grad-norm``): ``logit``, the
   norm of ∂ log π(τ)/∂logits, comes out of the old-log-prob forward itself (no extra pass);
-  ``exact``, over all parameters, costs one backward per trajectory (``rl.trajectory_grad_norms``).
+  ``exact``, over all parameters, costs one backward per trajectory (``trainer.trajectory_grad_norms``).
 
 Without ``--vcpo`` but with ``--async-rollout`` only the statistics are computed and logged (ESS,
 ρ, w percentiles): the update itself is the plain one.
@@ -26,19 +26,17 @@ LR and reports the same metrics.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
-from sfpo_megatron.rl.policy_forward import broadcast_from_last_stage
-from sfpo_megatron.rl.train_batch import TrainBatch
-from sfpo_megatron.rl.vcpo import (
+from sfpo_megatron.algorithms.advantages import group_normalized_advantages
+from sfpo_megatron.algorithms.vcpo import (
     LR_SCALING_MODES,
     VCPOError,
     effective_sample_size,
@@ -46,11 +44,13 @@ from sfpo_megatron.rl.vcpo import (
     importance_weight_stats,
     opob_advantages,
 )
-
-if TYPE_CHECKING:
-    from sfpo_megatron.rl.sfpo import PolicyUpdater, _Plan
+from sfpo_megatron.distributed.platform import current_platform
+from sfpo_megatron.trainer.policy_forward import broadcast_from_last_stage
+from sfpo_megatron.trainer.train_batch import TrainBatch
 
 GRAD_NORM_MODES = ("logit", "exact")
+# ‖g‖² per row of this rank's rows (float64 CPU), or None off the last stage in logit mode
+GradSqNorms = Callable[[TrainBatch], "torch.Tensor | None"]
 _PERCENTILES = (50.0, 90.0, 99.0)
 
 
@@ -90,57 +90,29 @@ class OffPolicyConfig:
             raise VCPOError(f"--opob-grad-norm must be one of {GRAD_NORM_MODES}, got {self.grad_norm!r}")
 
 
-@contextlib.contextmanager
-def scaled_lr(optimizer, scale: float) -> Iterator[None]:
-    """Every param group's lr × ``scale`` for one ``optimizer.step()``, restored exactly after
-    (the saved values are put back, so scale 1.0 and the round trip are bit-exact)."""
-    if scale == 1.0:
-        yield
-        return
-    groups = optimizer.param_groups
-    saved = [g["lr"] for g in groups]
-    for g in groups:
-        g["lr"] = g["lr"] * scale
-    try:
-        yield
-    finally:
-        for g, lr in zip(groups, saved):
-            g["lr"] = lr
-
-
-def _device() -> torch.device:
-    from sfpo_megatron.distributed.platform import current_platform
-
-    return current_platform().device()
-
-
-def _ess_per_mini_batch(plan: _Plan, last_stage: bool) -> torch.Tensor:
+def _ess_per_mini_batch(local: Sequence[TrainBatch], last_stage: bool) -> torch.Tensor:
     """[J, 3]: ESS, B and ρ of each mini-batch (all DP ranks), known on every rank."""
-    from megatron.core import parallel_state as ps
-
-    num = len(plan.local)
+    num = len(local)
     rows = None
     if last_stage:
         dp = ps.get_data_parallel_group()
         rows = torch.tensor([[r.ess, r.num_samples, r.rho] for r in
-                             (effective_sample_size(mb.log_weights, group=dp) for mb in plan.local)],
+                             (effective_sample_size(mb.log_weights, group=dp) for mb in local)],
                             dtype=torch.float64).reshape(-1)
     return broadcast_from_last_stage(rows, 3 * num).reshape(num, 3)
 
 
-def _weight_stats(plan: _Plan, last_stage: bool, threshold: float) -> dict[str, float]:
-    from megatron.core import parallel_state as ps
-
+def _weight_stats(local: Sequence[TrainBatch], last_stage: bool, threshold: float) -> dict[str, float]:
     keys = ["is_weight/max", "is_weight/min", "is_weight/mean", "is_weight/log_max",
             *(f"is_weight/p{p:g}" for p in _PERCENTILES), "is_weight/log_mean",
             "is_weight/truncated_frac"]
     values = None
     if last_stage:
-        lw = torch.cat([mb.log_weights for mb in plan.local]).to(torch.float64)
+        lw = torch.cat([mb.log_weights for mb in local]).to(torch.float64)
         dp = ps.get_data_parallel_group()
         stats = importance_weight_stats(lw, group=dp, percentiles=_PERCENTILES)
         sums = torch.tensor([float(lw.sum()), float((lw > math.log(threshold)).sum()), lw.numel()],
-                            dtype=torch.float64, device=_device())
+                            dtype=torch.float64, device=current_platform().device())
         dist.all_reduce(sums, group=dp)
         stats["is_weight/log_mean"] = float(sums[0] / sums[2])
         stats["is_weight/truncated_frac"] = float(sums[1] / sums[2])
@@ -148,23 +120,12 @@ def _weight_stats(plan: _Plan, last_stage: bool, threshold: float) -> dict[str, 
     return dict(zip(keys, broadcast_from_last_stage(values, len(keys)).tolist()))
 
 
-def _grad_sq_norms(updater: PolicyUpdater, plan: _Plan, local: TrainBatch) -> torch.Tensor | None:
-    """‖g‖² of this rank's rows (None off the last stage in logit mode, where nobody needs them)."""
-    from sfpo_megatron.rl.trajectory_grad_norms import trajectory_grad_sq_norms
-
-    if updater.off_policy.grad_norm == "exact":  # collective: every rank runs the backward
-        return trajectory_grad_sq_norms(updater.setup, local, temperature=updater.temperature,
-                                        vocab_size=updater.vocab_size)
-    return plan.logit_grad_sq  # from the old-log-prob forward (PolicyUpdater._old_logprobs)
-
-
-def _opob(updater: PolicyUpdater, plan: _Plan, last_stage: bool) -> dict[str, float]:
+def _opob(minis: Sequence[TrainBatch], last_stage: bool, grad_sq: GradSqNorms,
+          advantage_eps: float, std_normalize: bool) -> dict[str, float]:
     """Replace the advantages of this rank's rows by the OPOB ones (whole groups, all DP ranks)."""
-    from megatron.core import parallel_state as ps
-
     t0 = time.perf_counter()
-    local = TrainBatch.concat(plan.local)
-    g2 = _grad_sq_norms(updater, plan, local)
+    local = TrainBatch.concat(list(minis))
+    g2 = grad_sq(local)
     t_norm = time.perf_counter() - t0
     gap = torch.zeros(1, dtype=torch.float64)
     if last_stage:
@@ -173,7 +134,7 @@ def _opob(updater: PolicyUpdater, plan: _Plan, last_stage: bool) -> dict[str, fl
         # Rows of all DP ranks (groups may straddle shards and mini-batches): order does not
         # matter, OPOB works per group id; this rank's rows are its segment of the gather.
         cols = torch.stack([local.rewards.double(), local.log_weights.double(), g2.double().cpu(),
-                            local.group_ids.double()]).to(_device())
+                            local.group_ids.double()]).to(current_platform().device())
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         parts = [torch.empty_like(cols) for _ in range(dp)]
         dist.all_gather(parts, cols, group=ps.get_data_parallel_group())
@@ -185,43 +146,39 @@ def _opob(updater: PolicyUpdater, plan: _Plan, last_stage: bool) -> dict[str, fl
             sel = gid == g
             gmax[sel] = lw[sel].max()
         w = torch.exp(lw - gmax)
-        adv = opob_advantages(r, w, norms, gid.long(), eps=updater.args.advantage_eps,
-                              std_normalize=not updater.args.disable_std_normalization)
+        adv = opob_advantages(r, w, norms, gid.long(), eps=advantage_eps, std_normalize=std_normalize)
         n = local.size
         mine = adv[rank * n:(rank + 1) * n].to(torch.float32)
         offset = 0
-        for mb in plan.local:
+        for mb in minis:
             mb.advantages = mine[offset:offset + mb.size].clone()
             offset += mb.size
-        gap = (adv.to(torch.float32) - _group_mean_advantages(r, gid, updater.args)).abs().mean()
+        group_mean = group_normalized_advantages(r.tolist(), gid.long().tolist(), eps=advantage_eps,
+                                                 std_normalize=std_normalize).to(torch.float32)
+        gap = (adv.to(torch.float32) - group_mean).abs().mean()
         gap = gap.reshape(1).double()
     gap = broadcast_from_last_stage(gap, 1)
     return {"vcpo/opob_advantage_shift": float(gap[0]), "time/opob_grad_norm_s": t_norm}
 
 
-def _group_mean_advantages(r: torch.Tensor, gid: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
-    from sfpo_megatron.rl.advantages import group_normalized_advantages
+def off_policy_correction(cfg: OffPolicyConfig, minis: Sequence[TrainBatch], *, grad_sq: GradSqNorms,
+                          advantage_eps: float, std_normalize: bool
+                          ) -> tuple[dict[str, float], list[float] | None]:
+    """ESS per mini-batch (this rank's rows of each, ``log_weights`` set), IS-weight statistics
+    and, with OPOB, the mini-batches' advantages replaced in place. Returns the metrics (equal on
+    every rank) and, with --vcpo, the LR scale of each mini-batch's optimizer step.
 
-    return group_normalized_advantages(r.tolist(), gid.long().tolist(), eps=args.advantage_eps,
-                                       std_normalize=not args.disable_std_normalization).to(torch.float32)
-
-
-def off_policy_correction(updater: PolicyUpdater, plan: _Plan) -> dict[str, float]:
-    """ESS per mini-batch (and, with --vcpo, the LR scale of each optimizer step), IS-weight
-    statistics, and OPOB advantages; returns the metrics (equal on every rank)."""
-    from megatron.core import parallel_state as ps
-
-    cfg = updater.off_policy
+    ``grad_sq(local)``: ‖g‖² of this rank's rows (all mini-batches concatenated), used by OPOB
+    only; collective in "exact" mode, so every rank calls it."""
     last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
-    ess = _ess_per_mini_batch(plan, last_stage)
+    ess = _ess_per_mini_batch(minis, last_stage)
     rho = ess[:, 2].tolist()
     scales = [ess_lr_scale(min(x, 1.0), cfg.rho_base, cfg.lr_scaling if cfg.vcpo else "none")
               for x in rho]
-    plan.lr_scales = scales if cfg.vcpo else None
     metrics = {"vcpo/ess": float(ess[:, 0].mean()), "vcpo/rho": sum(rho) / len(rho),
                "vcpo/rho_min": min(rho), "vcpo/lr_scale": sum(scales) / len(scales),
                "vcpo/lr_scale_min": min(scales)}
-    metrics.update(_weight_stats(plan, last_stage, cfg.tis_threshold))
+    metrics.update(_weight_stats(minis, last_stage, cfg.tis_threshold))
     if cfg.opob:
-        metrics.update(_opob(updater, plan, last_stage))
-    return metrics
+        metrics.update(_opob(minis, last_stage, grad_sq, advantage_eps, std_normalize))
+    return metrics, scales if cfg.vcpo else None

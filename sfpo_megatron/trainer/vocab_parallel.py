@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.utils import VocabUtility
 
 # megatron-core is imported inside the functions that need it: importing it costs seconds, and
 # the full-logits helper at the bottom is also used by plain-PyTorch code (tests/reference_sfpo).
@@ -37,8 +40,6 @@ class VocabParallelError(ValueError):
 
 def default_tp_group() -> dist.ProcessGroup | None:
     """megatron's tensor-parallel group when model parallelism is initialised, else None."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         return parallel_state.get_tensor_model_parallel_group()
     return None
@@ -120,7 +121,6 @@ def _prepare(
             "share the leading dims ([s, b, V/tp] and [s, b])")
     if not temperature > 0:
         raise VocabParallelError(f"temperature must be > 0, got {temperature}")
-    from megatron.core.tensor_parallel.utils import VocabUtility
 
     rank, world = _group_rank_world(group)
     partition = vocab_parallel_logits.shape[-1]
@@ -173,9 +173,6 @@ def vocab_parallel_logprobs(
 ) -> torch.Tensor:
     """log p(target) only, through megatron's ``vocab_parallel_cross_entropy`` (TP group from
     ``parallel_state``; without megatron initialised, a single full-vocab rank)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     if not parallel_state.model_parallel_is_initialized():
         return vocab_parallel_logprobs_and_entropy(
             vocab_parallel_logits, target, temperature=temperature, group=None)[0]

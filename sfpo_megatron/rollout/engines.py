@@ -1,0 +1,207 @@
+"""Keeping the rollout servers on the trainer's weights: start them, refit them, share devices.
+
+``RolloutEngines`` is built on every trainer rank; only global rank 0 speaks HTTP. Its calls that
+touch the model (``start``, ``refit``) are collectives every trainer rank makes:
+
+* **refit** (``rollout/refit.py``) through the run's transport (``distributed``: a gloo or NCCL
+  broadcast group with SGLang's handshake; ``disk``: safetensors + ``/update_weights_from_disk``;
+  ``tensor``: CUDA IPC, colocated GPUs only).
+* **start**: for ``--rollout-backend cpu|sglang`` the current policy is exported as an HF
+  directory (the same gather, written by the disk transport's writer, plus config and tokenizer
+  files) and the launcher starts ``--rollout-num-servers`` engines from it at the current weight
+  version; ``external`` connects to ``--rollout-urls`` and refits them once.
+* **colocated** (``--colocate``): servers share the trainer's devices. After rollout the servers
+  release their memory (``/release_memory_occupation``: weights and KV cache), the trainer trains,
+  then ``/resume_memory_occupation`` brings the weights back just before the refit writes into
+  them, and the KV cache after it. SGLang engines are placed on the trainer's GPUs
+  (``--base-gpu-id 0``). **Disaggregated** (the default): servers keep their memory and get
+  their own devices (SGLang's ``--base-gpu-id`` starts after the node's trainer GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from sfpo_megatron.data.tokenizer import HFTokenizer
+from sfpo_megatron.distributed.rank0 import on_rank0
+from sfpo_megatron.errors import UserError
+from sfpo_megatron.rollout.client import RolloutClient
+from sfpo_megatron.rollout.refit import RefitStats, config_dir, export_hf, refit_weights
+from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
+from sfpo_megatron.rollout.transport import RefitError, TransportUnavailableError, make_transport
+
+log = logging.getLogger(__name__)
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class RolloutConfigError(UserError):
+    """Rollout flags that cannot work together, named with their values."""
+
+
+def trainer_address(urls: Sequence[str]) -> str:
+    """The address rollout servers reach the trainer's rank 0 at (for the broadcast group)."""
+    hosts = {urlparse(u if "://" in u else f"http://{u}").hostname for u in urls}
+    if hosts <= set(LOCAL_HOSTS):
+        return "127.0.0.1"
+    # Remote servers: rank 0's node, as torchrun / srun scripts name it, else this host's address.
+    addr = os.environ.get("MASTER_ADDR")
+    if addr and addr not in LOCAL_HOSTS:
+        return addr
+    return socket.gethostbyname(socket.getfqdn())
+
+
+class RolloutEngines:
+    """The rollout servers of one run: launched or external, their client and weight transport.
+
+    Build it on every trainer rank with the same arguments; ``client`` exists on global rank 0.
+    """
+
+    def __init__(self, args: argparse.Namespace, hf_config: str, workdir: str | os.PathLike,
+                 side_file_dirs: Sequence[str] = (), sglang_args: Sequence[str] = ()) -> None:
+        self.args = args
+        self.hf_config = hf_config
+        self.workdir = Path(workdir)
+        self.side_file_dirs = list(side_file_dirs)
+        self.sglang_args = list(sglang_args)
+        self.launcher = None
+        self.client = None
+        self.transport = None
+        self._released = False
+        check_rollout_args(args)
+
+    # ---- start / stop --------------------------------------------------------------------------
+
+    def start(self, model_chunks: Sequence, weight_version: int) -> list[str]:
+        """Collective: servers up and serving this policy at ``weight_version``; returns their urls."""
+        if self.args.rollout_backend == "external":
+            urls = on_rank0(lambda: self._connect(list(self.args.rollout_urls)))
+            self.refit(model_chunks, weight_version)
+            return urls
+        model_dir = export_hf(model_chunks, self.hf_config, self.workdir / "hf_init", weight_version,
+                              self.side_file_dirs)
+        return on_rank0(lambda: self._launch(str(model_dir), weight_version))
+
+    def _launch(self, model_path: str, weight_version: int) -> list[str]:
+        a = self.args
+        extra: list[str] = []
+        if a.rollout_backend == "sglang":
+            extra += self.sglang_args
+            if a.rollout_deterministic:
+                extra.append("--enable-deterministic-inference")
+        elif a.rollout_deterministic:
+            # One sequence per forward: no padding or batch-shape dependent rounding, so a sample
+            # depends only on (weights, prompt, seed) and a resumed run regenerates it bit for bit.
+            extra += ["--max-batch-size", "1"]
+        # Disaggregated SGLang engines start after this node's trainer GPUs; colocated share them.
+        trainer_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cfg = LaunchConfig(
+            model_path=model_path, backend=a.rollout_backend, num_engines=a.rollout_num_servers,
+            tp_size=a.rollout_tp_size, host=a.rollout_host, base_port=a.rollout_port_base,
+            mem_fraction_static=a.rollout_mem_fraction if a.rollout_backend == "sglang" else None,
+            extra_args=extra, log_dir=str(self.workdir / "logs"),
+            weight_version=str(weight_version),
+            gpu_offset=0 if a.colocate else trainer_gpus)
+        self.launcher = RolloutLauncher(cfg)
+        urls = self.launcher.start()
+        self._connect(urls)
+        return urls
+
+    def _connect(self, urls: list[str]) -> list[str]:
+        a = self.args
+        self.client = RolloutClient(urls, max_concurrency=a.rollout_max_concurrency,
+                                    timeout=a.rollout_timeout, retries=a.rollout_retries)
+        dead = [u for u, ok in self.client.health().items() if not ok]
+        if dead:
+            raise RefitError(f"rollout servers not healthy: {dead}")
+        kwargs: dict[str, Any] = {"bucket_bytes": a.update_weight_buffer_size}
+        if a.weight_transport == "disk":
+            kwargs.update(directory=str(self.workdir / "refit"), config_dir=config_dir(self.hf_config))
+        elif a.weight_transport == "distributed":
+            kwargs.update(master_address=trainer_address(urls), timeout_s=a.rollout_timeout)
+        elif a.weight_transport == "tensor":
+            kwargs.update(tp_size=a.rollout_tp_size)
+        self.transport = make_transport(a.weight_transport, self.client, **kwargs)
+        if a.weight_transport == "distributed":
+            self.transport.connect()
+        log.info("rollout servers %s, weight transport %s", urls, a.weight_transport)
+        return list(urls)
+
+    def close(self) -> None:
+        """Rank 0: drop the weight-update group and stop launched servers (idempotent)."""
+        if self.transport is not None:
+            try:
+                self.transport.close()
+            except Exception as e:  # noqa: BLE001 - shutting down; the servers may be gone
+                log.warning("closing the weight transport: %s", e)
+            self.transport = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.launcher is not None:
+            self.launcher.stop()
+            self.launcher = None
+
+    # ---- weights -------------------------------------------------------------------------------
+
+    def refit(self, model_chunks: Sequence, weight_version: int) -> RefitStats:
+        """Collective: push the policy as ``weight_version`` (resuming released server memory)."""
+        if self._released:
+            on_rank0(lambda: self._resume(["weights"]))
+        stats = refit_weights(model_chunks, self.hf_config, self.transport, weight_version)
+        if self._released:
+            on_rank0(lambda: self._resume(["kv_cache"]))
+            self._released = False
+        return stats
+
+    # ---- colocated memory ----------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        """Collective, colocated only: servers free their weights and KV cache while the trainer
+        trains (the next ``refit`` brings them back)."""
+        if not self.args.colocate or self._released:
+            return
+        on_rank0(lambda: self._check(self.client.release_memory_occupation(), "/release_memory_occupation"))
+        self._released = True
+
+    def _resume(self, tags: list[str]) -> None:
+        self._check(self.client.resume_memory_occupation(tags=tags), "/resume_memory_occupation")
+
+    @staticmethod
+    def _check(results: dict[str, Any], what: str) -> None:
+        failed = {u: r for u, r in results.items() if isinstance(r, dict) and not r.get("success", True)}
+        if failed:
+            raise RefitError(f"{what} failed: {failed}")
+
+
+def check_rollout_args(args: argparse.Namespace) -> None:
+    """Rollout settings that cannot work, named with their values (before anything starts)."""
+    if args.rollout_backend == "external" and not args.rollout_urls:
+        raise RolloutConfigError("--rollout-backend external needs --rollout-urls URL [URL ...]")
+    if args.rollout_urls and args.rollout_backend != "external":
+        raise RolloutConfigError(f"--rollout-urls {' '.join(args.rollout_urls)} given with --rollout-backend "
+                         f"{args.rollout_backend}: use --rollout-backend external to connect to them")
+    if args.rollout_num_servers < 1:
+        raise RolloutConfigError(f"--rollout-num-servers must be >= 1, got {args.rollout_num_servers}")
+    if args.update_weight_buffer_size <= 0:
+        raise RolloutConfigError(f"--update-weight-buffer-size must be positive, got {args.update_weight_buffer_size}")
+    if args.weight_transport == "tensor" and not args.colocate:
+        raise TransportUnavailableError("--weight-transport tensor passes CUDA IPC handles between processes "
+                                        "on the same GPUs: it needs --colocate")
+
+
+
+def tokenizer_side_dirs(args: argparse.Namespace, tokenizer) -> list[str]:
+    """Directories whose HF tokenizer files go next to the exported weights (a SentencePiece
+    model stays with the trainer: servers get token ids and the trainer decodes)."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return []
+    path = args.tokenizer_path or args.model_config
+    return [path if os.path.isdir(path) else os.path.dirname(path)]

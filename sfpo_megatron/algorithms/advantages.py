@@ -23,8 +23,10 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from sfpo_megatron.errors import UserError
 
-class AdvantageInputError(ValueError):
+
+class AdvantageInputError(UserError):
     """Rewards / group ids / masks with the wrong shape or content."""
 
 
@@ -75,6 +77,7 @@ def group_normalized_advantages(
     eps: float = 1e-6,
     std_normalize: bool = True,
 ) -> torch.Tensor:
+
     """Per-response advantages, same shape as ``rewards``.
 
     ``rewards`` is either ``[num_prompts, n]`` (each row one prompt group; ``group_ids`` must be

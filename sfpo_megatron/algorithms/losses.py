@@ -43,13 +43,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sfpo_megatron.errors import UserError
+
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 # verl clamps the log-ratio before exp() "for numerical stability".
 _LOG_RATIO_CLAMP = 20.0
 
 
-class LossConfigError(ValueError):
+class LossConfigError(UserError):
     """An invalid loss setting or input shape."""
 
 
@@ -218,6 +220,7 @@ def policy_loss(
     seq_weights: torch.Tensor | None = None,
     denominators: LossDenominators | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+
     """GRPO/PPO policy loss contribution of one micro-batch, plus detached metrics.
 
     Shapes: ``log_probs`` (with grad), ``old_log_probs``, ``response_mask`` ``[B, T]``;

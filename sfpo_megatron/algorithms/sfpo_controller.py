@@ -33,11 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from sfpo_megatron.errors import UserError
+
 _STD_EPS = 1e-9
 _STATE_VERSION = 1
 
 
-class SFPOConfigError(ValueError):
+class SFPOConfigError(UserError):
     """An invalid SFPO setting, step or entropy value."""
 
 

@@ -25,11 +25,12 @@ import torch
 import torch.distributed as dist
 
 from sfpo_megatron.algorithms.advantages import _group_index, group_std
+from sfpo_megatron.errors import UserError
 
 LR_SCALING_MODES = ("sqrt", "linear", "none")
 
 
-class VCPOError(ValueError):
+class VCPOError(UserError):
     """An invalid VCPO setting or input."""
 
 
@@ -182,6 +183,7 @@ def importance_weight_stats(
     group: dist.ProcessGroup | None = None,
     percentiles: Sequence[float] = (50.0, 90.0, 99.0),
 ) -> dict[str, float]:
+
     """max / min / mean / percentiles of w over the mini-batch (all DP ranks), for logging."""
     lw = log_weights.detach().to(torch.float64).reshape(-1)
     if group is not None:

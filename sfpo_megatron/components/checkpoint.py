@@ -36,6 +36,8 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemReader
 
+from sfpo_megatron.errors import UserError
+
 log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -43,7 +45,7 @@ MARKER = "sfpo_meta.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A missing, partial, corrupt or mismatched checkpoint."""
 
 

@@ -21,10 +21,12 @@ from typing import Any, Mapping, Optional
 import psutil
 import torch
 
+from sfpo_megatron.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError):
     """A metric value that is not a real number, or an unreadable metrics.jsonl line."""
 
 

@@ -29,11 +29,12 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from torch.utils.data import DataLoader, Dataset
 
 from sfpo_megatron.data.tokenizer import Tokenizer
+from sfpo_megatron.errors import UserError
 
 Batch = dict[str, torch.Tensor]
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError):
     """A data flag (--data-path, --split, batch sizes, consumed samples, tokenizer) is unusable."""
 
 
@@ -312,6 +313,7 @@ def _cycle(loader: DataLoader) -> Iterator[Batch]:
 def build_pretrain_data_iterators(
     args: argparse.Namespace, tokenizer: Any, consumed_samples: int, dp_rank: int, dp_size: int
 ) -> tuple[Iterator[Batch], Optional[Iterator[Batch]]]:
+
     """(train_iter, valid_iter) yielding this DP rank's micro-batches as dicts of CPU tensors.
 
     Each batch holds `tokens`, `labels` (int64 [mbs, seq]), `loss_mask` (float [mbs, seq]),

@@ -39,10 +39,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from safetensors import safe_open
 
+from sfpo_megatron.errors import UserError
 from sfpo_megatron.models.hf_config import HFArch, check_parallel_layout, load_hf_config
 
 
-class MappingError(ValueError):
+class MappingError(UserError):
     """An HF checkpoint or megatron model that does not match the mapping / config."""
 
 
@@ -113,6 +114,7 @@ HF_SIDE_FILES = (
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
     "chat_template.jinja", "chat_template.json",
 )
+
 # Present in some published checkpoints but not part of the model.
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import reasoning_gym
 
 from sfpo_megatron.data.tokenizer import Message, Tokenizer
+from sfpo_megatron.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ RG_PREFIX = "rg:"
 _LOGGED_SKIPS = 10  # skipped rows logged one by one before only the total is reported
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset spec or file cannot be used."""
 
 
@@ -366,6 +367,7 @@ def reasoning_gym_dataset(
     apply_chat_template: bool = True,
     **config: Any,
 ) -> PromptDataset:
+
     """A reasoning-gym task as a PromptDataset; `config` goes to the task's config class."""
     spec = f"{RG_PREFIX}{task}?size={int(size)}&seed={int(seed)}"
     name, parsed = parse_rg_spec(spec)

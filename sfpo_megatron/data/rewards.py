@@ -40,6 +40,8 @@ from math_verify import parse, verify
 from pebble import ProcessPool
 from reasoning_gym.utils import extract_answer
 
+from sfpo_megatron.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,7 +59,7 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 RewardFn = Callable[[str, str, dict[str, Any]], float]
 
 
-class RewardFunctionError(ValueError):
+class RewardFunctionError(UserError):
     """A reward function spec cannot be resolved or used."""
 
 

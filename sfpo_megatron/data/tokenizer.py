@@ -20,10 +20,12 @@ from pathlib import Path
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
+from sfpo_megatron.errors import UserError
+
 Message = dict[str, str]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer could not be loaded, trained or used as asked."""
 
 
@@ -240,6 +242,7 @@ def train_sentencepiece(
     model_type: str = "unigram",
     byte_fallback: bool = False,
 ) -> Path:
+
     """Train a SentencePiece model on `texts`; returns the path of `<out_prefix>.model`.
 
     Deterministic for the same texts and arguments: one trainer thread and every sentence used

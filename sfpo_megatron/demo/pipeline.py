@@ -40,13 +40,14 @@ from sfpo_megatron.demo.task import (
     sft_corpus,
     write_jsonl,
 )
+from sfpo_megatron.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 REWARD_FN = "sfpo_megatron.demo.task:exact_match_reward"
 METHODS = ("grpo", "sfpo")
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError, RuntimeError):
     """A phase failed; the message names it and ends with the tail of its log."""
 
 

@@ -24,8 +24,10 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
+from sfpo_megatron.errors import UserError
 
-class ReportError(ValueError):
+
+class ReportError(UserError):
     """Metrics that do not make a validation curve (no evaluations, mismatched lengths)."""
 
 

@@ -28,6 +28,7 @@ import reasoning_gym
 
 from sfpo_megatron.data.rewards import reasoning_gym_reward
 from sfpo_megatron.data.tokenizer import ChatFormat, train_sentencepiece
+from sfpo_megatron.errors import UserError
 
 # Seeds of the three disjoint streams of task items (reasoning-gym seeds items by seed + index).
 TRAIN_SEED = 1_000
@@ -35,7 +36,7 @@ VALID_SEED = 2_000_000
 SFT_SEED = 5_000_000
 
 
-class DemoTaskError(ValueError):
+class DemoTaskError(UserError):
     """An unknown task preset or unusable task settings."""
 
 

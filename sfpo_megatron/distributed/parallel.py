@@ -14,9 +14,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from sfpo_megatron.distributed.platform import setup_platform
+from sfpo_megatron.errors import UserError
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """An impossible parallel layout or batch configuration, caught before anything is built."""
 
 

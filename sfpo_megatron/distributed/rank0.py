@@ -7,10 +7,12 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from sfpo_megatron.errors import UserError
+
 T = TypeVar("T")
 
 
-class RankZeroError(RuntimeError):
+class RankZeroError(UserError, RuntimeError):
     """Raised on the other trainer ranks when work that only global rank 0 does failed there."""
 
 

@@ -25,6 +25,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 
+from sfpo_megatron.errors import UserError
 from sfpo_megatron.models.hf_config import (
     HFArch,
     gpt_model_kwargs,
@@ -39,7 +40,7 @@ FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 
 
-class TransformerEngineUnavailableError(ValueError):
+class TransformerEngineUnavailableError(UserError):
     """``transformer_impl="transformer_engine"`` or FP8 was asked for but TE cannot be imported."""
 
 

@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from sfpo_megatron.errors import UserError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(UserError):
     """The HF config describes a model this package cannot build exactly."""
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(UserError):
     """The requested TP/PP layout does not fit the model's heads / layers."""
 
 
@@ -293,6 +295,7 @@ def gpt_model_kwargs(
     hf_config: Any, *, tp: int = 1, make_vocab_size_divisible_by: int = 128,
     max_sequence_length: int | None = None,
 ) -> dict[str, Any]:
+
     """``GPTModel(...)`` keyword arguments other than config / layer spec / pre-post process."""
     arch = load_hf_config(hf_config)
     scaling = arch.llama3_rope_scaling

@@ -31,12 +31,13 @@ from typing import Any
 
 import requests
 
+from sfpo_megatron.errors import UserError
 from sfpo_megatron.rollout.sglang_launcher import find_free_port, wait_for_health
 
 logger = logging.getLogger(__name__)
 
 
-class RolloutError(RuntimeError):
+class RolloutError(UserError, RuntimeError):
     """Base class of rollout client errors."""
 
 

@@ -37,12 +37,14 @@ from typing import Any
 
 import requests
 
+from sfpo_megatron.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("cpu", "sglang")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """An engine did not come up; the message quotes the command and the end of its log."""
 
 

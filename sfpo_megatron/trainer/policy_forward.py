@@ -27,6 +27,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sfpo_megatron.distributed.platform import current_platform
+from sfpo_megatron.errors import UserError
 from sfpo_megatron.trainer.train_batch import TrainBatch
 from sfpo_megatron.trainer.vocab_parallel import (
     vocab_parallel_logit_grad_sq,
@@ -37,7 +38,7 @@ LossFn = Callable[[TrainBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, 
 LogitsFn = Callable[[TrainBatch, torch.Tensor], tuple[torch.Tensor, Any]]
 
 
-class PolicyForwardError(ValueError):
+class PolicyForwardError(UserError):
     """Micro-batches the schedule cannot run (mixed shapes, none at all)."""
 
 

@@ -28,10 +28,11 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from sfpo_megatron.errors import UserError
 from sfpo_megatron.records import Sample
 
 
-class TrainBatchError(ValueError):
+class TrainBatchError(UserError):
     """Samples or a batch layout that cannot be turned into training tensors."""
 
 

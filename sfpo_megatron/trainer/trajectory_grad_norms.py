@@ -58,6 +58,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
 from sfpo_megatron.distributed.platform import current_platform
+from sfpo_megatron.errors import UserError
 from sfpo_megatron.trainer.main_params import finish_param_gather
 from sfpo_megatron.trainer.model_setup import zero_grads
 from sfpo_megatron.trainer.policy_forward import broadcast_from_last_stage, compute_logprobs, run_schedule
@@ -69,7 +70,7 @@ from sfpo_megatron.trainer.vocab_parallel import vocab_parallel_logprobs_and_ent
 _SEQ_MULTIPLE = 8
 
 
-class TrajectoryGradNormError(ValueError):
+class TrajectoryGradNormError(UserError):
     """Settings or a batch the per-trajectory gradient norms cannot be computed for."""
 
 

@@ -30,11 +30,13 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.utils import VocabUtility
 
+from sfpo_megatron.errors import UserError
+
 # megatron-core is imported inside the functions that need it: importing it costs seconds, and
 # the full-logits helper at the bottom is also used by plain-PyTorch code (tests/reference_sfpo).
 
 
-class VocabParallelError(ValueError):
+class VocabParallelError(UserError):
     """Bad logits / target shapes or settings."""
 
 
@@ -235,6 +237,7 @@ def vocab_parallel_logit_grad_sq(
 def logprobs_and_entropy_from_full_logits(
     logits: torch.Tensor, target: torch.Tensor, *, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
+
     """The same quantities from full-vocab logits ``[..., V]`` (single rank, plain autograd)."""
     if logits.shape[:-1] != target.shape:
         raise VocabParallelError(

@@ -64,7 +64,6 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="load model weights only; start at iteration 0 with fresh optimizer")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
     g.add_argument("--dist-ckpt-optim-sharding", choices=["dp_reshardable", "fully_reshardable"],
                    default="fully_reshardable")
 

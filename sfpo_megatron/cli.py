@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 
 from sfpo_megatron.arguments import build_pretrain_parser, build_rl_parser
 from sfpo_megatron.components.preemption import EXIT_CODE
@@ -30,9 +29,6 @@ def _setup_logging() -> None:
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"[%(asctime)s r{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # megatron warns at import that TE/apex are missing; the platform switch handles that.
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*apex.*")
 
 
 def main(argv: list[str] | None = None) -> int:

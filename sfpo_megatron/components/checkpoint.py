@@ -36,6 +36,7 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemReader
 
+from sfpo_megatron.distributed.platform import gpu_available
 from sfpo_megatron.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def rng_state() -> dict[str, Any]:
         "random": random.getstate(),
         "np": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if gpu_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
@@ -137,7 +138,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    if state.get("cuda") is not None and gpu_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional
 
 import psutil
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from sfpo_megatron.errors import UserError
 
@@ -71,8 +72,6 @@ class MetricsLogger:
                 _drop_partial_last_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_iteration)
 
     def log(self, iteration: int, scalars: Mapping[str, Any]) -> None:

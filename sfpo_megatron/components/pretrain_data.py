@@ -18,7 +18,6 @@ import re
 from collections import OrderedDict
 from typing import Any, Iterator, Optional, Sequence
 
-import megatron.core.datasets.helpers_cpp
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -233,6 +232,8 @@ def _ensure_dataset_helpers() -> None:
         compile_helpers()
     if distributed:
         torch.distributed.barrier()
+    # Compiled just now: only importable after compile_helpers().
+    import megatron.core.datasets.helpers_cpp  # noqa: F401,F811
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from safetensors import safe_open
+from tqdm import tqdm
 
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.models.hf_config import HFArch, check_parallel_layout, load_hf_config
@@ -448,8 +449,6 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any,
     padded = _padded_vocab(model_chunks)
     items: Iterable[Binding] = bindings
     if progress:
-        from tqdm import tqdm
-
         items = tqdm(bindings, desc="load HF weights", unit="tensor")
     for b in items:
         if b.rule.kind == "vocab":

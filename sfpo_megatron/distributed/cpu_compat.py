@@ -1,6 +1,6 @@
 """Lets megatron-core's CUDA-only code paths run on a CPU-only torch (gloo).
 
-megatron-core 0.16.1 assumes a GPU in ~50 places (see /work/shared/notes/megatron-on-cpu.md).
+megatron-core 0.16.1 assumes a GPU in ~50 places.
 Rather than forking megatron, this module redirects the CUDA *API* it calls to CPU equivalents,
 process-wide, once:
 

@@ -1,7 +1,9 @@
 """The one platform switch: CUDA + NCCL when a GPU is present, otherwise CPU + gloo.
 
 Every entry point calls :func:`setup_platform` once, before megatron builds anything. No other
-module decides between CPU and GPU; they ask :func:`current_platform`.
+module decides between CPU and GPU: they ask :func:`current_platform`, or :func:`gpu_available`
+/ :func:`gpu_device` where they may also run outside a trainer (the weight transports, the
+weight-update group of the CPU rollout server).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def setup_platform(force_cpu: bool | None = None) -> Platform:
         if torch.cuda.is_available():
             raise RuntimeError("SFPO_FORCE_CPU on a CUDA machine is not supported: the CPU "
                                "compatibility layer would redirect every CUDA call")
+        # Imported here: it imports megatron, and the CPU rollout server (which asks
+        # gpu_available() for its weight-update group) starts without it.
         from sfpo_megatron.distributed import cpu_compat
 
         cpu_compat.apply()
@@ -60,3 +64,16 @@ def current_platform() -> Platform:
     if _PLATFORM is None:
         raise RuntimeError("setup_platform() has not been called in this process")
     return _PLATFORM
+
+
+def gpu_available() -> bool:
+    """Whether this process computes on a GPU: the platform's choice once set up, else whether
+    torch sees CUDA."""
+    if _PLATFORM is not None:
+        return _PLATFORM.is_cuda
+    return torch.cuda.is_available()
+
+
+def gpu_device() -> torch.device:
+    """This process's current GPU (callers check :func:`gpu_available` first)."""
+    return torch.device("cuda", torch.cuda.current_device())

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
+from sfpo_megatron.distributed.platform import gpu_available, gpu_device
 from sfpo_megatron.errors import UserError
 
 DEFAULT_GROUP_NAME = "weight_update_group"
@@ -45,7 +46,7 @@ def init_weight_update_group(
         raise ValueError("group_name must be a non-empty string")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the group's world_size {world_size}")
-    if backend == "nccl" and not torch.cuda.is_available():
+    if backend == "nccl" and not gpu_available():
         raise WeightUpdateGroupError(
             "backend 'nccl' needs CUDA, and torch.cuda.is_available() is False here; use backend 'gloo'"
         )
@@ -56,7 +57,7 @@ def init_weight_update_group(
     extra: dict[str, Any] = {}
     if backend == "nccl":
         # Eager NCCL init: otherwise the first broadcast, not this call, would do the rendezvous.
-        extra["device_id"] = torch.device("cuda", torch.cuda.current_device())
+        extra["device_id"] = gpu_device()
     pg, _ = _new_process_group_helper(
         world_size, rank, [], Backend(backend), store, group_name=group_name, timeout=timeout, **extra
     )

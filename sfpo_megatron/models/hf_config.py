@@ -1,7 +1,7 @@
 """HuggingFace ``config.json`` → megatron-core ``TransformerConfig`` + ``GPTModel`` kwargs.
 
 Supported families live in ``FAMILIES`` (one line each). The settings that exact HF parity needs
-(measured, see /work/shared/notes/hf-mapping.md): QKV bias for Qwen2 only on q/k/v
+(measured against the HF models): QKV bias for Qwen2 only on q/k/v
 (``add_qkv_bias=True, add_bias_linear=False``), RoPE base from ``rope_theta`` *or*
 ``rope_parameters["rope_theta"]`` (transformers 5), non-interleaved RoPE, ``layernorm_epsilon =
 rms_norm_eps``, SwiGLU as ``gated_linear_unit=True`` + silu, tied embeddings as

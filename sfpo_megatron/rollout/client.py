@@ -25,13 +25,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from sfpo_megatron.errors import UserError
+from sfpo_megatron.records import Response
 from sfpo_megatron.rollout.sglang_launcher import find_free_port, wait_for_health
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import datetime
 import importlib.util
 import json
 import logging
@@ -35,12 +34,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from sfpo_megatron.distributed.platform import gpu_available, gpu_device
 from sfpo_megatron.distributed.weight_update_group import (
     DEFAULT_GROUP_NAME,
     destroy_weight_update_group,
@@ -48,10 +48,8 @@ from sfpo_megatron.distributed.weight_update_group import (
     init_weight_update_group,
 )
 from sfpo_megatron.errors import UserError
+from sfpo_megatron.rollout.client import RolloutClient
 from sfpo_megatron.rollout.sglang_launcher import find_free_port
-
-if TYPE_CHECKING:
-    from sfpo_megatron.rollout.client import RolloutClient
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +285,7 @@ class DistributedTransport(WeightTransport):
         super().__init__(client, bucket_bytes, verify)
         self.master_address = master_address
         self.master_port = master_port
-        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.backend = backend or ("nccl" if gpu_available() else "gloo")
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
         self.group_name = group_name
@@ -298,7 +296,7 @@ class DistributedTransport(WeightTransport):
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        return gpu_device() if self.backend == "nccl" else torch.device("cpu")
 
     def connect(self) -> None:
         """Form the group: servers join from their /init_weights_update_group handlers while we join here."""
@@ -406,10 +404,10 @@ class TensorTransport(WeightTransport):
     name = "tensor"
 
     def __init__(self, client: RolloutClient, bucket_bytes: int = DEFAULT_BUCKET_BYTES, tp_size: int = 1, verify: bool = True):
-        if not torch.cuda.is_available():
+        if not gpu_available():
             raise TransportUnavailableError(
                 "the 'tensor' refit transport sends CUDA IPC handles to servers on the same GPUs "
-                "(--colocate); torch.cuda.is_available() is False here. Use --refit-transport disk or distributed."
+                "(--colocate); torch.cuda.is_available() is False here. Use --weight-transport disk or distributed."
             )
         if importlib.util.find_spec("sglang") is None:
             raise TransportUnavailableError(
@@ -422,7 +420,7 @@ class TensorTransport(WeightTransport):
     def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
         from sglang.srt.utils import MultiprocessingSerializer  # GPU nodes only
 
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = gpu_device()
         num_tensors = num_buckets = nbytes = 0
         for bucket, last in _with_last_flag(iter_buckets(named_tensors, self.bucket_bytes)):
             on_gpu = [(n, t.detach().to(device).contiguous()) for n, t in bucket]

@@ -7,7 +7,6 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from megatron.core import tensor_parallel
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -19,7 +18,6 @@ from megatron.core.utils import get_model_config
 
 from sfpo_megatron.components.checkpoint import CheckpointError, load_checkpoint
 from sfpo_megatron.components.optimizer import build_optimizer, build_scheduler
-from sfpo_megatron.distributed.platform import current_platform
 from sfpo_megatron.models.builder import build_model
 
 
@@ -110,10 +108,6 @@ def zero_grads(setup: TrainingSetup) -> None:
 
 def count_parameters(model: list) -> int:
     return sum(p.numel() for m in model for p in m.parameters())
-
-
-def device() -> torch.device:
-    return current_platform().device()
 
 
 def build_frozen_model(args: argparse.Namespace, arch) -> list:

@@ -42,13 +42,9 @@ class PolicyForwardError(UserError):
     """Micro-batches the schedule cannot run (mixed shapes, none at all)."""
 
 
-def _device() -> torch.device:
-    return current_platform().device()
-
-
 def _forward_step(logits_fn: LogitsFn, data_iterator, model):
     mb: TrainBatch = next(data_iterator)
-    dev = _device()
+    dev = current_platform().device()
     tokens = mb.tokens.to(dev, non_blocking=True)
     position_ids = torch.arange(mb.seq_length, device=dev).unsqueeze(0).expand_as(tokens)
     # attention_mask=None: causal attention (right padding is never attended by real tokens).
@@ -107,7 +103,7 @@ def run_micro_batches(model: Sequence[torch.nn.Module], micro_batches: Sequence[
 def broadcast_from_last_stage(values: torch.Tensor | None, size: int) -> torch.Tensor:
     """A float64 vector ``[size]`` computed on the last pipeline stage (``values``; None on the
     other stages), on every stage, as a CPU tensor."""
-    out = torch.zeros(size, dtype=torch.float64, device=_device())
+    out = torch.zeros(size, dtype=torch.float64, device=current_platform().device())
     if values is not None:
         out.copy_(values.reshape(-1).to(out.device, torch.float64))
     if ps.get_pipeline_model_parallel_world_size() > 1:

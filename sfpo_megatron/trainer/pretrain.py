@@ -24,9 +24,9 @@ from sfpo_megatron.components.preemption import EXIT_CODE, PreemptionHandler
 from sfpo_megatron.components.pretrain_data import DatasetTokenizer, build_pretrain_data_iterators, get_batch
 from sfpo_megatron.data.tokenizer import load_tokenizer
 from sfpo_megatron.distributed import parallel
-from sfpo_megatron.distributed.platform import setup_platform
+from sfpo_megatron.distributed.platform import current_platform, setup_platform
 from sfpo_megatron.models.hf_config import load_hf_config
-from sfpo_megatron.trainer.model_setup import build_training_setup, device, zero_grads
+from sfpo_megatron.trainer.model_setup import build_training_setup, zero_grads
 
 log = logging.getLogger("sfpo_megatron.pretrain")
 
@@ -82,7 +82,7 @@ def lm_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, device())
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, current_platform().device())
     output = model(tokens, position_ids, attention_mask, labels=labels)
     return output, partial(lm_loss_func, loss_mask)
 
@@ -165,7 +165,7 @@ def pretrain(args: argparse.Namespace) -> dict:
                     "lr": setup.optimizer.param_groups[0]["lr"],
                     "tokens_per_second": meter.tokens_per_second(tokens),
                     "iteration_time_s": time.perf_counter() - t0,
-                    "consumed_samples": consumed, **memory_stats(device())}
+                    "consumed_samples": consumed, **memory_stats(current_platform().device())}
             if iteration == 1 or iteration % args.log_interval == 0:
                 last.update(optimizer_state_bytes(setup.optimizer))
                 metrics.log(iteration, last)

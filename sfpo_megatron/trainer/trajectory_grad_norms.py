@@ -74,10 +74,6 @@ class TrajectoryGradNormError(UserError):
     """Settings or a batch the per-trajectory gradient norms cannot be computed for."""
 
 
-def _device() -> torch.device:
-    return current_platform().device()
-
-
 def _check_args(batch: TrainBatch, temperature: float, vocab_size: int) -> None:
     if not temperature > 0:
         raise TrajectoryGradNormError(f"temperature must be > 0, got {temperature}")
@@ -189,7 +185,7 @@ def trajectory_grad_sq_norms(setup, batch: TrainBatch, *, temperature: float,
     multiple = _SEQ_MULTIPLE * ps.get_tensor_model_parallel_world_size()
     loss_scale = _loss_scale(setup.optimizer)
     step = partial(_sum_logprobs, float(temperature), int(vocab_size))
-    local = torch.zeros(batch.size, dtype=torch.float64, device=_device())
+    local = torch.zeros(batch.size, dtype=torch.float64, device=current_platform().device())
 
     # With --overlap-param-gather the first forward would all-gather params over DP; do it now,
     # on every DP rank at once, since DP ranks may run different numbers of rows below.

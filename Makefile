@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	# torch first, pinned: pip takes the CPU build from local disk (a bare `torch` would pull CUDA).
+	# torch first, pinned as in pyproject.toml: pip installs the torch==2.13.0 build its index serves,
+	# the CPU one only where the index provides it (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL; see README).
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)

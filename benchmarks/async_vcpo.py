@@ -62,6 +62,13 @@ COLORS = {"sync": "black", "async_k2": "tab:orange", "async_k2_vcpo": "tab:blue"
           "async_k8_vcpo": "tab:green", "async_k2_opob": "tab:purple", "async_k2_opob_exact": "tab:brown"}
 
 
+def repo_relative(path: str | Path) -> str | None:
+    """``path`` relative to the repository root for the results JSON; None outside the repository
+    (a machine's scratch directory means nothing on another machine)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
@@ -200,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     report = format_report(agg, a.seeds, a.method)
     print("\n" + report)
     png = plot(runs, RESULTS / f"{a.name}.png", f"{a.task}, {a.method.upper()}: sync vs async (k = max staleness)")
-    out = {"config": cfg.as_dict(), "method": a.method, "configs": {n: CONFIGS[n] for n in names},
+    config = cfg.as_dict() | {"out": repo_relative(cfg.out)}  # no absolute paths in results
+    out = {"config": config, "method": a.method, "configs": {n: CONFIGS[n] for n in names},
            "runs": runs, "aggregate": agg, "timings": timer.phases, "total_wall_s": time.perf_counter() - t0,
            "plot": str(png.relative_to(REPO))}
     path = write_json_atomic(RESULTS / f"{a.name}.json", out)

@@ -4,8 +4,9 @@
 
 1. Generated tokens/s of the CPU rollout server (all prompts sent concurrently, batched by the
    server) vs a plain ``transformers.generate`` loop over the same prompts and weights (one prompt per
-   call, the baseline named in issue 5), plus one batched ``generate`` call for reference. Greedy,
-   no EOS, so every run produces prompts x new_tokens tokens.
+   call: the baseline the server is measured against, rollouts generated with plain HF transformers),
+   plus one batched ``generate`` call for reference. Greedy, no EOS, so every run produces
+   prompts x new_tokens tokens.
 2. Refit throughput (GB/s) of the disk and distributed (gloo) transports, end to end (pack, send,
    server loads, version verified), vs this machine's memcpy bandwidth (torch copy of a large tensor).
 
@@ -30,6 +31,15 @@ import torch
 from sfpo_megatron.rollout.client import RolloutClient
 from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
 from sfpo_megatron.rollout.transport import DiskTransport, DistributedTransport
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(path: str | Path) -> str | None:
+    """``path`` relative to the repository root for the results JSON; None outside the repository
+    (a machine's scratch directory means nothing on another machine)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else None
 
 
 def build_model(path: Path, layers: int) -> tuple[torch.nn.Module, float]:
@@ -86,13 +96,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads, same for the server and the baseline")
     ap.add_argument("--bucket-bytes", type=int, default=512 * 1024**2, help="--update-weight-buffer-size")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout.json"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "rollout.json"))
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rollout_bench_"))
     model_dir = work / "model"
-    results: dict = {"config": vars(args) | {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}}
+    # The results hold no machine paths: --workdir (scratch) is left out, --out is repo-relative.
+    config = {k: v for k, v in vars(args).items() if k not in ("workdir", "out")}
+    config |= {"out": repo_relative(args.out), "machine": platform.machine(), "cpus": os.cpu_count(),
+               "torch": torch.__version__}
+    results: dict = {"config": config}
     try:
         model, build_s = build_model(model_dir, args.layers)
         n_params = sum(p.numel() for p in model.parameters())

@@ -43,6 +43,13 @@ RESULTS = REPO / "benchmarks" / "results"
 SE_LIMIT = 0.015
 
 
+def repo_relative(path: str | Path) -> str | None:
+    """``path`` relative to the repository root for the results JSON; None outside the repository
+    (a machine's scratch directory means nothing on another machine)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="RL seeds (runs per method)")
@@ -141,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = plot_curves(curves, RESULTS / f"{a.name}.png",
                       title=f"{a.task}: validation accuracy, {a.seeds} seeds per method")
-    out = {"config": cfg.as_dict(), "seeds": per_seed, "aggregate": agg,
+    config = cfg.as_dict() | {"out": repo_relative(cfg.out)}  # no absolute paths in results
+    out = {"config": config, "seeds": per_seed, "aggregate": agg,
            "max_eval_standard_error": max_se, "timings": timer.phases,
            "total_wall_s": time.perf_counter() - t0, "plot": str(png.relative_to(REPO))}
     path = write_json_atomic(RESULTS / f"{a.name}.json", out)

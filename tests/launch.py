@@ -1,17 +1,24 @@
-"""Test helpers: real multi-process launches (torchrun, the console script) and tiny HF configs."""
+"""Test helpers: real multi-process launches (torchrun, the console script, the project's scripts)
+and loading a script's module into the test process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+SCRIPTS = REPO / "tests" / "scripts"
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# The environment of CPU rollout server processes: one thread each, no tokenizer thread pool.
+SERVER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def free_port() -> int:
@@ -54,21 +61,21 @@ def sfpo(nproc: int, subcommand: str, flags: list[str], **kw) -> subprocess.Comp
     return torchrun(nproc, ["-m", "sfpo_megatron.cli", subcommand] + flags, **kw)
 
 
-def write_tiny_config(path: Path, family: str = "qwen2", **overrides) -> Path:
-    """A tiny random-architecture HF config (never downloaded) saved as ``path/config.json``."""
-    import transformers
-
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  bos_token_id=0, eos_token_id=1)
-    common.update(overrides)
-    cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-           "llama": transformers.LlamaConfig}[family]
-    cfg = cls(**common)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg.save_pretrained(path)
-    return path
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_module(path: Path) -> ModuleType:
+    """The Python file ``path`` (a tool in tools/, a script in tests/scripts/) imported into this
+    process without changing sys.path, once; registered in sys.modules under its file name, as
+    process pools pickle its functions by module name."""
+    name = Path(path).stem
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    elif Path(module.__file__ or "") != Path(path):
+        raise ImportError(f"module {name!r} is already {module.__file__}, not {path}")
+    return module

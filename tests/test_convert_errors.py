@@ -6,7 +6,6 @@ config.json, and by its tensor names), and an unsupported model_type given to th
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from test_convert_parity import REPO, save_hf_models
+from launch import TOOLS, load_module
+from tiny_models import save_conversion_models
 
 from sfpo_megatron.conversion.hf_mapping import (
     ArchitectureMismatchError,
@@ -33,7 +33,13 @@ DOWN = "model.layers.1.mlp.down_proj.weight"
 
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory) -> Path:
-    return save_hf_models(tmp_path_factory.mktemp("errors"), ("qwen2_untied",))["qwen2_untied"]
+    return save_conversion_models(tmp_path_factory.mktemp("errors"), ("qwen2_untied",))["qwen2_untied"]
+
+
+def _gpt2() -> transformers.GPT2LMHeadModel:
+    """A tiny random GPT-2: an architecture the converter does not support."""
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32))
 
 
 def _edited_copy(src: Path, dst: Path, edit) -> Path:
@@ -86,9 +92,7 @@ def test_checkpoint_config_of_another_architecture(qwen2_dir):
 
 
 def test_tensors_of_another_architecture(qwen2_dir):
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32))
-    source = StateDictSource(gpt2.state_dict())
+    source = StateDictSource(_gpt2().state_dict())
     with pytest.raises(ArchitectureMismatchError) as err:
         check_hf_checkpoint(source, qwen2_dir)
     assert str(err.value) == (
@@ -107,12 +111,8 @@ def test_load_hf_weights_checks_before_touching_the_model(qwen2_dir):
 
 def test_converter_refuses_unsupported_model_type(tmp_path):
     gpt2_dir = tmp_path / "gpt2"
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32)).save_pretrained(gpt2_dir)
-    spec = importlib.util.spec_from_file_location(
-        "convert_hf_to_mcore", REPO / "tools" / "convert_hf_to_mcore.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    _gpt2().save_pretrained(gpt2_dir)
+    tool = load_module(TOOLS / "convert_hf_to_mcore.py")
     with pytest.raises(UnsupportedModelError) as err:
         tool.main(["--hf-dir", str(gpt2_dir), "--save", str(tmp_path / "out")])
     assert str(err.value) == "unsupported model_type 'gpt2'; supported: llama, qwen2, qwen3"

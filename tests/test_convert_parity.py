@@ -14,75 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import torchrun
+from tiny_models import CONVERSION, CONVERSION_MODELS, save_conversion_models
 
-REPO = Path(__file__).resolve().parents[1]
-VOCAB = 100
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, max_position_embeddings=256)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
-               "rope_theta": 500000.0}
-MODELS = {
-    "qwen2_tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True,
-                                       rope_theta=1e6)),
-    "qwen2_untied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=False,
-                                         rms_norm_eps=1e-5)),
-    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
-    "llama_gqa": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False,
-                                      rope_parameters=LLAMA3_ROPE)),
-    "llama_1kv": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=False,
-                                      rope_theta=5e5)),
-}
+VOCAB = CONVERSION["vocab_size"]
+MODELS = list(CONVERSION_MODELS)
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 IMPL = os.environ.get("SFPO_TEST_TRANSFORMER_IMPL", "local")
-
-
-def make_hf_model(name: str, seed: int = 0):
-    """A tiny random HF model; weights perturbed so norms and biases are not all ones / zeros."""
-    import transformers
-
-    cls, extra = MODELS[name]
-    config = getattr(transformers, cls)(**COMMON, **extra)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
-def save_hf_models(root: Path, names=tuple(MODELS), dtype=torch.float32) -> dict[str, Path]:
-    dirs = {}
-    for name in names:
-        d = root / name
-        make_hf_model(name).to(dtype).save_pretrained(d)
-        dirs[name] = d
-    return dirs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), str(script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-8000:]}")
-    return proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,9 +160,9 @@ def worker(hf_root: str, out_path: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hf")
-    save_hf_models(root)
+    save_conversion_models(root)
     out = root / "results.json"
-    torchrun(Path(__file__), str(root), str(out))
+    torchrun(2, [str(Path(__file__)), str(root), str(out)])
     return json.loads(out.read_text())
 
 

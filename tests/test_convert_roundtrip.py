@@ -12,32 +12,20 @@ and generation config travel along. Exporting with a config of another architect
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import PYTHON, TOOLS, load_module, run, torchrun
 from safetensors.torch import load_file
-from test_convert_parity import REPO, save_hf_models, torchrun
+from tiny_models import save_conversion_models, save_word_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-TO_MCORE = REPO / "tools" / "convert_hf_to_mcore.py"
-TO_HF = REPO / "tools" / "convert_mcore_to_hf.py"
+from sfpo_megatron.conversion.hf_mapping import ArchitectureMismatchError
 
-
-def _save_tokenizer(directory: Path) -> None:
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(99)} | {"<unk>": 99}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(directory)
+TO_MCORE = TOOLS / "convert_hf_to_mcore.py"
+TO_HF = TOOLS / "convert_mcore_to_hf.py"
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -45,14 +33,6 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     for f in sorted(glob.glob(str(directory / "*.safetensors"))):
         out.update(load_file(f))
     return out
-
-
-def _python(script: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(f"{script.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc.stdout
 
 
 LAYOUTS = {  # name: (dtype, converter layout, exporter layout or None for one plain process)
@@ -66,16 +46,16 @@ _cache: dict[str, tuple[Path, Path, Path]] = {}
 def _convert(name: str, root: Path) -> tuple[Path, Path, Path]:
     if name not in _cache:
         dtype, convert_layout, export_layout = LAYOUTS[name]
-        hf = save_hf_models(root / "hf", (name,), dtype=dtype)[name]
-        _save_tokenizer(hf)
+        hf = save_conversion_models(root / "hf", (name,), dtype=dtype)[name]
+        save_word_tokenizer(hf, [f"w{i}" for i in range(99)] + ["<unk>"], unk_token="<unk>")
         mcore, back = root / f"{name}_mcore", root / f"{name}_back"
-        log = torchrun(TO_MCORE, "--hf-dir", str(hf), "--save", str(mcore), *convert_layout)
+        log = torchrun(2, [str(TO_MCORE), "--hf-dir", str(hf), "--save", str(mcore), *convert_layout]).stdout
         assert "saved" in log
         args = ["--load", str(mcore), "--save", str(back), "--max-shard-size", "100KB"]
         if export_layout is None:
-            _python(TO_HF, *args)
+            run([PYTHON, str(TO_HF), *args])
         else:
-            torchrun(TO_HF, *args, *export_layout)
+            torchrun(2, [str(TO_HF), *args, *export_layout])
         _cache[name] = (hf, mcore, back)
     return _cache[name]
 
@@ -125,8 +105,6 @@ def test_sharded_export(converted):
 
 @pytest.mark.parametrize("converted", MODEL_PARAMS, indirect=True)
 def test_export_loads_with_automodel(converted):
-    from transformers import AutoModelForCausalLM
-
     original_dir, _, back = converted
     a = AutoModelForCausalLM.from_pretrained(original_dir).eval()
     b = AutoModelForCausalLM.from_pretrained(back).eval()
@@ -141,8 +119,6 @@ def test_export_loads_with_automodel(converted):
 
 @pytest.mark.parametrize("converted", ["qwen2_tied"], indirect=True)
 def test_tokenizer_travels(converted):
-    from transformers import AutoTokenizer
-
     original_dir, mcore, back = converted
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (back / name).read_bytes() == (original_dir / name).read_bytes()
@@ -154,12 +130,8 @@ def test_tokenizer_travels(converted):
 
 @pytest.mark.parametrize("converted", ["qwen2_tied"], indirect=True)
 def test_export_refuses_config_of_another_architecture(converted, root):
-    from sfpo_megatron.conversion.hf_mapping import ArchitectureMismatchError
-
-    spec = importlib.util.spec_from_file_location("convert_mcore_to_hf", TO_HF)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    qwen3_dir = save_hf_models(root / "other", ("qwen3",))["qwen3"]
+    tool = load_module(TO_HF)
+    qwen3_dir = save_conversion_models(root / "other", ("qwen3",))["qwen3"]
     _, qwen2_mcore, _ = converted
     with pytest.raises(ArchitectureMismatchError) as err:
         tool.resolve_hf_config(str(qwen2_mcore), str(qwen3_dir))

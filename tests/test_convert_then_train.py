@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from launch import read_jsonl, sfpo
-from test_convert_parity import save_hf_models, torchrun
-from test_convert_roundtrip import TO_MCORE
+from launch import TOOLS, read_jsonl, sfpo, torchrun
+from tiny_models import save_conversion_models
 
 COMMON = ["--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
           "--global-batch-size", "4", "--lr", "1e-3", "--seed", "3", "--split", "100,0,0",
@@ -15,12 +14,12 @@ COMMON = ["--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert_train")
-    hf = save_hf_models(root, ("qwen2_tied",))["qwen2_tied"]
+    hf = save_conversion_models(root, ("qwen2_tied",))["qwen2_tied"]
     out = {}
     for tp in (1, 2):
         ckpt = root / f"mcore_tp{tp}"
-        torchrun(TO_MCORE, "--hf-dir", str(hf), "--save", str(ckpt),
-                 "--tensor-model-parallel-size", str(tp), nproc=tp)
+        torchrun(tp, [str(TOOLS / "convert_hf_to_mcore.py"), "--hf-dir", str(hf), "--save", str(ckpt),
+                      "--tensor-model-parallel-size", str(tp)])
         out[tp] = ckpt
     return root, out
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
+from tiny_models import arithmetic_texts, save_chat_tokenizer
 
 from sfpo_megatron.data.tokenizer import (
     ChatFormat,
@@ -15,17 +15,6 @@ from sfpo_megatron.data.tokenizer import (
     load_tokenizer,
     train_sentencepiece,
 )
-
-
-def arithmetic_texts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    texts = []
-    for _ in range(n):
-        a, b, c = rng.randint(-999, 999), rng.randint(0, 9999), rng.randint(0, 99)
-        texts.append(
-            f"User: Calculate {a} + {b} - {c}.\nAssistant: <answer>{a + b - c}</answer>"
-        )
-    return texts
 
 
 @pytest.fixture(scope="module")
@@ -82,34 +71,8 @@ def test_sentencepiece_chat_template(sp_model: Path) -> None:
         tok.render_chat([{"role": "tool", "content": "x"}])
 
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_hf_tokenizer(path: Path, chat_template: str | None = CHATML) -> None:
-    """A tiny byte-level BPE trained locally, wrapped as PreTrainedTokenizerFast and saved."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    raw.train_from_iterator(arithmetic_texts(200, 2), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<pad>", chat_template=chat_template
-    )
-    fast.save_pretrained(str(path))
-
-
 def test_hf_tokenizer_from_local_dir(tmp_path: Path) -> None:
-    build_hf_tokenizer(tmp_path)
+    save_chat_tokenizer(tmp_path)
     tok = load_tokenizer(tmp_path)
     assert isinstance(tok, HFTokenizer)
     assert tok.eos_id == tok.hf.convert_tokens_to_ids("<|im_end|>") == 2
@@ -130,7 +93,7 @@ def test_hf_tokenizer_from_local_dir(tmp_path: Path) -> None:
 
 
 def test_hf_tokenizer_without_template(tmp_path: Path) -> None:
-    build_hf_tokenizer(tmp_path, chat_template=None)
+    save_chat_tokenizer(tmp_path, chat_template=None)
     with pytest.raises(TokenizerError, match="has no chat template"):
         load_tokenizer(tmp_path).render_chat([{"role": "user", "content": "hi"}])
     tok = load_tokenizer(tmp_path, chat_template="{{ messages[0]['content'] }}=")

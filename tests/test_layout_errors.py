@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from launch import sfpo, write_tiny_config
+from launch import sfpo
+from tiny_models import write_tiny_config
 
 from sfpo_megatron.distributed.parallel import LayoutError, check_layout
 

@@ -1,7 +1,7 @@
 """HF config → megatron TransformerConfig / GPTModel kwargs, and the builder's refusals.
 
 In-process, no process group: these are the settings that exact parity needs (each one, set
-wrong, was measured to move the logits; see /work/shared/notes/hf-mapping.md) and the errors.
+wrong, was measured to move the logits) and the errors.
 """
 
 from __future__ import annotations

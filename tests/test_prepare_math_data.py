@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from launch import PYTHON, REPO, child_env, read_jsonl, run
+from launch import PYTHON, TOOLS, child_env, load_module, read_jsonl, run
+from tiny_models import save_chat_tokenizer
 
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_math_data as pmd  # noqa: E402
+from sfpo_megatron.data.prompts import load_prompt_dataset
+from sfpo_megatron.data.tokenizer import load_tokenizer
+
+TOOL = TOOLS / "prepare_math_data.py"
+pmd = load_module(TOOL)
 
 SFPO_PROMPT = ("Please solve the following math problem: {p}. The assistant first thinks about the reasoning "
                "process step by step and then provides the user with the answer. Return the final answer in "
@@ -178,20 +181,14 @@ def test_bad_rows_name_file_row_and_columns(tmp_path: Path) -> None:
 def test_cli_writes_the_file_the_trainer_reads(tmp_path: Path) -> None:
     src = jsonl(tmp_path / "in.jsonl", [{"problem": "What is 3+4?", "answer": "7"}])
     out = tmp_path / "data/out.jsonl"
-    proc = run([PYTHON, str(REPO / "tools/prepare_math_data.py"), "--dataset", "math500", "--input", str(src),
+    proc = run([PYTHON, str(TOOL), "--dataset", "math500", "--input", str(src),
                 "--output", str(out)], env=child_env(), timeout=60)
     assert "1 prompts (0 duplicates dropped, 0 rows skipped)" in proc.stdout
-    bad = run([PYTHON, str(REPO / "tools/prepare_math_data.py"), "--dataset", "amc", "--input",
+    bad = run([PYTHON, str(TOOL), "--dataset", "amc", "--input",
                str(tmp_path / "nope"), "--output", str(out)], env=child_env(), timeout=60, check=False)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     # The project's own loader accepts the output (prompt / answer keys, extra keys as metadata).
-    from test_data_tokenizer import build_hf_tokenizer
-
-    from sfpo_megatron.data.prompts import load_prompt_dataset
-
     tok_dir = tmp_path / "tok"
-    build_hf_tokenizer(tok_dir)
-    from sfpo_megatron.data.tokenizer import load_tokenizer
-
+    save_chat_tokenizer(tok_dir)
     ds = load_prompt_dataset(str(out), load_tokenizer(str(tok_dir)))
     assert len(ds) == 1 and ds[0].answer == "7" and "What is 3+4?" in ds[0].prompt_text

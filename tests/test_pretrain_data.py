@@ -7,19 +7,17 @@ tokenizer from the `tokenizers` library); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from launch import PYTHON, TOOLS, load_module, run, torchrun
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from tiny_models import save_word_tokenizer
 
 from sfpo_megatron.components.pretrain_data import (
     DataConfigError,
@@ -33,21 +31,11 @@ from sfpo_megatron.components.pretrain_data import (
 )
 from sfpo_megatron.data.tokenizer import HFTokenizer, SentencePieceTokenizer, train_sentencepiece
 
-REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "preprocess_data.py"
+TOOL = TOOLS / "preprocess_data.py"
 WORDS = ("alpha beta gamma delta epsilon zeta theta lambda sigma omega the a of and to "
          "in is was for on with as by at from 0 1 2 3 4 5 6 7 8 9 + = . ,").split()
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("preprocess_data", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["preprocess_data"] = module  # pool workers pickle functions by module name
-    spec.loader.exec_module(module)
-    return module
-
-
-pp = _load_tool()
+pp = load_module(TOOL)  # registered in sys.modules: the tool's process pool pickles functions by name
 
 
 def _documents(n: int = 120, seed: int = 0) -> list[str]:
@@ -61,15 +49,8 @@ def _write_jsonl(path: Path, records: list) -> Path:
 
 
 def _hf_tokenizer_dir(path: Path, pad: bool = True) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<eos>"] + sorted(set(WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>" if pad else None,
-                            unk_token="<unk>").save_pretrained(str(path))
-    return path
+    return save_word_tokenizer(path, ["<pad>", "<unk>", "<eos>"] + sorted(set(WORDS)), "WhitespaceSplit",
+                               eos_token="<eos>", pad_token="<pad>" if pad else None, unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +98,9 @@ def test_preprocess_cli_hf_two_workers(env, tmp_path):
     jsonl = tmp_path / "hf.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in records[:25]) + "\n\n"
                      + "\n".join(json.dumps(r) for r in records[25:]) + "\n")
-    out = subprocess.run(
-        [sys.executable, str(TOOL), "--input", str(jsonl), "--json-key", "text",
-         "--output-prefix", str(tmp_path / "hf"), "--tokenizer-type", "hf",
-         "--tokenizer-path", str(env.hf_dir), "--append-eod", "--workers", "2"],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert out.returncode == 0, out.stderr
+    out = run([PYTHON, str(TOOL), "--input", str(jsonl), "--json-key", "text",
+               "--output-prefix", str(tmp_path / "hf"), "--tokenizer-type", "hf",
+               "--tokenizer-path", str(env.hf_dir), "--append-eod", "--workers", "2"])
     hf = HFTokenizer(env.hf_dir)
     expected = [hf.encode(d) + [hf.eos_id] for d in env.docs[:50]]
     assert all(len(e) > 1 and hf.hf.unk_token_id not in e for e in expected)
@@ -316,21 +294,11 @@ parallel.destroy()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_dp2_shards_the_global_batch(env, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     cache = tmp_path / "cache"
-    out = subprocess.run(
-        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
-         str(_free_port()), str(worker), env.prefix, str(env.sp_model), str(cache), str(tmp_path / "tok")],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun(2, [str(worker), env.prefix, str(env.sp_model), str(cache), str(tmp_path / "tok")])
     ranks = [np.load(tmp_path / f"tok.{r}.npy") for r in range(2)]
     # One process with micro-batch 4 = both DP ranks' micro-batches of 2, side by side; both
     # ranks started after one global batch (consumed_samples = 8).

@@ -15,26 +15,31 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
-from launch import REPO, child_env, torchrun
-from test_rollout_units import SERVER_ENV, build_tiny_model_dir
-
-from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
+from launch import SCRIPTS, child_env, torchrun
+from tiny_models import save_rollout_model
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("refit")
-    model = build_tiny_model_dir(root / "model", seed=3)
-    cfg = LaunchConfig(model_path=str(model), backend="cpu", log_dir=str(root / "logs"), env=SERVER_ENV,
-                       weight_version="initial", health_timeout_s=300)
+def rollout_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_rollout_model(tmp_path_factory.mktemp("refit") / "model", seed=3)
+
+
+@pytest.fixture(scope="module")
+def rollout_server_options() -> dict[str, Any]:
+    return {"weight_version": "initial", "health_timeout_s": 300}
+
+
+@pytest.fixture(scope="module")
+def results(rollout_model: Path, rollout_server: Any) -> dict:
+    root = rollout_model.parent
     out = root / "results.json"
-    with RolloutLauncher(cfg) as server:
-        torchrun(2, [str(REPO / "tests/scripts/refit_worker.py"), str(model), server.urls[0], str(root / "work"),
-                     str(out)], timeout=600, env=child_env(TOKENIZERS_PARALLELISM="false"))
+    torchrun(2, [str(SCRIPTS / "refit_worker.py"), str(rollout_model), rollout_server.urls[0], str(root / "work"),
+                 str(out)], timeout=600, env=child_env(TOKENIZERS_PARALLELISM="false"))
     return json.loads(out.read_text())
 
 

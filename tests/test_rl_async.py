@@ -1,4 +1,4 @@
-"""Issue 8 proof: asynchronous rollouts (`--async-rollout --max-staleness 2 --vcpo`) end to end.
+"""Asynchronous rollouts (`--async-rollout --max-staleness 2 --vcpo`) end to end.
 
 Real processes: the trainer (`python -m sfpo_megatron.cli rl`), the CPU rollout server it starts
 and the reward worker. The async run is SIGKILLed in the middle of step 3 (after its step-2
@@ -28,10 +28,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launch import PYTHON, REPO, child_env, read_jsonl, run
-from test_rollout_units import SERVER_ENV, build_tiny_model_dir
+from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, run
+from tiny_models import save_rollout_model
 
-SCRIPTS = REPO / "tests" / "scripts"
 ENV = child_env(PYTHONPATH=f"{REPO}:{SCRIPTS}", **SERVER_ENV)
 STEPS = 6
 K = 2
@@ -71,7 +70,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from megatron.core import dist_checkpointing
 
     root = tmp_path_factory.mktemp("rl_async")
-    model = build_tiny_model_dir(root / "model", seed=3)
+    model = save_rollout_model(root / "model", seed=3)
     data = root / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
 

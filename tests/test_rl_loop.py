@@ -16,10 +16,9 @@ import math
 from pathlib import Path
 
 import pytest
-from launch import REPO, child_env, read_jsonl, sfpo
-from test_rollout_units import SERVER_ENV, build_tiny_model_dir
+from launch import REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, sfpo
+from tiny_models import save_rollout_model
 
-SCRIPTS = REPO / "tests" / "scripts"
 ENV = child_env(PYTHONPATH=f"{REPO}:{SCRIPTS}", **SERVER_ENV)
 STEPS = 2
 N = 4
@@ -54,7 +53,7 @@ def common_flags(model: Path, root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("rl_loop")
-    model = build_tiny_model_dir(root / "model", seed=1)
+    model = save_rollout_model(root / "model", seed=1)
     prompts = write_jsonl(root / "prompts.jsonl", PROMPTS, malformed_line='{"prompt": "no answer field"}')
     flags = common_flags(model, root) + [
         "--hf-checkpoint", str(model), "--tensor-model-parallel-size", "2", "--micro-batch-size", "2",

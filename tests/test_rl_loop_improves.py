@@ -1,7 +1,7 @@
 """The RL loop learns: a TP=2 trainer with one CPU rollout server improves validation reward on a
 reasoning-gym task (one-digit a + b / a - b) from a warm start within a bounded number of steps.
 
-The warm start (tests/scripts/warm_start.py) is a tiny Qwen2 with a SentencePiece tokenizer,
+The warm start (tests/warm_start.py) is a tiny Qwen2 with a SentencePiece tokenizer,
 trained here for 1000 supervised steps on correct answers from a disjoint reasoning-gym seed:
 about a quarter of its temperature-1 samples are right. Eight SFPO steps (32 prompts x 8
 samples) then raise validation avg@4 (200 held-out prompts, temperature 1) by well over the
@@ -14,24 +14,18 @@ from __future__ import annotations
 import math
 
 import pytest
-from launch import PYTHON, REPO, child_env, read_jsonl, run, sfpo
-from test_rollout_units import SERVER_ENV
+import warm_start
+from launch import PYTHON, SERVER_ENV, child_env, read_jsonl, run, sfpo
 
-SCRIPTS = REPO / "tests" / "scripts"
-ENV = child_env(PYTHONPATH=f"{REPO}:{SCRIPTS}", **SERVER_ENV)
+ENV = child_env(**SERVER_ENV)
 STEPS = 8
 MARGIN = 0.1
 
 
 @pytest.mark.slow
 def test_sfpo_improves_validation_reward_from_warm_start(tmp_path) -> None:
-    import sys
-
-    sys.path.insert(0, str(SCRIPTS))
-    import warm_start
-
     model = tmp_path / "warm"
-    run([PYTHON, str(SCRIPTS / "warm_start.py"), str(model), "1000"], timeout=900, env=ENV)
+    run([PYTHON, warm_start.__file__, str(model), "1000"], timeout=900, env=ENV)
     flags = ["--model-config", str(model), "--hf-checkpoint", str(model),
              "--tokenizer-path", str(model / "tokenizer.model"), "--tensor-model-parallel-size", "2",
              "--prompt-data", warm_start.spec(2000, warm_start.TRAIN_SEED),

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launch import PYTHON, REPO, child_env, read_jsonl, run
-from test_rollout_units import SERVER_ENV, build_tiny_model_dir
+from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, run
+from tiny_models import save_rollout_model
 
-SCRIPTS = REPO / "tests" / "scripts"
 ENV = child_env(PYTHONPATH=f"{REPO}:{SCRIPTS}", **SERVER_ENV)
 STEPS = 4
 KILL_AFTER = 2  # checkpoints every 2 steps: killed during step 3, resumed from step 2
@@ -55,7 +54,7 @@ pytestmark = pytest.mark.slow  # three trainer runs: ~80 s of CPU, 3-6 min wall 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("rl_resume")
-    model = build_tiny_model_dir(root / "model", seed=2)
+    model = save_rollout_model(root / "model", seed=2)
     data = root / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
 

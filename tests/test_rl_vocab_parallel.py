@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import torchrun
 
 from sfpo_megatron.trainer.vocab_parallel import (
     VocabParallelError,
@@ -25,7 +23,6 @@ from sfpo_megatron.trainer.vocab_parallel import (
     vocab_parallel_logprobs_and_entropy,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 S, B, V, TP = 5, 3, 16, 2
 
 
@@ -179,19 +176,9 @@ def _worker(out_path: str) -> None:
 # ------------------------------------------------------------------------------------------
 # pytest side
 # ------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp2_and_dp2_match_single_rank(tmp_path):
     out = tmp_path / "results.json"
-    cmd = [str(REPO / ".venv/bin/torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(Path(__file__).resolve()), str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(2, [str(Path(__file__).resolve()), str(out)])
     ranks = json.loads(out.read_text())
     assert len(ranks) == 2
     for rank, res in enumerate(ranks):

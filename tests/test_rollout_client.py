@@ -22,10 +22,7 @@ from typing import Any
 import pytest
 import requests
 import torch
-from test_rollout_units import (
-    SERVER_ENV,
-    VOCAB,
-    build_tiny_model_dir,
+from hf_reference import (
     hf_greedy,
     hf_greedy_same_length,
     hf_log_softmax,
@@ -34,46 +31,38 @@ from test_rollout_units import (
     model_with_state,
     perturbed_state,
 )
+from launch import REPO, SERVER_ENV
+from tiny_models import ROLLOUT_VOCAB
 
 from sfpo_megatron.rollout.client import NoLiveServerError, RolloutClient
-from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
 from sfpo_megatron.rollout.transport import DiskTransport
 
-REPO = Path(__file__).resolve().parents[1]
+
+@pytest.fixture(scope="module")
+def rollout_server_options() -> dict[str, Any]:
+    return {"backend": os.environ.get("SFPO_ROLLOUT_BACKEND", "cpu"), "num_engines": 2, "health_timeout_s": 600,
+            "extra_args": shlex.split(os.environ.get("SFPO_ROLLOUT_ARGS", ""))}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model_dir(tmp_path_factory.mktemp("rollout_client") / "model")
+def hf(rollout_model: Path) -> torch.nn.Module:
+    return load_hf(rollout_model)
 
 
 @pytest.fixture(scope="module")
-def hf(model_dir: Path) -> torch.nn.Module:
-    return load_hf(model_dir)
-
-
-@pytest.fixture(scope="module")
-def launcher(model_dir: Path) -> Any:
-    cfg = LaunchConfig(model_path=str(model_dir), backend=os.environ.get("SFPO_ROLLOUT_BACKEND", "cpu"), num_engines=2,
-                       log_dir=str(model_dir.parent / "logs"), env=SERVER_ENV, health_timeout_s=600,
-                       extra_args=shlex.split(os.environ.get("SFPO_ROLLOUT_ARGS", "")))
-    with RolloutLauncher(cfg) as launched:
-        yield launched
-
-
-@pytest.fixture(scope="module")
-def client(launcher: Any) -> RolloutClient:
-    return RolloutClient(launcher.urls, max_concurrency=64, timeout=60, retries=1, backoff_s=0.05)
+def client(rollout_server: Any) -> RolloutClient:
+    return RolloutClient(rollout_server.urls, max_concurrency=64, timeout=60, retries=1, backoff_s=0.05)
 
 
 def full_distributions(url: str, prompt: list[int]) -> torch.Tensor:
     """The server's log-softmax over the whole vocabulary at every prompt position after the first."""
     r = requests.post(url + "/generate", json={"input_ids": prompt, "sampling_params": {"max_new_tokens": 0},
-                                               "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": VOCAB},
+                                               "return_logprob": True, "logprob_start_len": 0,
+                                               "top_logprobs_num": ROLLOUT_VOCAB},
                       timeout=60)
     assert r.status_code == 200, r.text
     rows = r.json()["meta_info"]["input_top_logprobs"][1:]
-    out = torch.full((len(rows), VOCAB), float("nan"))
+    out = torch.full((len(rows), ROLLOUT_VOCAB), float("nan"))
     for k, row in enumerate(rows):
         for v, i, _ in row:
             out[k, i] = v
@@ -107,10 +96,10 @@ def test_64_concurrent_requests_complete(client: RolloutClient, hf: torch.nn.Mod
     assert [[s.output_ids for s in r] for r in seeded] == [[s.output_ids for s in r] for r in again]
 
 
-def test_admin_wrappers_reach_every_server(client: RolloutClient, model_dir: Path) -> None:
+def test_admin_wrappers_reach_every_server(client: RolloutClient, rollout_model: Path) -> None:
     assert client.health() == {u: True for u in client.live_urls()}
     assert client.health_generate() == {u: True for u in client.live_urls()}
-    assert {i["model_path"] for i in client.get_model_info().values()} == {str(model_dir)}
+    assert {i["model_path"] for i in client.get_model_info().values()} == {str(rollout_model)}
     assert all(r["success"] for r in client.flush_cache().values())
     assert all(r["status"] == "ok" for r in client.pause_generation("in_place").values())
     assert all(r["status"] == "ok" for r in client.continue_generation().values())
@@ -118,10 +107,10 @@ def test_admin_wrappers_reach_every_server(client: RolloutClient, model_dir: Pat
     assert all(r["success"] for r in client.resume_memory_occupation(["weights"]).values())
 
 
-def test_refit_from_disk_changes_the_servers_logits(client: RolloutClient, model_dir: Path, hf: torch.nn.Module,
+def test_refit_from_disk_changes_the_servers_logits(client: RolloutClient, rollout_model: Path, hf: torch.nn.Module,
                                                     tmp_path: Path) -> None:
-    state = perturbed_state(model_dir, seed=21)
-    new_model = model_with_state(model_dir, state)
+    state = perturbed_state(rollout_model, seed=21)
+    new_model = model_with_state(rollout_model, state)
     prompt = make_prompts(1, length=10, seed=12)[0]
     old_ref = hf_log_softmax(hf, prompt)[:-1]
     assert (hf_log_softmax(new_model, prompt)[:-1] - old_ref).abs().max().item() > 1e-2  # the update is visible
@@ -151,10 +140,11 @@ BROADCASTER = textwrap.dedent("""
 """)
 
 
-def test_refit_through_gloo_broadcast_from_a_trainer_process(client: RolloutClient, model_dir: Path, tmp_path: Path) -> None:
+def test_refit_through_gloo_broadcast_from_a_trainer_process(client: RolloutClient, rollout_model: Path,
+                                                             tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    state = perturbed_state(model_dir, seed=33)
+    state = perturbed_state(rollout_model, seed=33)
     save_file(state, str(tmp_path / "update.safetensors"))
     script = tmp_path / "broadcaster.py"
     script.write_text(BROADCASTER)
@@ -169,14 +159,14 @@ def test_refit_through_gloo_broadcast_from_a_trainer_process(client: RolloutClie
     assert stats["bytes"] == sum(t.numel() * t.element_size() for t in state.values())
     assert client.get_weight_version() == {u: "dist-2" for u in client.live_urls()}
     prompt = make_prompts(1, length=9, seed=13)[0]
-    assert_servers_match(client.live_urls(), model_with_state(model_dir, state), prompt)
+    assert_servers_match(client.live_urls(), model_with_state(rollout_model, state), prompt)
 
 
-def test_killing_servers_mid_batch(launcher: Any) -> None:
+def test_killing_servers_mid_batch(rollout_server: Any) -> None:
     """Runs last: it kills the module's servers. One dies mid-batch -> the batch completes on the
     other; both dead -> NoLiveServerError quickly."""
-    client = RolloutClient(launcher.urls, max_concurrency=24, timeout=60, retries=1, backoff_s=0.05)
-    victim, survivor = launcher.urls
+    client = RolloutClient(rollout_server.urls, max_concurrency=24, timeout=60, retries=1, backoff_s=0.05)
+    victim, survivor = rollout_server.urls
     prompts = make_prompts(24, length=6, seed=14)
     box: dict[str, Any] = {}
 
@@ -196,7 +186,7 @@ def test_killing_servers_mid_batch(launcher: Any) -> None:
     while not busy():
         assert time.monotonic() < deadline, "the victim never started a batch"
         time.sleep(0.01)
-    os.killpg(launcher.processes[0].pid, signal.SIGKILL)  # SGLang forks workers
+    os.killpg(rollout_server.processes[0].pid, signal.SIGKILL)  # SGLang forks workers
     t.join(timeout=120)
     assert "error" not in box, box.get("error")
     results = [row[0] for row in box["results"]]
@@ -209,7 +199,7 @@ def test_killing_servers_mid_batch(launcher: Any) -> None:
         "temperature": 0, "max_new_tokens": 120, "ignore_eos": True}}, timeout=60).json()
     assert [s.output_ids for s in results] == [r["output_ids"] for r in ref]
 
-    os.killpg(launcher.processes[1].pid, signal.SIGKILL)
+    os.killpg(rollout_server.processes[1].pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(NoLiveServerError, match="no live rollout server left"):
         client.generate(prompts[:4], {"temperature": 0, "max_new_tokens": 4})

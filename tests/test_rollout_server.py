@@ -10,18 +10,8 @@ from typing import Any
 import pytest
 import requests
 import torch
-from test_rollout_units import (
-    EOS,
-    SERVER_ENV,
-    VOCAB,
-    build_tiny_model_dir,
-    hf_greedy,
-    hf_log_softmax,
-    load_hf,
-    make_prompts,
-)
-
-from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
+from hf_reference import hf_greedy, hf_log_softmax, load_hf, make_prompts
+from tiny_models import EOS, ROLLOUT_VOCAB
 
 API_KEY = "test-key"
 MAX_BYTES = 64 * 1024
@@ -29,29 +19,19 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model_dir(tmp_path_factory.mktemp("rollout_server") / "model")
+def rollout_server_options() -> dict[str, Any]:
+    return {"api_key": API_KEY, "extra_args": ["--max-request-bytes", str(MAX_BYTES), "--max-batch-size", "16"],
+            "health_timeout_s": 180}
 
 
 @pytest.fixture(scope="module")
-def hf(model_dir: Path) -> torch.nn.Module:
-    return load_hf(model_dir)
+def hf(rollout_model: Path) -> torch.nn.Module:
+    return load_hf(rollout_model)
 
 
 @pytest.fixture(scope="module")
-def launcher(model_dir: Path) -> Any:
-    cfg = LaunchConfig(
-        model_path=str(model_dir), backend="cpu", api_key=API_KEY, log_dir=str(model_dir.parent / "logs"),
-        extra_args=["--max-request-bytes", str(MAX_BYTES), "--max-batch-size", "16"], env=SERVER_ENV,
-        health_timeout_s=180,
-    )
-    with RolloutLauncher(cfg) as launched:
-        yield launched
-
-
-@pytest.fixture(scope="module")
-def url(launcher: Any) -> str:
-    return launcher.urls[0]
+def url(rollout_server: Any) -> str:
+    return rollout_server.urls[0]
 
 
 def post(url: str, path: str, body: Any = None, raw: bytes | None = None, auth: bool = True, timeout: float = 60) -> requests.Response:
@@ -198,7 +178,7 @@ def test_text_input_and_prompt_logprobs(url: str, hf: torch.nn.Module) -> None:
     text = "the quick brown fox jumps"
     ids = tok.encode(text)
     out = generate(url, text=text, sampling_params={"max_new_tokens": 0}, return_logprob=True,
-                   logprob_start_len=0, top_logprobs_num=VOCAB)
+                   logprob_start_len=0, top_logprobs_num=ROLLOUT_VOCAB)
     assert out["output_ids"] == [] and out["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
     lp = out["meta_info"]["input_token_logprobs"]
     assert [t for _, t, _ in lp] == ids and lp[0][0] is None
@@ -207,7 +187,7 @@ def test_text_input_and_prompt_logprobs(url: str, hf: torch.nn.Module) -> None:
     assert (got - ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]).abs().max().item() < 1e-4
     # top_logprobs_num = vocab gives the whole distribution at each position
     for k, row in enumerate(out["meta_info"]["input_top_logprobs"][1:]):
-        full = torch.full((VOCAB,), float("nan"))
+        full = torch.full((ROLLOUT_VOCAB,), float("nan"))
         for v, i, _ in row:
             full[i] = v
         assert (full - ref[k]).abs().max().item() < 1e-4
@@ -263,10 +243,11 @@ def test_api_key_is_required_except_for_health(url: str) -> None:
     assert requests.get(url + "/health_generate", timeout=30).status_code == 200
 
 
-def test_info_routes_answer_under_old_and_new_names(url: str, model_dir: Path) -> None:
+def test_info_routes_answer_under_old_and_new_names(url: str, rollout_model: Path) -> None:
     get = lambda path: requests.get(url + path, headers=AUTH, timeout=10)  # noqa: E731
     old, new = get("/get_model_info").json(), get("/model_info").json()
-    assert old == new and old["model_path"] == str(model_dir) and old["is_generation"] and old["weight_version"] == "default"
+    assert old == new and old["model_path"] == str(rollout_model)
+    assert old["is_generation"] and old["weight_version"] == "default"
     info, info_new = get("/get_server_info").json(), get("/server_info").json()
     assert info["context_length"] == info_new["context_length"] == 512 and "api_key" not in info
     assert get("/get_weight_version").json() == {"weight_version": "default"}
@@ -275,10 +256,10 @@ def test_info_routes_answer_under_old_and_new_names(url: str, model_dir: Path) -
     assert load[0]["num_reqs"] == 0
 
 
-def test_unimplemented_fields_are_accepted_and_logged_once(url: str, launcher: Any) -> None:
+def test_unimplemented_fields_are_accepted_and_logged_once(url: str, rollout_server: Any) -> None:
     for _ in range(2):
         generate(url, input_ids=[1, 2], sampling_params={"max_new_tokens": 2}, lora_path="adapter", bootstrap_room=3)
-    log = launcher.log_paths[0].read_text()
+    log = rollout_server.log_paths[0].read_text()
     assert log.count("/generate field 'lora_path' is not implemented by the CPU rollout server") == 1
     assert log.count("/generate field 'bootstrap_room' is not implemented") == 1
 

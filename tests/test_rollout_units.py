@@ -1,8 +1,4 @@
-"""Rollout pieces that need no server: buckets, disk layout, launcher / transport / router errors.
-
-Also holds the helpers the server and client test modules import (tiny model + tokenizer, HF
-references), so every module builds the same model.
-"""
+"""Rollout pieces that need no server: buckets, disk layout, launcher / transport / router errors."""
 
 from __future__ import annotations
 
@@ -13,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import hf_log_softmax, load_hf, make_prompts, perturbed_state
+from tiny_models import EOS, ROLLOUT_VOCAB
 
 from sfpo_megatron.cpu_server.server import RequestError, parse_generate_request
 from sfpo_megatron.distributed import weight_update_group
@@ -24,104 +22,6 @@ from sfpo_megatron.rollout.sglang_launcher import (
     SGLangNotInstalledError,
     split_sglang_args,
 )
-
-VOCAB = 320  # tokenizer: 300 BPE tokens + "<|endoftext|>" (id 300)
-EOS = 300
-SERVER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-# ------------------------------------------------------------------------------------------------
-# Shared helpers
-# ------------------------------------------------------------------------------------------------
-
-
-def build_tiny_model_dir(path: Path, seed: int = 0) -> Path:
-    """Random Qwen2 (hidden 64, 2 layers) + a BPE tokenizer trained here on a toy corpus, saved with
-    save_pretrained. EOS 300 is honoured by both the server and HF generate."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.2,
-        eos_token_id=EOS,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.generation_config.eos_token_id = EOS
-    model.save_pretrained(path)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["the quick brown fox jumps over the lazy dog " * 3, "one two three four five six seven eight nine ten"] * 10
-    tok.train_from_iterator(
-        corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    )
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
-    return path
-
-
-def load_hf(path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-@torch.no_grad()
-def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers.generate, greedy, one prompt (no padding); stops after EOS like the server."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=EOS)
-    return out[0, len(prompt):].tolist()
-
-
-@torch.no_grad()
-def hf_greedy_same_length(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Batched transformers.generate for equal-length prompts; rows cut after their first EOS."""
-    assert len({len(p) for p in prompts}) == 1
-    out = model.generate(torch.tensor(prompts), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=EOS)
-    rows = []
-    for row in out[:, len(prompts[0]):].tolist():
-        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
-    return rows
-
-
-@torch.no_grad()
-def hf_log_softmax(model: torch.nn.Module, ids: list[int], temperature: float = 1.0) -> torch.Tensor:
-    """log_softmax(logits / T) at every position of ``ids``: row k predicts token k + 1."""
-    logits = model(torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits / temperature, dim=-1)
-
-
-def make_prompts(count: int, length: int | None = None, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        n = length or int(torch.randint(3, 12, (1,), generator=g))
-        out.append(torch.randint(1, 299, (n,), generator=g).tolist())
-    return out
-
-
-def perturbed_state(path: Path, seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
-    """The tiny model's weights plus seeded noise: a stand-in for one trainer update."""
-    model = load_hf(path)
-    g = torch.Generator().manual_seed(seed)
-    return {n: (t + scale * torch.randn(t.shape, generator=g)).contiguous() for n, t in model.state_dict().items()}
-
-
-def model_with_state(path: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = load_hf(path)
-    model.load_state_dict(state)
-    return model
-
-
-# ------------------------------------------------------------------------------------------------
-# Tests
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model_dir(tmp_path_factory.mktemp("rollout_units") / "model")
 
 
 def _named(sizes: list[int]) -> list[tuple[str, torch.Tensor]]:
@@ -152,8 +52,8 @@ def test_dtype_names_round_trip() -> None:
         weight_update_group.parse_dtype("float99")
 
 
-def test_disk_transport_writes_a_loadable_sharded_checkpoint(tmp_path: Path, tiny_dir: Path) -> None:
-    model_dir = tiny_dir
+def test_disk_transport_writes_a_loadable_sharded_checkpoint(tmp_path: Path, rollout_model: Path) -> None:
+    model_dir = rollout_model
     state = perturbed_state(model_dir, seed=3)
 
     class NoServer:  # DiskTransport.write needs no server
@@ -223,7 +123,7 @@ def test_gpu_only_paths_fail_clearly_on_cpu() -> None:
 def test_request_parsing_expands_batches_like_sglang() -> None:
     req = parse_generate_request(
         {"input_ids": [[1, 2], [3]], "sampling_params": {"n": 2, "max_new_tokens": 4, "sampling_seed": 5}, "rid": "r"},
-        vocab_size=VOCAB, context_length=64, tokenizer=None,
+        vocab_size=ROLLOUT_VOCAB, context_length=64, tokenizer=None,
     )
     # prompt-major order, as SGLang's tokenizer manager returns n > 1 batches
     assert [(s.rid, s.prompt_ids, s.sample_index) for s in req.seqs] == [
@@ -232,14 +132,14 @@ def test_request_parsing_expands_batches_like_sglang() -> None:
     assert not req.is_single and req.seqs[0].params.seed == 5
     with pytest.raises(RequestError, match=r"^return_logprob: a per-prompt list cannot be combined with n=2"):
         parse_generate_request({"input_ids": [[1], [2]], "sampling_params": {"n": 2}, "return_logprob": [True, False]},
-                               VOCAB, 64, None)
+                               ROLLOUT_VOCAB, 64, None)
 
 
-def test_engine_return_original_logprob_reports_the_raw_distribution(tiny_dir: Path) -> None:
+def test_engine_return_original_logprob_reports_the_raw_distribution(rollout_model: Path) -> None:
     """SGLANG_RETURN_ORIGINAL_LOGPROB semantics: log_softmax(logits), not of logits / temperature."""
     from sfpo_megatron.cpu_server.server import GenerationEngine, SamplingConfig, SeqSpec
 
-    model = load_hf(tiny_dir)
+    model = load_hf(rollout_model)
     prompt = make_prompts(1, seed=9)[0]
     spec = SeqSpec("r", prompt, SamplingConfig(max_new_tokens=6, temperature=0.6, seed=1, ignore_eos=True), 0, True, -1, 0, None)
     got = {}

@@ -1,30 +1,35 @@
-"""Issue 4 proof: the megatron SFPO / GRPO update equals the plain-PyTorch reference of
-Algorithm 1 (tests/reference_sfpo.py, torch AdamW on an HF model with the same weights).
+"""The megatron SFPO / GRPO update equals the plain-PyTorch reference of Algorithm 1
+(tests/reference_sfpo.py, torch AdamW on an HF model with the same weights).
 
 Two real launches of tests/scripts/sfpo_worker.py (gloo): one process (DP=1 scenarios,
 checkpoint resume, KL to a reference policy, bf16, error messages) and ``torchrun
 --nproc_per_node 2`` (DP=2 with the distributed optimizer — plain with the θ0 snapshot offloaded,
 and with overlapped grad reduce / param gather —, TP=2, PP=2, bf16 + distributed optimizer). Both
-start from one tiny random
-HF Llama saved as safetensors; the reference runs here, in the test process. Parameters are
-compared as one vector: ‖θ_megatron − θ_ref‖ / ‖θ_ref − θ_init‖ (relative to how far training
-moved them, stricter than relative to ‖θ‖) and ‖θ_megatron − θ_ref‖ / ‖θ_ref‖, both < 1e-5.
+start from one tiny random HF Llama saved as safetensors; the reference runs here, in the test
+process. Parameters are compared as one vector: ‖θ_megatron − θ_ref‖ / ‖θ_ref − θ_init‖
+(relative to how far training moved them, stricter than relative to ‖θ‖) and
+‖θ_megatron − θ_ref‖ / ‖θ_ref‖, both < 1e-5.
 """
 
 from __future__ import annotations
 
-import sys
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
-from launch import PYTHON, REPO, run, torchrun
+import transformers
+from launch import PYTHON, SCRIPTS, load_module, run, torchrun
+from reference_sfpo import RolloutBatch, compute_old_log_probs, sfpo_step
+from tiny_models import save_sfpo_model
 
-sys.path.insert(0, str(REPO / "tests" / "scripts"))
-from sfpo_common import SETTINGS, make_samples, save_hf_model  # noqa: E402
+from sfpo_megatron.algorithms.losses import PolicyLossConfig
+from sfpo_megatron.trainer.train_batch import collate
 
-WORKER = str(REPO / "tests" / "scripts" / "sfpo_worker.py")
+sfpo_common = load_module(SCRIPTS / "sfpo_common.py")
+SETTINGS, make_samples = sfpo_common.SETTINGS, sfpo_common.make_samples
+
+WORKER = str(SCRIPTS / "sfpo_worker.py")
 SINGLE = ["dp1", "grpo", "alpha0", "k0a1", "kl", "resume", "bf16", "errors"]
 DUAL = ["dp2", "dp2_overlap", "dp2_grpo", "dp2_k0a1", "tp2", "pp2", "bf16_dp2"]
 REL = 1e-5
@@ -35,7 +40,7 @@ TEMP = float(SETTINGS["--rollout-temperature"])
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sfpo")
-    hf = save_hf_model(root / "hf")
+    hf = save_sfpo_model(root / "hf")
     out = root / "out"
     out.mkdir()
     common = ["--hf", str(hf), "--out", str(out)]
@@ -53,15 +58,6 @@ def runs(tmp_path_factory) -> dict:
 def reference(hf: Path, alpha: float, inner: int, steps: int, kl_coef: float = 0.0) -> dict:
     """Algorithm 1 with torch AdamW (megatron's groups: no weight decay on 1-D params) and
     megatron's linear LR decay stepped once per rollout batch."""
-    import transformers
-
-    try:
-        from reference_sfpo import RolloutBatch, compute_old_log_probs, sfpo_step
-    except ImportError:
-        from tests.reference_sfpo import RolloutBatch, compute_old_log_probs, sfpo_step
-    from sfpo_megatron.algorithms.losses import PolicyLossConfig
-    from sfpo_megatron.trainer.train_batch import collate
-
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     ref_policy = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -144,8 +140,6 @@ def test_sfpo_matches_reference(runs, name):
 
 
 def make_mask() -> torch.Tensor:
-    from sfpo_megatron.trainer.train_batch import collate
-
     return collate(make_samples(1), 0).loss_mask[:, :-1]
 
 

@@ -5,8 +5,7 @@
 Job states come from `scontrol show job` (`sbatch --wait` reports 0 for a job cancelled while
 pending). The failure path uses a stand-in trainer (tests/scripts/slurm_probe.py: the real RL flag
 parser, real generation through the servers, then a chosen exit code); the RL and eval jobs use the
-real `sfpo-megatron rl` / `eval` (skipped only while sfpo_megatron/rl/loop.py or evaluate.py is
-missing).
+real `sfpo-megatron rl` / `eval`.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import pytest
 import requests
 from launch import PYTHON, child_env, read_jsonl
 from launch import run as run_command
-from launch import write_tiny_config
 from safetensors.torch import load_file
 from slurm_support import (
     REPO,
@@ -37,13 +35,11 @@ from slurm_support import (
     stop_cluster,
     wait_job,
 )
-from test_rollout_units import build_tiny_model_dir
+from tiny_models import write_tiny_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 PROBE = f"{sys.executable} {REPO / 'tests/scripts/slurm_probe.py'}"
-RL_LOOP = REPO / "sfpo_megatron/rl/loop.py"
-EVALUATE = REPO / "sfpo_megatron/rl/evaluate.py"
 CPU_NODES = ["-N", "2", "--gpus-per-node=1"]
 
 
@@ -56,12 +52,6 @@ def cluster():
     yield
     if started:
         stop_cluster()
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory) -> Path:
-    """Random Qwen2 (hidden 64, 2 layers) with weights and a BPE tokenizer, built locally."""
-    return build_tiny_model_dir(tmp_path_factory.mktemp("slurm_model") / "hf")
 
 
 def _ok(info: dict, cwd: Path, name: str, job: int, run_dir: Path | None = None) -> None:
@@ -150,10 +140,10 @@ def test_sigterm_checkpoints_requeues_and_resumes(cluster, tmp_path: Path, targe
 
 
 def test_convert_script_under_srun_writes_a_checkpoint_that_loads(cluster, tmp_path: Path,
-                                                                  tiny_hf: Path) -> None:
+                                                                  rollout_model: Path) -> None:
     out_dir = tmp_path / "mcore"
     job = sbatch("convert_hf.sbatch", [], tmp_path,
-                 job_env(HF_DIR=tiny_hf, OUT_DIR=out_dir, TP=2, PP=1), CPU_NODES)
+                 job_env(HF_DIR=rollout_model, OUT_DIR=out_dir, TP=2, PP=1), CPU_NODES)
     info = wait_job(job, 600)
     _ok(info, tmp_path, "sfpo-convert", job, out_dir)
     assert "2 ranks on 2 node(s)" in output(tmp_path, "sfpo-convert", job)
@@ -161,8 +151,8 @@ def test_convert_script_under_srun_writes_a_checkpoint_that_loads(cluster, tmp_p
     # Load it (megatron reshards TP=2 -> 1) and export back: every tensor equals the original.
     back = tmp_path / "back"
     run_command([PYTHON, str(REPO / "tools/convert_mcore_to_hf.py"), "--load", str(out_dir),
-                 "--hf-config", str(tiny_hf), "--save", str(back)], env=child_env(), timeout=600)
-    original = load_file(tiny_hf / "model.safetensors")
+                 "--hf-config", str(rollout_model), "--save", str(back)], env=child_env(), timeout=600)
+    original = load_file(rollout_model / "model.safetensors")
     exported = {}
     for f in back.glob("*.safetensors"):
         exported.update(load_file(f))
@@ -175,10 +165,10 @@ def test_convert_script_under_srun_writes_a_checkpoint_that_loads(cluster, tmp_p
 
 
 def test_colocated_script_failing_trainer_stops_servers_and_is_not_requeued(
-        cluster, tmp_path: Path, tiny_hf: Path) -> None:
+        cluster, tmp_path: Path, rollout_model: Path) -> None:
     run = tmp_path / "run"
     job = sbatch("rl_sfpo_colocated.sbatch", ["--num-rollouts", "2"], tmp_path,
-                 job_env(HF_DIR=tiny_hf, RUN_DIR=run, ROLLOUT_BACKEND="cpu", SFPO_TRAINER=PROBE,
+                 job_env(HF_DIR=rollout_model, RUN_DIR=run, ROLLOUT_BACKEND="cpu", SFPO_TRAINER=PROBE,
                          PROBE_EXIT=3), CPU_NODES)
     info = wait_job(job, 600, release_requeued=False)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", \
@@ -193,19 +183,12 @@ def test_colocated_script_failing_trainer_stops_servers_and_is_not_requeued(
         urls = r["args"]["rollout_urls"]
         assert len(urls) == 2 and len(set(urls)) == 2
         assert all(g["health"] == 200 and len(g["output_ids"]) == 4 for g in r["generations"])
-    _no_servers_left(str(tiny_hf))
+    _no_servers_left(str(rollout_model))
     for url in reports[0]["args"]["rollout_urls"]:
         _port_closed(url)
 
 
-# --- the real RL job (needs the RL loop, issue 6) --------------------------------------------------
-
-needs_rl_loop = pytest.mark.skipif(
-    not RL_LOOP.exists(), reason="sfpo_megatron/rl/loop.py is not written yet (issue 6); "
-    "these run as soon as it exists")
-needs_evaluate = pytest.mark.skipif(
-    not EVALUATE.exists(), reason="sfpo_megatron/rl/evaluate.py is not written yet (issue 6); "
-    "this runs as soon as it exists")
+# --- the real RL and eval jobs --------------------------------------------------------------------
 
 
 def _math_prompts(tmp_path: Path) -> Path:
@@ -225,13 +208,12 @@ RL_FLAGS = ["--num-rollouts", "2", "--rollout-batch-size", "2", "--n-samples-per
             "--save-interval", "1"]
 
 
-@needs_rl_loop
 def test_disaggregated_sfpo_job_runs_two_steps_across_both_nodes(cluster, tmp_path: Path,
-                                                                 tiny_hf: Path) -> None:
+                                                                 rollout_model: Path) -> None:
     run = tmp_path / "run"
     flags = ["--prompt-data", str(_math_prompts(tmp_path)), *RL_FLAGS]
     job = sbatch("rl_sfpo.sbatch", flags, tmp_path,
-                 job_env(HF_DIR=tiny_hf, RUN_DIR=run, ROLLOUT_BACKEND="cpu"), CPU_NODES)
+                 job_env(HF_DIR=rollout_model, RUN_DIR=run, ROLLOUT_BACKEND="cpu"), CPU_NODES)
     info = wait_job(job, 900)
     _ok(info, tmp_path, "sfpo-rl", job, run)
     out = output(tmp_path, "sfpo-rl", job)
@@ -246,20 +228,19 @@ def test_disaggregated_sfpo_job_runs_two_steps_across_both_nodes(cluster, tmp_pa
     server_log = next((run / f"logs/{job}_0").glob("rollout-*-0.log")).read_text()
     assert f"cpu server 0 on n2 (127.0.0.1:{port})" in server_log
     assert "stopped steps: sfpo-rollout" in out
-    _no_servers_left(str(tiny_hf))
+    _no_servers_left(str(rollout_model))
     _port_closed(f"http://127.0.0.1:{port}")
 
 
-@needs_rl_loop
 @pytest.mark.slow
 def test_preempted_sfpo_job_requeues_and_finishes_from_its_checkpoint(cluster, tmp_path: Path,
-                                                                      tiny_hf: Path) -> None:
+                                                                      rollout_model: Path) -> None:
     run = tmp_path / "run"
     steps = 12
     flags = ["--prompt-data", str(_math_prompts(tmp_path)), *RL_FLAGS, "--num-rollouts", str(steps),
              "--save-interval", "1000"]
     job = sbatch("rl_sfpo.sbatch", flags, tmp_path,
-                 job_env(HF_DIR=tiny_hf, RUN_DIR=run, ROLLOUT_BACKEND="cpu"), CPU_NODES)
+                 job_env(HF_DIR=rollout_model, RUN_DIR=run, ROLLOUT_BACKEND="cpu"), CPU_NODES)
     _wait_for_iteration(run / "metrics/metrics.jsonl", 2, job, 600)
     scancel("--signal=TERM", "--batch", str(job))
     info = wait_job(job, 900)
@@ -273,26 +254,25 @@ def test_preempted_sfpo_job_requeues_and_finishes_from_its_checkpoint(cluster, t
     rows = read_jsonl(run / "metrics/metrics.jsonl")
     assert [r["iteration"] for r in rows] == list(range(1, steps + 1))
     assert (run / "checkpoints/latest_checkpointed_iteration.txt").read_text().strip() == str(steps)
-    _no_servers_left(str(tiny_hf))
+    _no_servers_left(str(rollout_model))
 
 
-@needs_evaluate
 @pytest.mark.slow
 def test_eval_script_scores_a_checkpoint_through_the_servers(cluster, tmp_path: Path,
-                                                             tiny_hf: Path) -> None:
+                                                             rollout_model: Path) -> None:
     ckpt = tmp_path / "mcore"
-    run_command([PYTHON, str(REPO / "tools/convert_hf_to_mcore.py"), "--hf-dir", str(tiny_hf),
+    run_command([PYTHON, str(REPO / "tools/convert_hf_to_mcore.py"), "--hf-dir", str(rollout_model),
                  "--save", str(ckpt)], env=child_env(), timeout=600)
     run_dir = tmp_path / "eval"
     data = _math_prompts(tmp_path)
     job = sbatch("eval.sbatch", ["--eval-prompt-data", f"math500={data}", "aime24=" + str(data),
                                  "--n-samples-per-eval-prompt", "4", "--eval-max-response-len", "8",
                                  "--no-chat-template", "--reward-num-workers", "1"],
-                 tmp_path, job_env(HF_DIR=tiny_hf, CKPT=ckpt, RUN_DIR=run_dir, ROLLOUT_BACKEND="cpu"),
+                 tmp_path, job_env(HF_DIR=rollout_model, CKPT=ckpt, RUN_DIR=run_dir, ROLLOUT_BACKEND="cpu"),
                  CPU_NODES)
     info = wait_job(job, 600)
     _ok(info, tmp_path, "sfpo-eval", job, run_dir)
     text = (run_dir / f"logs/{job}_0/eval-0.log").read_text()
     for name in ("math500", "aime24"):
         assert f"eval/{name}/avg@4" in text, text[-3000:]
-    _no_servers_left(str(tiny_hf))
+    _no_servers_left(str(rollout_model))

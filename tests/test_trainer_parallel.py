@@ -1,4 +1,4 @@
-"""Foundation proof (issue 2): layouts agree, the distributed optimizer shards, resume is exact.
+"""The trainer across layouts: they agree, the distributed optimizer shards, resume is exact.
 
 Every run is a real process (``torchrun`` on gloo for 2 ranks). All runs start from one
 initial checkpoint so that PP stages (seeded per stage, like Megatron-LM) share the weights.
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_reader import read_model_tensors
-from launch import read_jsonl, sfpo, write_tiny_config
+from launch import read_jsonl, sfpo
+from tiny_models import write_tiny_config
 
 COMMON = ["--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
           "--global-batch-size", "8", "--lr", "1e-3", "--seed", "7", "--split", "100,0,0"]

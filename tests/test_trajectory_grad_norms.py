@@ -1,4 +1,4 @@
-"""Per-trajectory squared policy-gradient norms (sfpo_megatron/rl/trajectory_grad_norms.py) for
+"""Per-trajectory squared policy-gradient norms (sfpo_megatron/trainer/trajectory_grad_norms.py) for
 VCPO's optimal baseline, against brute-force autograd on the HF model with the same weights.
 
 Two real launches of tests/scripts/grad_norm_worker.py (gloo): one process (DP=1) and ``torchrun
@@ -13,46 +13,40 @@ over the logits for the logit mode.
 from __future__ import annotations
 
 import math
-import sys
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
-from launch import PYTHON, REPO, run, torchrun
+import transformers
+from launch import PYTHON, SCRIPTS, load_module, run, torchrun
+from tiny_models import save_sfpo_model
 
-sys.path.insert(0, str(REPO / "tests" / "scripts"))
-from grad_norm_worker import LOGIT, STEP_CHECK, norm_batch  # noqa: E402
-from sfpo_common import HF_MODEL, SETTINGS, save_hf_model  # noqa: E402
+from sfpo_megatron.algorithms.vcpo import opob_advantages
+from sfpo_megatron.trainer.trajectory_grad_norms import (
+    TrajectoryGradNormError,
+    logit_grad_sq_norms,
+    trajectory_grad_sq_norms,
+)
+from sfpo_megatron.trainer.vocab_parallel import vocab_parallel_logit_grad_sq
 
-WORKER = str(REPO / "tests" / "scripts" / "grad_norm_worker.py")
+sfpo_common = load_module(SCRIPTS / "sfpo_common.py")
+norm_batch = sfpo_common.norm_batch
+
+WORKER = str(SCRIPTS / "grad_norm_worker.py")
 SINGLE = ["dp1"]
 DUAL = ["dp2", "dp2_overlap", "tp2", "tp2_qwen3", "pp2", "vpp2"]
 MODEL = {"tp2_qwen3": "_qwen3", "vpp2": "_4layers"}  # scenario → model directory suffix
-TEMP = float(SETTINGS["--rollout-temperature"])
+TEMP = float(sfpo_common.SETTINGS["--rollout-temperature"])
 RTOL = 1e-4
-
-
-def save_qwen3_model(path: Path, seed: int = 1) -> Path:
-    """A tiny random Qwen3 (q/k RMS norms), perturbed like sfpo_common.save_hf_model."""
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.Qwen3Config(**HF_MODEL, head_dim=16))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("grad_norms")
-    hf = save_hf_model(root / "hf")
-    save_hf_model(root / "hf_4layers", num_hidden_layers=4)
-    save_qwen3_model(root / "hf_qwen3")
+    hf = save_sfpo_model(root / "hf")
+    save_sfpo_model(root / "hf_4layers", num_hidden_layers=4)
+    save_sfpo_model(root / "hf_qwen3", "qwen3", seed=1, head_dim=16)  # q/k RMS norms
     out = root / "out"
     out.mkdir()
     common = ["--hf", str(hf), "--out", str(out)]
@@ -66,8 +60,6 @@ def runs(tmp_path_factory) -> dict:
 @lru_cache(maxsize=None)
 def brute_force(hf: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(‖∇θ log π(τ_i)‖², ‖∂ log π(τ_i) / ∂logits‖²) per row, one autograd pass per row."""
-    import transformers
-
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     params = list(model.parameters())  # a tied weight appears once
     batch = norm_batch()
@@ -125,7 +117,7 @@ def test_exact_leaves_no_state_behind(runs, name):
     assert dp2 == [(4,), (4,)]  # each DP rank returns only its own rows
 
 
-@pytest.mark.parametrize("name", sorted(STEP_CHECK))
+@pytest.mark.parametrize("name", sorted(sfpo_common.STEP_CHECK))
 def test_following_update_unaffected(runs, name):
     # A GRPO update after the call equals, bit for bit, the same update on a fresh setup.
     assert runs[name]["step_after_call_equal"] is True
@@ -134,7 +126,7 @@ def test_following_update_unaffected(runs, name):
 # ---- logit mode ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(LOGIT))
+@pytest.mark.parametrize("name", sorted(sfpo_common.LOGIT))
 def test_logit_matches_autograd(runs, name):
     _, ref = brute_force(model_dir(runs, name))
     torch.testing.assert_close(assembled(runs[name]["logit"]), ref, rtol=RTOL, atol=0.0)
@@ -143,8 +135,6 @@ def test_logit_matches_autograd(runs, name):
 def test_vocab_parallel_logit_grad_sq_single_rank():
     """Closed form vs autograd per token (fp64, padded vocab columns dropped), and no
     cancellation in fp32 where p(y) → 1."""
-    from sfpo_megatron.trainer.vocab_parallel import vocab_parallel_logit_grad_sq
-
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 4, 24, generator=g, dtype=torch.float64) * 3
     target = torch.randint(0, 20, (3, 4), generator=g)
@@ -176,8 +166,6 @@ def test_vocab_parallel_logit_grad_sq_single_rank():
 
 
 def test_opob_advantages_from_exact_norms(runs):
-    from sfpo_megatron.algorithms.vcpo import opob_advantages
-
     ref_g2, _ = brute_force(runs["hf"])
     g2 = assembled(runs["dp2"]["exact"])
     batch = norm_batch()
@@ -206,12 +194,6 @@ def test_opob_advantages_from_exact_norms(runs):
 
 
 def test_bad_settings_name_the_value():
-    from sfpo_megatron.trainer.trajectory_grad_norms import (
-        TrajectoryGradNormError,
-        logit_grad_sq_norms,
-        trajectory_grad_sq_norms,
-    )
-
     batch = norm_batch()
     with pytest.raises(TrajectoryGradNormError, match=r"temperature must be > 0, got 0\.0"):
         logit_grad_sq_norms([], batch, micro_batch_size=1, temperature=0.0, vocab_size=256)

@@ -1,4 +1,4 @@
-"""Issue 8 proof (synthetic): the VCPO update on megatron.
+"""The VCPO update on megatron, on synthetic batches.
 
 * with w ≡ 1 (rollout log-probs = the trainer's own), ``--vcpo`` changes nothing: two SFPO
   updates end at the same parameters bit for bit as without it;
@@ -16,24 +16,22 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
-from launch import PYTHON, REPO, run, torchrun
+from launch import PYTHON, SCRIPTS, load_module, run, torchrun
+from tiny_models import save_sfpo_model
 
-sys.path.insert(0, str(REPO / "tests" / "scripts"))
-from sfpo_common import SETTINGS  # noqa: E402
-from sfpo_common import save_hf_model  # noqa: E402
-from vcpo_worker import DELTAS, closed_form  # noqa: E402
+sfpo_common = load_module(SCRIPTS / "sfpo_common.py")
+SETTINGS, DELTAS, closed_form = sfpo_common.SETTINGS, sfpo_common.DELTAS, sfpo_common.closed_form
 
-WORKER = str(REPO / "tests" / "scripts" / "vcpo_worker.py")
+WORKER = str(SCRIPTS / "vcpo_worker.py")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("vcpo")
-    hf = save_hf_model(root / "hf")
+    hf = save_sfpo_model(root / "hf")
     out = root / "out"
     out.mkdir()
     common = ["--hf", str(hf), "--out", str(out)]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from sfpo_common import build_setup, make_samples, rl_args, run_worker
+from sfpo_common import LOGIT, STEP_CHECK, build_setup, make_samples, norm_batch, rl_args, run_worker
 from sfpo_worker import hf_params
 
 LAYOUTS = {  # scenario → (tp, pp, vpp, extra flags, model dir suffix)
@@ -31,9 +31,6 @@ LAYOUTS = {  # scenario → (tp, pp, vpp, extra flags, model dir suffix)
     "pp2": (1, 2, None, (), ""),
     "vpp2": (1, 2, 2, (), "_4layers"),
 }
-# Scenarios that also check a following GRPO update against one on a fresh setup.
-STEP_CHECK = {"dp1", "dp2_overlap"}
-LOGIT = {"dp1", "tp2", "pp2"}
 
 
 def reinit(tp: int, pp: int, seed: int, vpp: int | None) -> None:
@@ -44,15 +41,6 @@ def reinit(tp: int, pp: int, seed: int, vpp: int | None) -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     parallel.initialize(tp=tp, pp=pp, vpp=vpp, seed=seed)
-
-
-def norm_batch():
-    """make_samples(1) (2 groups x 4 rows, varied lengths) with row 6's response emptied."""
-    from sfpo_megatron.trainer.train_batch import collate
-
-    samples = make_samples(1)
-    samples[6].response_ids, samples[6].rollout_logprobs = [], []
-    return collate(samples, 0)
 
 
 def local_rows(batch):

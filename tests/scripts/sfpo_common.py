@@ -1,22 +1,21 @@
-"""Shared by the SFPO tests, their torchrun workers and the benchmark: the tiny model, the
-deterministic rollout batches and the settings both the megatron run and the plain-PyTorch
-reference use.
+"""Shared by the SFPO / VCPO / gradient-norm tests and their torchrun workers: the deterministic
+rollout batches, the settings both the megatron run and the plain-PyTorch reference use, and the
+scenario choices each test reads back. The tests load this file with ``launch.load_module``; the
+workers, beside it, import it.
 
-The model is a bias-free tiny Llama with tied embeddings (hidden 64, 2 layers, vocab 256): no
-qkv bias means no exactly-zero-gradient parameters, whose Adam updates amplify rounding noise.
+The model both sides run is tiny_models.save_sfpo_model's (built by the tests): a tiny Llama with
+tied embeddings and a vocabulary of 256 ids.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
 import torch
 
-VOCAB = 256
-HF_MODEL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                bos_token_id=0, eos_token_id=1, tie_word_embeddings=True, rms_norm_eps=1e-6)
+VOCAB = 256  # tiny_models.TRAINER_VOCAB, the vocabulary of the tests' model
 
 # One set of RL settings for the equivalence runs (flag → value).
 BATCH = 8  # samples per rollout batch: 2 prompts x 4 responses
@@ -27,20 +26,6 @@ SETTINGS = {
     "--eps-clip": "0.2", "--entropy-coef": "0.01", "--rollout-temperature": "0.8",
     "--rollout-max-response-len": "10", "--seed": "3",
 }
-
-
-def save_hf_model(path: Path, seed: int = 0, **overrides) -> Path:
-    """A tiny random HF Llama (perturbed so norms are not all ones), saved as safetensors."""
-    import transformers
-
-    cfg = transformers.LlamaConfig(**{**HF_MODEL, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path)
-    return path
 
 
 def make_samples(step: int, n_prompts: int = 2, n: int = 4, seed: int = 0,
@@ -69,6 +54,35 @@ def make_samples(step: int, n_prompts: int = 2, n: int = 4, seed: int = 0,
     for s, a in zip(samples, adv.tolist()):
         s.advantage = a
     return samples
+
+
+# ---- trajectory gradient norms (grad_norm_worker.py, test_trajectory_grad_norms.py) ----------
+# Scenarios that also check a following GRPO update against one on a fresh setup.
+STEP_CHECK = {"dp1", "dp2_overlap"}
+# Scenarios that also compute the logit-mode norms.
+LOGIT = {"dp1", "tp2", "pp2"}
+
+
+def norm_batch():
+    """make_samples(1) (2 groups x 4 rows, varied lengths) with row 6's response emptied."""
+    from sfpo_megatron.trainer.train_batch import collate
+
+    samples = make_samples(1)
+    samples[6].response_ids, samples[6].rollout_logprobs = [], []
+    return collate(samples, 0)
+
+
+# ---- VCPO (vcpo_worker.py, test_vcpo_update.py) ---------------------------------------------
+RHO_BASE = 0.9
+DELTAS = [0.0, -1.0, 0.5, -2.0, 1.5, 0.0, -0.5, 2.5]  # log w_i of the 8 samples
+
+
+def closed_form(deltas: list[float]) -> dict[str, float]:
+    """ESS = (Σw)²/Σw², ρ = ESS/B and the LR scale sqrt(min(1, ρ/ρ_base)) for log-weights δ."""
+    w = [math.exp(d) for d in deltas]
+    ess = sum(w) ** 2 / sum(x * x for x in w)
+    rho = ess / len(w)
+    return {"ess": ess, "rho": rho, "scale": math.sqrt(min(1.0, rho / RHO_BASE))}
 
 
 def rl_args(model_dir: Path, overrides: dict | None = None, flags: tuple = ()):

@@ -20,15 +20,12 @@ Scenarios (each from the same HF weights; results written by global rank 0 to ``
 from __future__ import annotations
 
 import gc
-import math
 from pathlib import Path
 
 import torch
-from sfpo_common import build_setup, make_samples, rl_args, run_worker
+from sfpo_common import DELTAS, RHO_BASE, build_setup, closed_form, make_samples, rl_args, run_worker
 from sfpo_worker import hf_params, reinit
 
-RHO_BASE = 0.9
-DELTAS = [0.0, -1.0, 0.5, -2.0, 1.5, 0.0, -0.5, 2.5]  # log w_i of the 8 samples
 BASE = {"--lr-decay-style": "constant", "--num-steps-per-rollout": "1"}
 
 
@@ -76,13 +73,6 @@ def expected_opob_shift(setup, args, arch, samples: list, label: str) -> float:
                            groups)
     grpo = group_normalized_advantages(rewards, groups).double()
     return float((opob - grpo).abs().mean())
-
-
-def closed_form(deltas: list[float]) -> dict[str, float]:
-    w = [math.exp(d) for d in deltas]
-    ess = sum(w) ** 2 / sum(x * x for x in w)
-    rho = ess / len(w)
-    return {"ess": ess, "rho": rho, "scale": math.sqrt(min(1.0, rho / RHO_BASE))}
 
 
 def scenario(name: str, hf: Path) -> dict:

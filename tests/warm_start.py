@@ -6,7 +6,9 @@ PyTorch on correct answers from a disjoint reasoning-gym seed, stopped early so 
 answers some questions right and leaves room for RL. Saved as an HF directory
 (config.json + safetensors) with ``tokenizer.model`` beside it.
 
-    python tests/scripts/warm_start.py OUT_DIR [SFT_STEPS] [--report]   (--report: sampled accuracy)
+    python tests/warm_start.py OUT_DIR [SFT_STEPS] [--report]   (--report: sampled accuracy)
+
+The RL improvement test imports it for the task's data specs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import torch
+from tiny_models import tiny_model
 
 TASK = "basic_arithmetic"
 CONFIG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ("+", "-"),
@@ -37,8 +40,6 @@ def entries(size: int, seed: int) -> list[dict]:
 
 
 def build(out: Path, sft_steps: int = 1000, seed: int = 0) -> Path:
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     from sfpo_megatron.data.tokenizer import ChatFormat, SentencePieceTokenizer, train_sentencepiece
 
     out.mkdir(parents=True, exist_ok=True)
@@ -49,12 +50,9 @@ def build(out: Path, sft_steps: int = 1000, seed: int = 0) -> Path:
     sp_path = train_sentencepiece(texts, 40, out / "tokenizer", model_type="bpe")
     tok = SentencePieceTokenizer(sp_path)
     (out / "tokenizer.model").write_bytes(sp_path.read_bytes())
-    cfg = Qwen2Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id, rms_norm_eps=1e-6)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = tiny_model("qwen2", seed, vocab_size=tok.vocab_size, max_position_embeddings=64,
+                       tie_word_embeddings=True, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                       pad_token_id=tok.pad_id, rms_norm_eps=1e-6)
     rows = []
     for e in sft:
         p, r = tok.encode(prompt(e["question"])), tok.encode(" " + e["answer"]) + [tok.eos_id]

@@ -12,10 +12,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from launch import PYTHON, REPO, child_env, read_jsonl, sfpo, torchrun
-from test_rollout_units import SERVER_ENV, build_tiny_model_dir
+from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, sfpo, torchrun
+from tiny_models import save_rollout_model
 
-SCRIPTS = REPO / "tests" / "scripts"
 ENV = child_env(PYTHONPATH=f"{REPO}:{SCRIPTS}", **SERVER_ENV)
 PROMPTS = [{"prompt": "one two three", "answer": "four"}, {"prompt": "the quick brown", "answer": "fox"},
            {"prompt": "jumps over the", "answer": "lazy"}, {"prompt": "eight nine", "answer": "ten"}]
@@ -33,7 +32,7 @@ def rl_flags(model: Path, root: Path) -> list[str]:
 
 
 def test_kl_penalty_against_the_reference_checkpoint(tmp_path: Path) -> None:
-    model = build_tiny_model_dir(tmp_path / "model", seed=2)
+    model = save_rollout_model(tmp_path / "model", seed=2)
     ref = tmp_path / "ref"
     torchrun(1, [str(REPO / "tools" / "convert_hf_to_mcore.py"), "--hf-dir", str(model), "--save", str(ref)],
              timeout=300, env=ENV)
@@ -49,7 +48,7 @@ def test_kl_penalty_against_the_reference_checkpoint(tmp_path: Path) -> None:
 
 
 def test_kl_without_ref_load_stops_before_anything_starts(tmp_path: Path) -> None:
-    model = build_tiny_model_dir(tmp_path / "model", seed=2)
+    model = save_rollout_model(tmp_path / "model", seed=2)
     start = time.monotonic()
     proc = subprocess.run([PYTHON, "-m", "sfpo_megatron.cli", "rl"] + rl_flags(model, tmp_path)
                           + ["--kl-coef", "0.05"], capture_output=True, text=True, timeout=60, env=ENV)

@@ -64,7 +64,7 @@ def reference(hf: Path, alpha: float, inner: int, steps: int, kl_coef: float = 0
     opt = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": WD},
          {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
-        lr=LR, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+        lr=LR, betas=(0.9, 0.999), eps=float(SETTINGS["--adam-eps"]), foreach=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / LR_STEPS)
     cfg = PolicyLossConfig(eps_clip=float(SETTINGS["--eps-clip"]),
                            entropy_coeff=float(SETTINGS["--entropy-coef"]), kl_coeff=kl_coef)

@@ -25,6 +25,11 @@ SETTINGS = {
     "--micro-batch-size": "1", "--sfpo-inner-steps": "2", "--sfpo-alpha": "0.8",
     "--eps-clip": "0.2", "--entropy-coef": "0.01", "--rollout-temperature": "0.8",
     "--rollout-max-response-len": "10", "--seed": "3",
+    # Adam's first steps are ~lr * g / (|g| + eps): with eps 1e-8 a gradient element within
+    # rounding noise of zero (the two sides sum in different orders) becomes a step difference of
+    # a sizeable fraction of lr, and which element depends on the CPU's kernels. 1e-6 keeps the
+    # comparison about the algorithm.
+    "--adam-eps": "1e-6",
 }
 
 

@@ -136,6 +136,9 @@ def add_rollout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rollout-host", default="127.0.0.1")
     g.add_argument("--rollout-port-base", type=int, default=None)
     g.add_argument("--rollout-tp-size", type=int, default=1, help="SGLang tensor parallel size")
+    g.add_argument("--rollout-device", choices=["cpu", "cuda"], default="cpu",
+                   help="--rollout-backend cpu: where the CPU rollout server's model runs (cuda: "
+                        "the server's current GPU; sampling stays on the host)")
     g.add_argument("--rollout-mem-fraction", type=float, default=0.8)
     g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per RL step")
     g.add_argument("--n-samples-per-prompt", type=int, default=4)

@@ -79,30 +79,6 @@ def test_rng_tracker_forks_cpu_state_reproducibly():
     assert not torch.equal(a, before.expand(3))
 
 
-def test_param_group_step_adamw_matches_torch_adamw():
-    torch.manual_seed(0)
-    w0 = torch.randn(7, 5)
-    grads = [torch.randn(7, 5) for _ in range(4)]
-    p1, p2 = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    ours = cpu_compat.ParamGroupStepAdamW([p1], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
-    ref = torch.optim.AdamW([p2], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), foreach=False)
-    for g in grads:
-        p1.grad, p2.grad = g.clone(), g.clone()
-        ours.step()
-        ref.step()
-    assert torch.equal(p1, p2)
-    assert ours.param_groups[0]["step"] == 4  # the FusedAdam layout megatron checkpoints
-    assert set(ours.state[p1]) == {"exp_avg", "exp_avg_sq"}
-
-
-def test_megatron_uses_param_group_adam():
-    import megatron.core.optimizer as mo
-    import megatron.core.optimizer.distrib_optimizer as mdo
-
-    assert mo.Adam is cpu_compat.ParamGroupStepAdamW
-    assert mdo.Adam is cpu_compat.ParamGroupStepAdamW and mdo.HAVE_APEX_OR_TE
-
-
 def test_refuses_to_patch_when_cuda_is_available():
     # A fresh interpreter that believes a GPU is present must not have its CUDA calls hidden.
     code = ("import torch; torch.cuda.is_available = lambda: True\n"

@@ -8,8 +8,13 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from sfpo_megatron.components.adam import use_param_group_step_adam
+
 
 def build_optimizer(args: argparse.Namespace, model_chunks: list):
+    """megatron's optimizer for the chunks; TE/apex FusedAdam where installed, else the
+    param-group-step Adam (:mod:`sfpo_megatron.components.adam`), on CPU and GPU alike."""
+    use_param_group_step_adam()
     config = OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,

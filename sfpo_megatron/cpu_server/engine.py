@@ -1,6 +1,10 @@
 """The CPU rollout server's generation engine: one thread owns the HF model and runs batches
 (prefill, decode, sampling with per-sequence generators, aborts, pauses) and weight updates
 between them. Semantics: see :mod:`sfpo_megatron.cpu_server.server`.
+
+The model may sit on a GPU (the server's ``--device cuda``): forwards and the KV cache run
+there; token ids, masks, logits and sampling stay on the host, so sampling is the same code (and
+the same per-sequence CPU generators) on either device.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class GenerationEngine:
         seed: int = 0,
     ):
         self.model = model
+        self.device = next(model.parameters()).device
         self.vocab_size = int(model.config.vocab_size)
         self.eos_token_ids = set(eos_token_ids)
         self.max_batch_size = max_batch_size
@@ -353,11 +358,12 @@ class GenerationEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         full = any(s.spec.return_logprob and s.spec.logprob_start_len >= 0 for s in seqs)
         cache = DynamicCache(config=self.model.config)
+        dev = self.device
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-            use_cache=True, logits_to_keep=0 if full else 1,
+            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+            past_key_values=cache, use_cache=True, logits_to_keep=0 if full else 1,
         )
-        logits = out.logits.float()
+        logits = out.logits.float().cpu()
         if full:
             for r, s in enumerate(seqs):
                 if s.spec.return_logprob and s.spec.logprob_start_len >= 0:
@@ -395,11 +401,12 @@ class GenerationEngine:
     def _decode(self, batch: _Batch) -> None:
         last = torch.tensor([s.output_ids[-1] for s in batch.seqs], dtype=torch.long)
         batch.mask = torch.cat([batch.mask, torch.ones(len(batch.seqs), 1, dtype=batch.mask.dtype)], dim=1)
+        dev = self.device
         out = self.model(
-            input_ids=last[:, None], attention_mask=batch.mask, position_ids=batch.next_pos[:, None],
-            past_key_values=batch.cache, use_cache=True,
+            input_ids=last[:, None].to(dev), attention_mask=batch.mask.to(dev),
+            position_ids=batch.next_pos[:, None].to(dev), past_key_values=batch.cache, use_cache=True,
         )
-        batch.logits = out.logits[:, -1].float()
+        batch.logits = out.logits[:, -1].float().cpu()
         batch.next_pos = batch.next_pos + 1
 
     def _sample_step(self, batch: _Batch) -> None:
@@ -522,7 +529,7 @@ class GenerationEngine:
         if not keep:
             return
         idx = torch.tensor(keep, dtype=torch.long)
-        batch.cache.batch_select_indices(idx)
+        batch.cache.batch_select_indices(idx.to(self.device))
         batch.mask = batch.mask[idx]
         batch.next_pos = batch.next_pos[idx]
         batch.logits = batch.logits[idx]
@@ -630,8 +637,10 @@ class GenerationEngine:
         works, staged = [], []
         for name, dtype, shape in zip(names, dtypes, shapes):
             target = table.get(name)
-            direct = not problems and target is not None and target.dtype == dtype and target.is_contiguous()
-            # Same dtype: receive straight into the parameter (no extra copy).
+            direct = (not problems and target is not None and target.dtype == dtype and target.is_contiguous()
+                      and target.device.type == "cpu")
+            # Same dtype on the host: receive straight into the parameter (no extra copy). The
+            # group is gloo: a model on a GPU receives into host buffers, copied after.
             buf = target if direct else torch.empty(shape, dtype=dtype)
             works.append(dist.broadcast(buf, src=0, group=pg, async_op=True))
             staged.append((name, buf, direct))
@@ -654,7 +663,9 @@ class GenerationEngine:
         self._param_shapes = {}
         for name, p in self.model.named_parameters():  # unique Parameters; ties share one object
             self._param_shapes[name] = (p.shape, p.dtype)
-            p.data = torch.empty(0, dtype=p.dtype)
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed weights back to the colocated trainer
         self._offload_path = path
         with self._cond:
             self._released = True
@@ -665,7 +676,7 @@ class GenerationEngine:
             return "Weights were not released."
         params = dict(self.model.named_parameters())
         for name, (shape, dtype) in self._param_shapes.items():
-            params[name].data = torch.empty(shape, dtype=dtype)
+            params[name].data = torch.empty(shape, dtype=dtype, device=self.device)
         assert self._offload_path is not None
         load_model(self.model, str(self._offload_path))
         self._offload_path.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
     python -m sfpo_megatron.cpu_server.server --model-path HF_DIR [--host 127.0.0.1] [--port 30000]
         [--api-key K] [--max-batch-size 64] [--max-request-bytes 16777216] [--dtype float32]
+        [--device cpu|cuda]
 
 Same routes and JSON shapes as SGLang, so the trainer's client (and SGLang's own clients and router)
 work against either. Semantics that differ from a GPU SGLang server, all deliberate:
@@ -10,6 +11,8 @@ work against either. Semantics that differ from a GPU SGLang server, all deliber
   ``--max-batch-size`` sequences (all prompts x ``n`` samples). Rows are left-padded, position ids
   come from the attention mask, decoding uses HF's KV cache; finished rows leave the batch and
   waiting requests are prefilled and merged into it between decode steps.
+* ``--device cuda`` puts the model and its KV cache on the current GPU (token ids, logits and
+  sampling stay on the host); weight-update groups are gloo either way.
 * Logprobs (``return_logprob``): ``meta_info.output_token_logprobs`` is ``[(logprob, token_id, None),
   ...]`` for the sampled tokens. Like SGLang's default, the logprob is taken from
   ``log_softmax(penalised_logits / temperature)`` *before* top-k/top-p/min-p filtering; greedy
@@ -74,6 +77,7 @@ from sfpo_megatron.cpu_server.requests import (
     log_once,
     parse_generate_request,
 )
+from sfpo_megatron.distributed.platform import gpu_available
 from sfpo_megatron.distributed.weight_update_group import (
     DEFAULT_GROUP_NAME,
     destroy_weight_update_group,
@@ -104,6 +108,7 @@ class ServerConfig:
     offload_dir: str | None = None
     random_seed: int = 0
     num_threads: int | None = None
+    device: str = "cpu"
     health_generate_timeout: float = 20.0
     weight_update_timeout: float = 600.0
     log_level: str = "info"
@@ -158,7 +163,7 @@ def _load_model(cfg: ServerConfig) -> tuple[torch.nn.Module, Any | None, set[int
         raise ValueError(f"--dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}")
     hf_config = AutoConfig.from_pretrained(cfg.model_path)
     model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtypes[cfg.dtype])
-    model.eval().requires_grad_(False)
+    model.to(cfg.device).eval().requires_grad_(False)
     tokenizer = None
     # transformers 5 builds an empty tokenizer for a directory without tokenizer files; only load real ones.
     has_tokenizer = any((Path(cfg.model_path) / f).exists() for f in TOKENIZER_FILES)
@@ -536,7 +541,8 @@ def serve(cfg: ServerConfig) -> None:
     )
     engine.start()
     app = build_app(cfg, engine, context_length)
-    logger.info("CPU rollout server: %s on http://%s:%d (eos %s, context %d)", cfg.model_path, cfg.host, cfg.port, sorted(eos), context_length)
+    logger.info("CPU rollout server: %s on http://%s:%d (device %s, eos %s, context %d)", cfg.model_path, cfg.host,
+                cfg.port, cfg.device, sorted(eos), context_length)
     try:
         # Keep idle connections longer than a trainer step (uvicorn's default is 5 s): the
         # trainer's pooled admin connection is then rarely closed under it.
@@ -564,6 +570,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--offload-dir", default=None, help="where /release_memory_occupation parks the weights")
     p.add_argument("--random-seed", type=int, default=0, help="seeds requests that bring no sampling_seed")
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the model and its KV cache live (cuda: the current GPU); sampling stays on the host")
     p.add_argument("--weight-update-timeout", type=float, default=600.0,
                    help="seconds a weight-update group waits for its peers (rendezvous and each broadcast)")
     p.add_argument("--log-level", default="info")
@@ -571,6 +579,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     for name, lo in (("port", 1), ("max_batch_size", 1), ("max_request_bytes", 1)):
         if getattr(a, name) < lo:
             p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(a, name)}")
+    if a.device == "cuda" and not gpu_available():
+        p.error("--device cuda: torch.cuda.is_available() is False here (no GPU, or a CPU-only torch); use --device cpu")
     return ServerConfig(**vars(a))
 
 

@@ -13,10 +13,10 @@ process-wide, once:
   (``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork()``) forks the CPU state the
   same way it forks the CUDA state on GPUs;
 * ``Tensor.type()`` of a CPU tensor reports ``torch.cuda.*Tensor`` so the optimizers' dtype checks
-  (``param.type() == 'torch.cuda.FloatTensor'``) take their normal branches;
-* megatron's torch-AdamW fallback (used when neither TE nor apex is installed) is replaced with
-  :class:`ParamGroupStepAdamW`, which keeps the step count in ``param_groups`` like the fused Adam
-  used on GPUs: torch's AdamW cannot round-trip a distributed-optimizer checkpoint.
+  (``param.type() == 'torch.cuda.FloatTensor'``) take their normal branches.
+
+The Adam megatron builds without TE / apex (the same on CPU and GPU) lives in
+``sfpo_megatron/components/adam.py``.
 
 ``apply()`` is called only by :func:`sfpo_megatron.distributed.platform.setup_platform` and only
 when CUDA is unavailable; with CUDA it is never invoked, and it refuses to run if it were.
@@ -29,12 +29,9 @@ import functools
 import logging
 from typing import Any
 
-import megatron.core.optimizer as mcore_optimizer
-import megatron.core.optimizer.distrib_optimizer as mcore_distrib_optimizer
 import megatron.core.tensor_parallel.random as mcore_random
 import torch
 import torch.utils._device as torch_device
-from torch.optim.adam import adam as adam_functional
 
 _APPLIED = False
 _CPU = torch.device("cpu")
@@ -134,56 +131,6 @@ def _tensor_type(orig):
     return type_
 
 
-class ParamGroupStepAdamW(torch.optim.Optimizer):
-    """AdamW whose step count lives in ``param_groups`` (the layout of apex/TE FusedAdam).
-
-    The math is torch's own single-tensor Adam(W) (``torch.optim.adam.adam``), so results equal
-    ``torch.optim.AdamW(foreach=False)``. Megatron's distributed optimizer reads and writes the
-    step from the param group in its checkpoints; torch's AdamW keeps it per parameter, which
-    megatron cannot restore (wrong step count after load).
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 adam_w_mode: bool = True, amsgrad: bool = False, **unused):
-        if amsgrad:
-            raise ValueError("ParamGroupStepAdamW does not implement amsgrad")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        adam_w_mode=adam_w_mode)
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-            if not params:
-                continue
-            # torch's functional adam increments the step tensors itself before using them.
-            previous = int(group.get("step", 0))
-            steps = [torch.tensor(float(previous)) for _ in params]
-            group["step"] = previous + 1
-            beta1, beta2 = group["betas"]
-            adam_functional(
-                params, grads, exp_avgs, exp_avg_sqs, [], steps,
-                foreach=False, capturable=False, differentiable=False, fused=None,
-                grad_scale=None, found_inf=None, has_complex=False, amsgrad=False,
-                beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                eps=group["eps"], maximize=False, decoupled_weight_decay=group["adam_w_mode"],
-            )
-        return loss
-
-
 class _RngForkWarningFilter(logging.Filter):
     # The tracker warns when the CPU RNG moves inside a fork: on CPU the forked state *is* the CPU
     # state, so the warning is always true and means nothing.
@@ -250,13 +197,6 @@ def _patch_megatron() -> None:
     mcore_random._get_cuda_rng_state = _get_state
     mcore_random._set_cuda_rng_state = _set_state
     logging.getLogger(mcore_random.__name__).addFilter(_RngForkWarningFilter())
-    # Without TE/apex megatron picks torch AdamW; give it the param-group-step Adam instead.
-    mcore_optimizer.Adam = ParamGroupStepAdamW
-    mcore_distrib_optimizer.Adam = ParamGroupStepAdamW
-    # Checkpoint code then treats it as the apex FusedAdam layout (step in param_groups).
-    mcore_distrib_optimizer.HAVE_APEX_OR_TE = True
-    mcore_distrib_optimizer.USING_APEX_OPTIMIZER = True
-    mcore_optimizer.USING_PYTORCH_OPTIMIZER = False
 
 
 def apply() -> None:

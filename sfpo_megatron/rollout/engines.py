@@ -4,12 +4,14 @@
 touch the model (``start``, ``refit``) are collectives every trainer rank makes:
 
 * **refit** (``rollout/refit.py``) through the run's transport (``distributed``: a gloo or NCCL
-  broadcast group with SGLang's handshake; ``disk``: safetensors + ``/update_weights_from_disk``;
+  broadcast group with SGLang's handshake — NCCL on a GPU trainer, except towards CPU rollout
+  servers, which join gloo groups only; ``disk``: safetensors + ``/update_weights_from_disk``;
   ``tensor``: CUDA IPC, colocated GPUs only).
 * **start**: for ``--rollout-backend cpu|sglang`` the current policy is exported as an HF
   directory (the same gather, written by the disk transport's writer, plus config and tokenizer
   files) and the launcher starts ``--rollout-num-servers`` engines from it at the current weight
-  version; ``external`` connects to ``--rollout-urls`` and refits them once.
+  version (CPU servers on ``--rollout-device``); ``external`` connects to ``--rollout-urls`` and
+  refits them once.
 * **colocated** (``--colocate``): servers share the trainer's devices. After rollout the servers
   release their memory (``/release_memory_occupation``: weights and KV cache), the trainer trains,
   then ``/resume_memory_occupation`` brings the weights back just before the refit writes into
@@ -30,6 +32,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sfpo_megatron.data.tokenizer import HFTokenizer
+from sfpo_megatron.distributed.platform import gpu_available
 from sfpo_megatron.distributed.rank0 import on_rank0
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.rollout.client import RolloutClient
@@ -96,10 +99,13 @@ class RolloutEngines:
             extra += self.sglang_args
             if a.rollout_deterministic:
                 extra.append("--enable-deterministic-inference")
-        elif a.rollout_deterministic:
-            # One sequence per forward: no padding or batch-shape dependent rounding, so a sample
-            # depends only on (weights, prompt, seed) and a resumed run regenerates it bit for bit.
-            extra += ["--max-batch-size", "1"]
+        else:
+            extra += ["--device", a.rollout_device]
+            if a.rollout_deterministic:
+                # One sequence per forward: no padding or batch-shape dependent rounding, so a
+                # sample depends only on (weights, prompt, seed) and a resumed run regenerates it
+                # bit for bit.
+                extra += ["--max-batch-size", "1"]
         # Disaggregated SGLang engines start after this node's trainer GPUs; colocated share them.
         trainer_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         cfg = LaunchConfig(
@@ -126,6 +132,8 @@ class RolloutEngines:
             kwargs.update(directory=str(self.workdir / "refit"), config_dir=config_dir(self.hf_config))
         elif a.weight_transport == "distributed":
             kwargs.update(master_address=trainer_address(urls), timeout_s=a.rollout_timeout)
+            if a.rollout_backend == "cpu":
+                kwargs.update(backend="gloo")  # the CPU server's groups are gloo, whatever its device
         elif a.weight_transport == "tensor":
             kwargs.update(tp_size=a.rollout_tp_size)
         self.transport = make_transport(a.weight_transport, self.client, **kwargs)
@@ -192,6 +200,13 @@ def check_rollout_args(args: argparse.Namespace) -> None:
         raise RolloutConfigError(f"--rollout-num-servers must be >= 1, got {args.rollout_num_servers}")
     if args.update_weight_buffer_size <= 0:
         raise RolloutConfigError(f"--update-weight-buffer-size must be positive, got {args.update_weight_buffer_size}")
+    device = getattr(args, "rollout_device", "cpu")
+    if device != "cpu" and args.rollout_backend != "cpu":
+        raise RolloutConfigError(f"--rollout-device {device} places the CPU rollout server's model; "
+                                 f"--rollout-backend {args.rollout_backend} servers choose their own devices")
+    if device == "cuda" and not gpu_available():
+        raise RolloutConfigError("--rollout-device cuda: torch.cuda.is_available() is False here; "
+                                 "use --rollout-device cpu")
     if args.weight_transport == "tensor" and not args.colocate:
         raise TransportUnavailableError("--weight-transport tensor passes CUDA IPC handles between processes "
                                         "on the same GPUs: it needs --colocate")

@@ -6,7 +6,7 @@ the CPU in a dry run) or, for the references, on the CPU (``CUDA_VISIBLE_DEVICES
 Jobs: ``prepare`` (tiny HF models and model configs the others read), ``platform``, ``parity``
 (conversion logits and SFPO updates), ``checkpoint``, ``update_throughput``, ``rl``. Each saves a
 dict with ``torch.save``.
-The conversion-parity models and tokens are those of ``tests/test_convert_parity.py``; the SFPO
+The conversion-parity models and tokens are those of ``tests/test_convert_parity.py`` (``tests/tiny_models.py``); the SFPO
 model, settings and rollout batches those of ``tests/scripts/sfpo_common.py``.
 """
 
@@ -33,9 +33,9 @@ import megatron.core  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
-from sfpo_common import build_setup, make_samples, rl_args, save_hf_model  # noqa: E402
+from sfpo_common import build_setup, make_samples, rl_args  # noqa: E402
 from sfpo_worker import hf_params, reinit  # noqa: E402
-from test_convert_parity import MODELS, VOCAB, _tokens, save_hf_models  # noqa: E402
+from tiny_models import CONVERSION, CONVERSION_MODELS, save_conversion_models, save_sfpo_model  # noqa: E402
 
 from sfpo_megatron.arguments import build_rl_parser  # noqa: E402
 from sfpo_megatron.components.adam import use_param_group_step_adam  # noqa: E402
@@ -70,6 +70,14 @@ SHAPES = {
 }
 
 
+MODELS, VOCAB = list(CONVERSION_MODELS), CONVERSION["vocab_size"]
+
+
+def _tokens(batch: int = 2, seq: int = 48) -> torch.Tensor:
+    """The conversion-parity test's token batch (same generator seed)."""
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
 def tf32_off() -> None:
     """fp32 means fp32: no TF32 in matmuls or cuDNN (also NVIDIA_TF32_OVERRIDE=0 in our env)."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -88,8 +96,8 @@ def synchronize(device: torch.device) -> None:
 def job_prepare(a) -> dict:
     """Models every other job reads, written once so device and CPU runs read the same files."""
     work = Path(a.work)
-    parity = save_hf_models(work / "hf_parity")
-    sfpo = save_hf_model(work / "hf_sfpo")
+    parity = save_conversion_models(work / "hf_parity")
+    sfpo = save_sfpo_model(work / "hf_sfpo")
     throughput = work / "throughput_model"
     transformers.Qwen2Config(**SHAPES[a.shape], bos_token_id=0, eos_token_id=1).save_pretrained(throughput)
     return {"parity_models": sorted(parity), "sfpo_model": str(sfpo), "throughput_model": str(throughput)}

@@ -12,7 +12,8 @@ import megatron.core.optimizer.distrib_optimizer as mcore_distrib_optimizer
 import pytest
 import torch
 from ckpt_reader import read_model_tensors
-from launch import read_jsonl, sfpo, write_tiny_config
+from launch import read_jsonl, sfpo
+from tiny_models import write_tiny_config
 
 from sfpo_megatron.components.adam import ParamGroupStepAdamW, megatron_adam, use_param_group_step_adam
 

@@ -13,8 +13,11 @@
 #
 # The two asynchronous modes need their own rollout GPUs (LAYOUT=disaggregated is forced) and use
 # MAX_STALENESS (default 2) and VCPO's objective (arXiv 2602.17616): sequence-level truncated IS
-# (threshold 8), sqrt ESS learning-rate scaling, no PPO clip, no entropy bonus, seq-mean-token-mean,
-# weight decay 0.1.
+# (threshold 8), sqrt ESS learning-rate scaling, no entropy bonus, seq-mean-token-mean, weight decay
+# 0.1. `vcpo` runs it as VCPO's reference does: no PPO clip and one optimizer step per rollout
+# batch. `sfpo-vcpo` keeps the PPO clip (0.2): SFPO's K+1 passes of several mini-batch steps each
+# would otherwise have no trust region (`rl` refuses --no-ppo-clip with more than one optimizer
+# step per rollout batch unless --allow-unclipped-multi-step).
 #
 # Environment: DATA_DIR (prepared JSONL, see examples/prepare_data.sh), RUNS_DIR, LAYOUT
 # (colocated: the paper's one node of 8 GPUs; disaggregated: 1 trainer node + 1 rollout node),
@@ -95,11 +98,20 @@ check_inputs() {
     if [ "$missing" = 1 ] && [ "$DRY_RUN" != 1 ]; then exit 1; fi
 }
 
-# ASYNC_FLAGS: asynchronous rollouts with VCPO's settings (on top of PAPER_FLAGS; later flags win).
+# ASYNC_FLAGS for MODE (vcpo | sfpo-vcpo): asynchronous rollouts with VCPO's settings (on top of
+# PAPER_FLAGS; later flags win).
 set_async_flags() {
+    local mode=$1
     ASYNC_FLAGS=(--async-rollout --max-staleness "${MAX_STALENESS:-2}" --vcpo --tis-threshold 8
-        --ess-lr-scaling sqrt --ess-rho-base 1.0 --no-ppo-clip --entropy-coef 0.0
+        --ess-lr-scaling sqrt --ess-rho-base 1.0 --entropy-coef 0.0
         --loss-agg-mode seq-mean-token-mean --weight-decay 0.1)
+    if [ "$mode" = vcpo ]; then
+        # VCPO's reference: no PPO clip, one optimizer step per rollout batch (the whole batch is
+        # the mini-batch). VCPO's samples per prompt and mini-batch size are not among the
+        # settings recorded for its reference, so they are not set here: the batch stays the SFPO
+        # paper's 256 prompts x 8 samples.
+        ASYNC_FLAGS+=(--no-ppo-clip --num-steps-per-rollout 1)
+    fi
 }
 
 example_main() {
@@ -109,7 +121,7 @@ example_main() {
     if [ "$mode" = vcpo ] || [ "$mode" = sfpo-vcpo ]; then
         LAYOUT=disaggregated  # generation overlaps training: the servers need their own GPUs
         algo=$([ "$mode" = vcpo ] && echo grpo || echo sfpo)
-        set_async_flags
+        set_async_flags "$mode"
         async=("${ASYNC_FLAGS[@]}")
     fi
     local run_dir script nodes job s rollout_env=() eval_sets=()

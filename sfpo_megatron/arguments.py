@@ -171,6 +171,11 @@ def add_algorithm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-rollouts", type=int, default=10, help="RL steps (rollout batches)")
     g.add_argument("--num-steps-per-rollout", type=int, default=1,
                    help="mini-batches (optimizer steps) per pass over a rollout batch")
+    g.add_argument("--ppo-epochs", type=int, default=1, metavar="E",
+                   help="GRPO: E passes over each rollout batch (verl's ppo_epochs), each of "
+                        "--num-steps-per-rollout optimizer steps, all against the old log-probs "
+                        "at the batch's start (the control for SFPO's K+1 passes); --algorithm "
+                        "sfpo refuses E > 1: its passes are --sfpo-inner-steps fast + 1 slow")
     g.add_argument("--sfpo-inner-steps", type=int, default=3, help="K fast passes")
     g.add_argument("--sfpo-alpha", type=float, default=0.8)
     g.add_argument("--sfpo-zscore-window", type=int, default=30)
@@ -184,7 +189,13 @@ def add_algorithm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps-clip", type=float, default=0.2)
     g.add_argument("--eps-clip-high", type=float, default=None)
     g.add_argument("--no-ppo-clip", action="store_true",
-                   help="plain ratio * advantage, no PPO clip (VCPO's objective)")
+                   help="plain ratio * advantage, no PPO clip (VCPO's objective); refused with "
+                        "more than one optimizer step per rollout batch unless "
+                        "--allow-unclipped-multi-step")
+    g.add_argument("--allow-unclipped-multi-step", action="store_true",
+                   help="run --no-ppo-clip with several optimizer steps per rollout batch "
+                        "(--num-steps-per-rollout > 1, --ppo-epochs > 1 or SFPO's K+1 passes): "
+                        "no trust region bounds the steps after the first")
     g.add_argument("--dual-clip-c", type=float, default=None)
     g.add_argument("--loss-agg-mode", default="token-mean",
                    choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])

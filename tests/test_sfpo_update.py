@@ -1,5 +1,6 @@
 """The megatron SFPO / GRPO update equals the plain-PyTorch reference of Algorithm 1
-(tests/reference_sfpo.py, torch AdamW on an HF model with the same weights).
+(tests/reference_sfpo.py, torch AdamW on an HF model with the same weights; the reference
+imports nothing from the project, its collation of the samples included).
 
 Two real launches of tests/scripts/sfpo_worker.py (gloo): one process (DP=1 scenarios,
 checkpoint resume, KL to a reference policy, bf16, error messages) and ``torchrun
@@ -8,7 +9,8 @@ and with overlapped grad reduce / param gather —, TP=2, PP=2, bf16 + distribut
 start from one tiny random HF Llama saved as safetensors; the reference runs here, in the test
 process. Parameters are compared as one vector: ‖θ_megatron − θ_ref‖ / ‖θ_ref − θ_init‖
 (relative to how far training moved them, stricter than relative to ‖θ‖) and
-‖θ_megatron − θ_ref‖ / ‖θ_ref‖, both < 1e-5.
+‖θ_megatron − θ_ref‖ / ‖θ_ref‖, both < 1e-5. ``--ppo-epochs 4`` GRPO equals SFPO with α = 1,
+K = 3 (trigger off) bit for bit.
 """
 
 from __future__ import annotations
@@ -20,17 +22,21 @@ import pytest
 import torch
 import transformers
 from launch import PYTHON, SCRIPTS, load_module, run, torchrun
-from reference_sfpo import RolloutBatch, compute_old_log_probs, sfpo_step
+from reference_sfpo import (
+    LossConfig,
+    collate,
+    group_advantages,
+    response_values,
+    sfpo_step,
+    with_log_probs,
+)
 from tiny_models import save_sfpo_model
-
-from sfpo_megatron.algorithms.losses import PolicyLossConfig
-from sfpo_megatron.trainer.train_batch import collate
 
 sfpo_common = load_module(SCRIPTS / "sfpo_common.py")
 SETTINGS, make_samples = sfpo_common.SETTINGS, sfpo_common.make_samples
 
 WORKER = str(SCRIPTS / "sfpo_worker.py")
-SINGLE = ["dp1", "grpo", "alpha0", "k0a1", "kl", "resume", "bf16", "errors"]
+SINGLE = ["dp1", "grpo", "alpha0", "k0a1", "grpo_e4", "k3a1", "kl", "resume", "bf16", "errors"]
 DUAL = ["dp2", "dp2_overlap", "dp2_grpo", "dp2_k0a1", "tp2", "pp2", "bf16_dp2"]
 REL = 1e-5
 LR, LR_STEPS, WD = float(SETTINGS["--lr"]), int(SETTINGS["--num-rollouts"]), 0.01
@@ -66,17 +72,16 @@ def reference(hf: Path, alpha: float, inner: int, steps: int, kl_coef: float = 0
          {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}],
         lr=LR, betas=(0.9, 0.999), eps=float(SETTINGS["--adam-eps"]), foreach=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / LR_STEPS)
-    cfg = PolicyLossConfig(eps_clip=float(SETTINGS["--eps-clip"]),
-                           entropy_coeff=float(SETTINGS["--entropy-coef"]), kl_coeff=kl_coef)
+    cfg = LossConfig(eps_clip=float(SETTINGS["--eps-clip"]),
+                     entropy_coeff=float(SETTINGS["--entropy-coef"]), kl_coeff=kl_coef,
+                     kl_type="low_var_kl")
     out = {"steps": [], "old_logprobs": None}
     for step in range(1, steps + 1):
-        b = collate(make_samples(step), 0)
-        old = compute_old_log_probs(model, b.tokens, temperature=TEMP)
-        ref_lp = compute_old_log_probs(ref_policy, b.tokens, temperature=TEMP) if kl_coef else None
+        samples = make_samples(step)
+        batch = with_log_probs(collate(samples, pad_id=0), model, TEMP,
+                               ref_model=ref_policy if kl_coef else None)
         if step == 1:
-            out["old_logprobs"] = old
-        batch = RolloutBatch(b.tokens, b.loss_mask[:, :-1], old, b.advantages,
-                             ref_log_probs=ref_lp)
+            out["old_logprobs"] = response_values(batch.old_log_probs, samples)
         res = sfpo_step(model, opt, batch, alpha=alpha, inner_steps=inner,
                         num_mini_batches=int(SETTINGS["--num-steps-per-rollout"]),
                         loss_config=cfg, temperature=TEMP, grad_clip=1.0, lr_scheduler=sched)
@@ -128,9 +133,8 @@ def test_sfpo_matches_reference(runs, name):
                       1e-4)
         assert m["lr"] == pytest.approx(LR * (1 - (step - 1) / LR_STEPS), rel=1e-12)
     # Old log-probs at θ(s,0) through the vocab-parallel logits (TP) / last stage (PP).
-    mask = make_mask()
-    torch.testing.assert_close(res["old_logprobs"][:, :-1][mask], ref["old_logprobs"][mask],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(response_values(res["old_logprobs"], make_samples(1)),
+                               ref["old_logprobs"], rtol=1e-5, atol=1e-5)
     snapshot = res["metrics"][0]["sfpo/snapshot_bytes"]
     full = sum(p.numel() for n, p in ref["init"].items()) * 4
     # The θ0 snapshot is one fp32 copy of this rank's main-param shard: half of it at DP=2.
@@ -139,8 +143,14 @@ def test_sfpo_matches_reference(runs, name):
         assert snapshot == pytest.approx(expected, rel=0.01)
 
 
-def make_mask() -> torch.Tensor:
-    return collate(make_samples(1), 0).loss_mask[:, :-1]
+def test_inputs_advantages_are_grpos():
+    """The batches both sides train on carry GRPO's group advantages (recomputed here by the
+    reference from the rewards)."""
+    for step in (1, 2):
+        samples = make_samples(step)
+        adv = group_advantages([s.reward for s in samples], [s.group_id for s in samples])
+        assert [s.advantage for s in samples] == pytest.approx(adv.tolist(), rel=1e-6)
+        assert adv.abs().max() > 0
 
 
 def test_kl_to_reference_policy_matches_reference(runs):
@@ -166,6 +176,33 @@ def test_alpha0_and_k0_alpha1_are_exactly_the_grpo_step(runs):
     assert k["sfpo/alpha"] == 1.0 and k["sfpo/inner_steps"] == 0.0
     assert k["sfpo/fast_displacement_norm"] == 0.0 and k["sfpo/reposition_norm"] == 0.0
     assert k["sfpo/snapshot_bytes"] > 0  # it did go through snapshot → reposition → all-gather
+
+
+# ---- --ppo-epochs E: GRPO's control for SFPO's K + 1 passes ---------------------------------------
+
+
+def test_ppo_epochs_grpo_equals_sfpo_alpha1_k3_bit_for_bit(runs):
+    """GRPO with 4 PPO epochs and SFPO with α = 1, K = 3 (trigger off) run the same 4 passes
+    against old log-probs at θ(s,0): equal parameters after 2 steps, and both are the reference's
+    α = 1, K = 3 schedule."""
+    grpo, sfpo = runs["grpo_e4"], runs["k3a1"]
+    for n, t in grpo["params"].items():
+        assert torch.equal(t, sfpo["params"][n]), f"--ppo-epochs 4 differs from α=1, K=3 at {n}"
+    assert_same_params(grpo["params"], reference(runs["hf"], 1.0, 3, 2), "grpo_e4")
+    assert list(grpo["passes"]) == ["epoch0", "epoch1", "epoch2", "epoch3"]
+    assert list(sfpo["passes"]) == ["fast0", "fast1", "fast2", "slow"]
+    for e, k in zip(grpo["passes"], sfpo["passes"]):
+        assert [r["grad_norm"] for r in grpo["passes"][e]] == \
+            [r["grad_norm"] for r in sfpo["passes"][k]], (e, k)
+    # The old log-probs stay those at θ(s,0): only the very first mini-batch sees no drift.
+    assert grpo["passes"]["epoch0"][0]["ppo_kl"] == 0.0
+    assert all(grpo["passes"][f"epoch{e}"][0]["ppo_kl"] != 0.0 for e in (1, 2, 3))
+    for m, s in zip(grpo["metrics"], sfpo["metrics"]):
+        assert m["actor/passes"] == s["actor/passes"] == 4.0
+        assert m["sfpo/alpha"] == 0.0 and s["sfpo/alpha"] == 1.0
+        assert m["actor/grad_norm"] == s["actor/grad_norm"] == m["actor/grad_norm/epoch3"]
+        assert m["sfpo/entropy"] == s["sfpo/entropy"]
+    assert runs["grpo"]["metrics"][0]["actor/passes"] == 1.0
 
 
 # ---- bf16: Stage II acts on the fp32 main params -------------------------------------------------
@@ -221,3 +258,13 @@ def test_errors_name_the_problem(runs):
                                   "rollout logprobs"
     assert e["step_order"][1] == "update(step=1) after step 1: steps must increase"
     assert e["window"][1] == "window (--sfpo-zscore-window) must be >= 2, got 1"
+    assert e["sfpo_epochs"][1].startswith("--ppo-epochs 2 sets GRPO's passes over a rollout "
+                                          "batch; --algorithm sfpo makes its own")
+    assert e["unclipped"][1].startswith("--no-ppo-clip with 4 optimizer steps per rollout batch "
+                                        "(--num-steps-per-rollout 2 x --ppo-epochs 2) has no "
+                                        "trust region")
+    # --allow-unclipped-multi-step lets the same settings train: 2 epochs, nothing clipped.
+    run = runs["errors"]["unclipped_run"]
+    assert list(run["passes"]) == ["epoch0", "epoch1"] and run["moved"] > 0
+    assert all(r["pg_clipfrac"] == 0.0 for rows in run["passes"].values() for r in rows)
+    assert run["passes"]["epoch1"][1]["ppo_kl"] != 0.0

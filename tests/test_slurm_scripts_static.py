@@ -164,5 +164,10 @@ def test_example_async_vcpo_modes(mode: str, algorithm: str, tmp_path: Path) -> 
     assert args.algorithm == algorithm and not args.colocate
     assert (args.async_rollout, args.max_staleness, args.vcpo) == (True, 4, True)
     assert (args.tis_threshold, args.ess_lr_scaling, args.ess_rho_base) == (8.0, "sqrt", 1.0)
-    assert args.no_ppo_clip and args.entropy_coef == 0.0 and args.kl_coef == 0.0
+    if mode == "vcpo":  # as VCPO's reference: no PPO clip, one optimizer step per rollout batch
+        assert args.no_ppo_clip and (args.num_steps_per_rollout, args.ppo_epochs) == (1, 1)
+    else:  # SFPO's K+1 passes of 4 mini-batch steps each keep the clip (their trust region)
+        assert not args.no_ppo_clip and args.eps_clip == 0.2 and args.num_steps_per_rollout == 4
+    assert not args.allow_unclipped_multi_step  # check_rl_args above accepted it without
+    assert args.entropy_coef == 0.0 and args.kl_coef == 0.0
     assert (args.loss_agg_mode, args.weight_decay, args.lr, args.clip_grad) == ("seq-mean-token-mean", 0.1, 1e-6, 1.0)

@@ -67,7 +67,7 @@ from sfpo_megatron.rollout.generate import RolloutWorker
 from sfpo_megatron.trainer.model_setup import build_reference_model, build_training_setup
 from sfpo_megatron.trainer.pretrain import check_args
 from sfpo_megatron.trainer.train_batch import check_update_layout
-from sfpo_megatron.update.policy_update import PolicyUpdater
+from sfpo_megatron.update.policy_update import PolicyUpdater, check_update_args
 
 log = logging.getLogger("sfpo_megatron.rl")
 
@@ -131,6 +131,7 @@ def check_rl_args(args: argparse.Namespace) -> None:
     if not args.rollout_temperature > 0:
         raise RLConfigError(f"--rollout-temperature must be > 0 (the trainer's logprobs use it), "
                             f"got {args.rollout_temperature}")
+    check_update_args(args)  # --ppo-epochs, --no-ppo-clip with several steps, ...
 
 
 class RLRun:

@@ -32,9 +32,6 @@ from megatron.core.tensor_parallel.utils import VocabUtility
 
 from sfpo_megatron.errors import UserError
 
-# megatron-core is imported inside the functions that need it: importing it costs seconds, and
-# the full-logits helper at the bottom is also used by plain-PyTorch code (tests/reference_sfpo).
-
 
 class VocabParallelError(UserError):
     """Bad logits / target shapes or settings."""

@@ -15,13 +15,21 @@ For rollout batch s, starting from θ(s,0):
 ``--algorithm grpo``, and for good once the entropy trigger fired) skips Stages I and II, so the
 step is exactly one GRPO pass. Adam's moments and step count are never touched by Stage II.
 
+``--ppo-epochs E`` (GRPO only, verl's ``ppo_epochs``): the GRPO step is E passes instead of one,
+all against the same old log-probs at θ(s,0) — SFPO's K + 1 passes without the reposition, so
+``--algorithm grpo --ppo-epochs K+1`` equals SFPO with α = 1 and the trigger off. ``--algorithm
+sfpo`` refuses E > 1 (its passes are K fast + 1 slow, and 1 once the trigger fired). Passes are
+logged as ``fast0`` … ``fast{K-1}``, ``slow`` (SFPO, and GRPO with E = 1) or ``epoch0`` …
+``epoch{E-1}`` (GRPO with E > 1). ``--no-ppo-clip`` with more than one optimizer step per
+rollout batch is refused unless ``--allow-unclipped-multi-step`` (:func:`check_update_args`).
+
 Stage II works on the optimizer's fp32 main parameters (``trainer/main_params.py``): one extra
 copy of this rank's shard (host memory with ``--sfpo-snapshot-offload``), no communication beyond
 megatron's ordinary DP all-gather of the parameter buffers.
 
 The controller's entropy is the mean token entropy of the update's last pass (Stage III, or the
-GRPO pass) — the reference code appends the actor's training ``entropy_loss`` metric of the
-slow ``update_policy`` call. Here it is the token mean over the whole batch (all micro-batches and
+GRPO step's last pass) — the reference code appends the actor's training ``entropy_loss`` metric
+of the slow ``update_policy`` call. Here it is the token mean over the whole batch (all micro-batches and
 DP ranks) rather than verl's mean of per-micro-batch means, so it does not depend on the split.
 
 Use from the RL loop (every trainer rank, same calls)::
@@ -148,6 +156,50 @@ def loss_config_from_args(args: argparse.Namespace) -> PolicyLossConfig:
         kl_coeff=args.kl_coef, kl_type=args.kl_type)
 
 
+def passes_per_batch(args: argparse.Namespace) -> int:
+    """Passes over a rollout batch while SFPO is on: K + 1 (SFPO with α > 0 and K > 0) or E."""
+    if args.algorithm == "sfpo" and args.sfpo_alpha > 0 and args.sfpo_inner_steps > 0:
+        return args.sfpo_inner_steps + 1
+    return args.ppo_epochs
+
+
+def check_update_args(args: argparse.Namespace) -> None:
+    """The update's flag combinations (``rl`` checks them at start-up, before building anything;
+    :class:`PolicyUpdater` again)."""
+    if args.algorithm not in ALGORITHMS:
+        raise PolicyUpdateError(f"--algorithm must be one of {ALGORITHMS}, got "
+                                f"{args.algorithm!r}")
+    if args.num_steps_per_rollout < 1:
+        raise PolicyUpdateError(f"--num-steps-per-rollout must be >= 1, got "
+                                f"{args.num_steps_per_rollout}")
+    if args.ppo_epochs < 1:
+        raise PolicyUpdateError(f"--ppo-epochs must be >= 1, got {args.ppo_epochs}")
+    if args.algorithm == "sfpo" and args.ppo_epochs > 1:
+        raise PolicyUpdateError(
+            f"--ppo-epochs {args.ppo_epochs} sets GRPO's passes over a rollout batch; --algorithm "
+            f"sfpo makes its own (--sfpo-inner-steps {args.sfpo_inner_steps} fast passes + 1 slow "
+            "pass, 1 pass once the entropy trigger fired): use --algorithm grpo --ppo-epochs E "
+            "as SFPO's control, or --ppo-epochs 1")
+    if args.no_ppo_clip and not args.allow_unclipped_multi_step:
+        passes = passes_per_batch(args)
+        steps = args.num_steps_per_rollout * passes
+        if steps > 1:
+            if args.algorithm == "grpo":
+                how = f"--ppo-epochs {args.ppo_epochs}"
+            elif passes > 1:
+                how = f"SFPO's --sfpo-inner-steps {args.sfpo_inner_steps} + 1 passes"
+            else:
+                how = "1 pass"
+            raise PolicyUpdateError(
+                f"--no-ppo-clip with {steps} optimizer steps per rollout batch "
+                f"(--num-steps-per-rollout {args.num_steps_per_rollout} x {how}) has no trust "
+                "region: every step after the first is off-policy (its parameters have moved away "
+                "from the policy that the samples and old log-probs come from) and, without the "
+                "clip, nothing bounds the ratio pi / pi_old it trains on. Take one optimizer step "
+                "per rollout batch (--num-steps-per-rollout 1, --ppo-epochs 1, --algorithm grpo), "
+                "drop --no-ppo-clip, or pass --allow-unclipped-multi-step to run it anyway")
+
+
 def controller_from_args(args: argparse.Namespace) -> SFPOController:
     return SFPOController(
         alpha0=args.sfpo_alpha if args.algorithm == "sfpo" else 0.0,
@@ -169,12 +221,7 @@ class PolicyUpdater:
 
     def __init__(self, args: argparse.Namespace, setup, *, ref_model: Sequence | None = None,
                  pad_id: int | None = None) -> None:
-        if args.algorithm not in ALGORITHMS:
-            raise PolicyUpdateError(f"--algorithm must be one of {ALGORITHMS}, got "
-                                    f"{args.algorithm!r}")
-        if args.num_steps_per_rollout < 1:
-            raise PolicyUpdateError(f"--num-steps-per-rollout must be >= 1, got "
-                                    f"{args.num_steps_per_rollout}")
+        check_update_args(args)
         if not args.rollout_temperature > 0:
             raise PolicyUpdateError(f"--rollout-temperature must be > 0, got "
                                     f"{args.rollout_temperature}")
@@ -199,6 +246,7 @@ class PolicyUpdater:
                                                              or 0))
         self.micro_batch_size = int(args.micro_batch_size)
         self.num_mini_batches = int(args.num_steps_per_rollout)
+        self.ppo_epochs = int(args.ppo_epochs)
         self.loss_scale_factor = getattr(args, "rollout_max_response_len", None)
         self.snapshot_offload = bool(getattr(args, "sfpo_snapshot_offload", False))
         self.off_policy = OffPolicyConfig.from_args(args)
@@ -345,8 +393,11 @@ class PolicyUpdater:
             finally:
                 self.snapshot = None  # free the θ(s,0) copy before Stage III
         t_fast = time.perf_counter()
-        slow = self._pass(plan)  # Stage III (or the GRPO step)
-        self.last_passes["slow"] = slow
+        # Stage III, or the GRPO step: one pass, or --ppo-epochs passes (GRPO only).
+        names = ["slow"] if self.ppo_epochs == 1 else [f"epoch{e}" for e in range(self.ppo_epochs)]
+        for name in names:
+            self.last_passes[name] = self._pass(plan)
+        slow = self.last_passes[names[-1]]  # the last pass: the step's actor metrics, entropy
         self.setup.scheduler.step(increment=1)
         finish_param_gather(self.setup.optimizer)
         t_end = time.perf_counter()
@@ -362,8 +413,10 @@ class PolicyUpdater:
             "sfpo/trigger_step": -1.0 if self.controller.trigger_step is None
             else float(self.controller.trigger_step),
             "sfpo/snapshot_bytes": float(snapshot_bytes),
+            "actor/passes": float(len(self.last_passes)),
             "lr": lr,
             "lr_effective": lr * (sum(plan.lr_scales) / len(plan.lr_scales) if plan.lr_scales else 1.0),
+            # time/slow_s: Stage III, or all of the GRPO step's passes.
             "time/old_logprobs_s": t_old - t_start, "time/fast_and_reposition_s": t_fast - t_old,
             "time/slow_s": t_end - t_fast, "time/update_s": t_end - t_start,
         })
@@ -376,6 +429,6 @@ class PolicyUpdater:
             metrics[f"actor/pg_clipfrac/{name}"] = (
                 sum(r["pg_clipfrac"] * r["num_tokens"] for r in rows)
                 / (sum(r["num_tokens"] for r in rows) or 1.0))
-        metrics["actor/grad_norm"] = metrics["actor/grad_norm/slow"]
+        metrics["actor/grad_norm"] = metrics[f"actor/grad_norm/{names[-1]}"]
         self._hook("done")
         return metrics

@@ -23,6 +23,10 @@ LAYOUTS = {  # scenario → (tp, pp, extra flags, setting overrides)
     "grpo": (1, 1, (), {"--algorithm": "grpo"}),
     "alpha0": (1, 1, (), {"--sfpo-alpha": "0"}),
     "k0a1": (1, 1, (), {"--sfpo-inner-steps": "0", "--sfpo-alpha": "1"}),
+    # --ppo-epochs 4 GRPO vs SFPO with α = 1, K = 3 and the entropy trigger off: the same passes.
+    "grpo_e4": (1, 1, (), {"--algorithm": "grpo", "--ppo-epochs": "4"}),
+    "k3a1": (1, 1, (), {"--sfpo-inner-steps": "3", "--sfpo-alpha": "1",
+                        "--sfpo-zscore-threshold": "1e9"}),
     "kl": (1, 1, (), {"--kl-coef": "0.05", "--kl-type": "low_var_kl"}),
     "resume": (1, 1, (), {"--sfpo-zscore-window": "2", "--sfpo-zscore-threshold": "-1e9"}),
     "bf16": (1, 1, ("--bf16",), {}),
@@ -242,7 +246,17 @@ def errors(args, setup, arch, hf: Path) -> dict:
     catch("step_order", lambda: updater.update(make_samples(2), 1))
     grpo_bad = rl_args(hf, {"--algorithm": "grpo", "--sfpo-zscore-window": "1"})
     catch("window", lambda: PolicyUpdater(grpo_bad, setup))
-    return {"errors": found}
+    catch("sfpo_epochs", lambda: PolicyUpdater(rl_args(hf, {"--ppo-epochs": "2"}), setup))
+    unclipped = {"--algorithm": "grpo", "--ppo-epochs": "2"}
+    catch("unclipped", lambda: PolicyUpdater(rl_args(hf, unclipped, ("--no-ppo-clip",)), setup))
+    # With the override the update runs: 2 passes x 2 mini-batches, no step clipped.
+    allowed = PolicyUpdater(rl_args(hf, unclipped, ("--no-ppo-clip",
+                                                    "--allow-unclipped-multi-step")), setup)
+    before = hf_params(setup, hf)
+    metrics = allowed.update(make_samples(1), 1)
+    moved = max(float((t - before[n]).abs().max()) for n, t in hf_params(setup, hf).items())
+    return {"errors": found, "unclipped_run": {"metrics": metrics, "passes": allowed.last_passes,
+                                               "moved": moved}}
 
 
 if __name__ == "__main__":

@@ -81,8 +81,12 @@ def add_pretrain_data_args(p: argparse.ArgumentParser) -> None:
                    help="indexed dataset prefixes, optionally weighted: 0.3 A 0.7 B")
     g.add_argument("--mock-data", action="store_true")
     g.add_argument("--split", default="969,30,1")
-    g.add_argument("--eval-iters", type=int, default=0)
-    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=0,
+                   help="validation global batches per evaluation (forward only, on the --split "
+                        "validation part); > 0 evaluates at the end of training")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="also evaluate every N iterations (needs --eval-iters > 0); logs "
+                        "validation/lm_loss and validation/ppl")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--tokenizer-type", choices=["hf", "sentencepiece", "null"], default="null")

@@ -142,7 +142,8 @@ def test_gpt_dataset_deterministic_across_builds_and_caches(env, tmp_path):
     assert runs[0] == runs[1] == runs[2]
     assert len(runs[0][0]) == 24 and len(runs[0][1]) == 16
     assert any(name.endswith("shuffle_index.npy") for name in os.listdir(tmp_path / "a"))
-    # Valid cycles over the same eval_iters * global_batch_size = 16 samples (8 micro-batches).
+    # Without --eval-interval a run evaluates once (at the end): valid holds eval_iters *
+    # global_batch_size = 16 samples (8 micro-batches) and starts over after them.
     assert runs[0][1][:8] == runs[0][1][8:] and runs[0][1][:4] != runs[0][1][4:8]
     # Samples are real corpus text: every token id is a tokenizer id and EOD separates documents.
     flat = np.array(runs[0][0]).ravel()
@@ -167,6 +168,19 @@ def test_resume_from_consumed_samples_gives_the_same_batches(env, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_validation_resumes_from_consumed_valid_samples(env, tmp_path):
+    # --eval-interval 3 over 6 iterations: Megatron-LM's validation size, (6 // 3 + 1) evaluations
+    # of eval_iters 2 global batches of 8 = 48 samples = 24 micro-batches, read in order.
+    args = _args(data_path=[env.prefix], data_cache_path=str(tmp_path), eval_interval=3)
+    _, valid = build_pretrain_data_iterators(args, env.sp, 0, 0, 1)
+    full = _tokens(take(valid, 48))
+    assert len({str(b) for b in full[:24]}) == 24  # 48 distinct samples, then from the start again
+    assert full[24:] == full[:24]
+    # After one evaluation (16 samples scored) a resumed run's valid_iter reads on from sample 16.
+    _, resumed = build_pretrain_data_iterators(args, env.sp, 0, 0, 1, consumed_valid_samples=16)
+    assert _tokens(take(resumed, 24)) == full[8:32]
 
 
 def test_batches_are_shifted_tokens_with_masks(env, tmp_path):

@@ -187,10 +187,42 @@ def _check_split_documents(config: GPTDatasetConfig, args: argparse.Namespace) -
                 )
 
 
+def validation_samples(args: argparse.Namespace) -> int:
+    """Validation samples a run reads, as Megatron-LM sizes its validation dataset:
+    (train_iters // eval_interval + 1) evaluations of eval_iters global batches (one evaluation,
+    at the end of training, without --eval-interval); 0 when eval_iters is 0."""
+    eval_iters = getattr(args, "eval_iters", 0)
+    if eval_iters <= 0:
+        return 0
+    interval = getattr(args, "eval_interval", None)
+    evaluations = args.train_iters // interval + 1 if interval else 1
+    return evaluations * eval_iters * args.global_batch_size
+
+
+def check_eval_flags(args: argparse.Namespace) -> None:
+    """--eval-iters / --eval-interval against each other and --split, before anything is built."""
+    if args.eval_iters < 0:
+        raise DataConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")
+    if args.eval_interval is not None:
+        if args.eval_interval < 1:
+            raise DataConfigError(f"--eval-interval must be >= 1, got {args.eval_interval}")
+        if args.eval_iters == 0:
+            raise DataConfigError(f"--eval-interval {args.eval_interval} needs --eval-iters > 0 "
+                                  "(validation global batches per evaluation)")
+    if args.eval_iters > 0:
+        parts = [float(p) for p in check_split(args.split).split(",")]
+        if len(parts) < 2 or parts[1] == 0.0:
+            flags = f"--eval-iters {args.eval_iters}"
+            if args.eval_interval is not None:
+                flags = f"--eval-interval {args.eval_interval} {flags}"
+            raise DataConfigError(f"{flags} needs a validation split, but --split {args.split!r} "
+                                  "gives it no share (e.g. --split 969,30,1)")
+
+
 def build_pretrain_datasets(
     args: argparse.Namespace, tokenizer: Any
 ) -> tuple[Dataset, Optional[Dataset]]:
-    """(train, valid) datasets of train_iters and eval_iters global batches.
+    """(train, valid) datasets of train_iters global batches and `validation_samples(args)`.
 
     valid is None when eval_iters is 0 or --split gives it no share. The test share of --split
     is held out: it moves the train/valid boundaries exactly as in Megatron-LM but is never
@@ -207,7 +239,7 @@ def build_pretrain_datasets(
         raise DataConfigError(f"--split {args.split!r} gives the train split no share")
     _check_split_documents(config, args)
     _ensure_dataset_helpers()
-    sizes = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
+    sizes = [args.train_iters * args.global_batch_size, validation_samples(args), 0]
     cls = MockGPTDataset if config.mock else GPTDataset
     builds_blend = not config.mock and (len(config.blend[0]) > 1 or config.blend[1] is not None)
     needs_group = builds_blend and config.path_to_cache is not None and not torch.distributed.is_initialized()
@@ -306,13 +338,30 @@ def build_data_loader(dataset: Dataset, total_samples: int, consumed_samples: in
                       persistent_workers=num_workers > 0)
 
 
-def _cycle(loader: DataLoader) -> Iterator[Batch]:
-    while True:
-        yield from loader
+def _validation_batches(dataset: Dataset, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                        dp_rank: int, dp_size: int, num_workers: int) -> Iterator[Batch]:
+    """Validation micro-batches from sample `consumed_samples` on; after `total_samples` (rounded
+    down to whole micro_batch_size * dp_size chunks) they start again at sample 0. Bad counts
+    fail here, when the iterator is built, not at the first evaluation."""
+    chunk = micro_batch_size * dp_size
+    total = total_samples - total_samples % chunk
+    if total <= 0:
+        raise DataConfigError(f"the validation split has {total_samples} samples, fewer than "
+                              f"micro_batch_size * data-parallel size = {chunk}")
+    first = build_data_loader(dataset, total, consumed_samples % total, micro_batch_size, dp_rank, dp_size,
+                              num_workers)
+
+    def batches() -> Iterator[Batch]:
+        yield from first
+        while True:
+            yield from build_data_loader(dataset, total, 0, micro_batch_size, dp_rank, dp_size, num_workers)
+
+    return batches()
 
 
 def build_pretrain_data_iterators(
-    args: argparse.Namespace, tokenizer: Any, consumed_samples: int, dp_rank: int, dp_size: int
+    args: argparse.Namespace, tokenizer: Any, consumed_samples: int, dp_rank: int, dp_size: int,
+    consumed_valid_samples: int = 0,
 ) -> tuple[Iterator[Batch], Optional[Iterator[Batch]]]:
 
     """(train_iter, valid_iter) yielding this DP rank's micro-batches as dicts of CPU tensors.
@@ -322,9 +371,13 @@ def build_pretrain_data_iterators(
     `attention_mask` (bool [mbs, 1, seq, seq], True = masked out, megatron's convention).
     train_iter starts after `consumed_samples` global samples (a multiple of mbs*dp, normally
     iteration * global_batch_size), so a resumed run sees exactly the batches the original would
-    have. valid_iter cycles over the same eval_iters global batches, so every evaluation scores
-    the same samples; it is None when eval_iters is 0 or --split gives validation no share.
-    Collective under torch.distributed (see build_pretrain_datasets).
+    have. valid_iter does the same for validation, like Megatron-LM's: it starts after
+    `consumed_valid_samples` (evaluations so far * eval_iters * global_batch_size), so each
+    evaluation scores the next eval_iters global batches and a resumed run scores the ones the
+    original would have; after the `validation_samples(args)` a run reads (Megatron-LM's size of
+    the validation dataset) it starts again from the first. valid_iter is None when eval_iters is
+    0 or --split gives validation no share. Collective under torch.distributed (see
+    build_pretrain_datasets).
     """
     if args.global_batch_size % (args.micro_batch_size * dp_size):
         raise DataConfigError(
@@ -336,10 +389,9 @@ def build_pretrain_data_iterators(
                                      dp_rank, dp_size, args.num_workers)
     valid_iter = None
     if valid_ds is not None:
-        valid_samples = args.eval_iters * args.global_batch_size
-        valid_loader = build_data_loader(valid_ds, min(valid_samples, len(valid_ds)), 0, args.micro_batch_size,
-                                         dp_rank, dp_size, args.num_workers)
-        valid_iter = _cycle(valid_loader)
+        valid_iter = _validation_batches(valid_ds, min(validation_samples(args), len(valid_ds)),
+                                         consumed_valid_samples, args.micro_batch_size, dp_rank, dp_size,
+                                         args.num_workers)
     return iter(train_loader), valid_iter
 
 

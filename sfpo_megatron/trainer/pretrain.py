@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import time
 from functools import partial
@@ -21,7 +22,12 @@ from sfpo_megatron.components.checkpoint import load_checkpoint, resolve_load_di
 from sfpo_megatron.components.metrics import MetricsLogger, ThroughputMeter, memory_stats
 from sfpo_megatron.components.optimizer import optimizer_state_bytes
 from sfpo_megatron.components.preemption import EXIT_CODE, PreemptionHandler
-from sfpo_megatron.components.pretrain_data import DatasetTokenizer, build_pretrain_data_iterators, get_batch
+from sfpo_megatron.components.pretrain_data import (
+    DatasetTokenizer,
+    build_pretrain_data_iterators,
+    check_eval_flags,
+    get_batch,
+)
 from sfpo_megatron.data.tokenizer import load_tokenizer
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.distributed.platform import current_platform, setup_platform
@@ -58,6 +64,7 @@ def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
                                    "--pipeline-model-parallel-size >= 2")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False
+    check_eval_flags(args)
     return dp
 
 
@@ -87,17 +94,29 @@ def forward_step(data_iterator, model):
     return output, partial(lm_loss_func, loss_mask)
 
 
-def reduce_lm_loss(losses: list[dict]) -> float:
-    """Token-mean loss over all micro-batches and DP ranks, known on every rank."""
+def sum_lm_loss(losses: list[dict]) -> torch.Tensor:
+    """[masked CE sum, loss tokens] of this rank's micro-batches (zeros off the last stage)."""
     total = torch.zeros(2, dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for d in losses:
-            total += d["lm loss"].double()
+            total += d["lm loss"].double().cpu()
+    return total
+
+
+def mean_lm_loss(total: torch.Tensor) -> float:
+    """Token-mean loss of [loss sum, tokens] summed over all DP ranks, known on every rank."""
+    total = total.to(current_platform().device())
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(total, group=ps.get_data_parallel_group())
     # The loss lives on the last stage; share it with the whole pipeline.
     last = ps.get_pipeline_model_parallel_last_rank()
     dist.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def reduce_lm_loss(losses: list[dict]) -> float:
+    """Token-mean loss over all micro-batches and DP ranks, known on every rank."""
+    return mean_lm_loss(sum_lm_loss(losses))
 
 
 def train_step(setup, data_iterator, num_microbatches: int, args) -> tuple[float, float]:
@@ -113,6 +132,28 @@ def train_step(setup, data_iterator, num_microbatches: int, args) -> tuple[float
         raise FloatingPointError("optimizer step skipped (non-finite gradients)")
     setup.scheduler.step(increment=1)
     return reduce_lm_loss(losses), float(grad_norm or 0.0)
+
+
+def evaluate(setup, valid_iterator, num_microbatches: int, args) -> float:
+    """Validation loss, as Megatron-LM's `evaluate`: eval_iters forward-only rounds of one global
+    batch each (no gradients, model in eval mode), token-mean over all of them and all DP ranks."""
+    fb = get_forward_backward_func()
+    iters = valid_iterator if len(setup.model) == 1 else [valid_iterator] * len(setup.model)
+    total = torch.zeros(2, dtype=torch.float64)
+    for m in setup.model:
+        m.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(args.eval_iters):
+                losses = fb(forward_step_func=forward_step, data_iterator=iters,
+                            model=setup.model if len(setup.model) > 1 else setup.model[0],
+                            num_microbatches=num_microbatches, seq_length=args.seq_length,
+                            micro_batch_size=args.micro_batch_size, forward_only=True)
+                total += sum_lm_loss(losses)
+    finally:
+        for m in setup.model:
+            m.train()
+    return mean_lm_loss(total)
 
 
 def pretrain(args: argparse.Namespace) -> dict:
@@ -144,9 +185,13 @@ def pretrain(args: argparse.Namespace) -> dict:
         if res is not None and not args.finetune:
             iteration, extra = res.iteration, res.extra_state
     consumed = int(extra.get("consumed_samples", iteration * args.global_batch_size))
+    # Validation samples scored by the evaluations so far (Megatron-LM's consumed_valid_samples):
+    # a resumed run's evaluations read on where the original's would have.
+    consumed_valid = int(extra.get("consumed_valid_samples", 0))
 
     tokenizer = build_tokenizer(args, arch)
-    train_iter, _ = build_pretrain_data_iterators(args, tokenizer, consumed, dp_rank, dp_size)
+    train_iter, valid_iter = build_pretrain_data_iterators(args, tokenizer, consumed, dp_rank, dp_size,
+                                                           consumed_valid_samples=consumed_valid)
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
     metrics = MetricsLogger(args.log_dir, args.tensorboard_dir, rank=dist.get_rank(),
                             start_iteration=iteration + 1)
@@ -166,26 +211,41 @@ def pretrain(args: argparse.Namespace) -> dict:
                     "tokens_per_second": meter.tokens_per_second(tokens),
                     "iteration_time_s": time.perf_counter() - t0,
                     "consumed_samples": consumed, **memory_stats(current_platform().device())}
-            if iteration == 1 or iteration % args.log_interval == 0:
+            stop = preemption.should_stop()
+            if args.overlap_param_gather:
+                # megatron defers the post-step all-gather to the next forward; a checkpoint,
+                # the evaluation (or the caller) must see this step's weights.
+                for m in setup.model:
+                    m.start_param_sync(force_sync=True)
+            # Megatron-LM evaluates every --eval-interval iterations and once more at the end of
+            # training; here the end's evaluation is skipped when the last iteration just had one.
+            evaluated = valid_iter is not None and (
+                iteration == args.train_iters
+                or (args.eval_interval is not None and iteration % args.eval_interval == 0))
+            if evaluated:
+                val_loss = evaluate(setup, valid_iter, num_microbatches, args)
+                consumed_valid += args.eval_iters * args.global_batch_size
+                # Megatron-LM's perplexity: exp of the loss, clipped at exp(20).
+                last.update({"validation/lm_loss": val_loss, "validation/ppl": math.exp(min(20.0, val_loss)),
+                             "validation/consumed_samples": consumed_valid})
+                if dist.get_rank() == 0:
+                    log.info("iter %d validation loss %.6f ppl %.4f", iteration, val_loss,
+                             math.exp(min(20.0, val_loss)))
+            if evaluated or iteration == 1 or iteration % args.log_interval == 0:
                 last.update(optimizer_state_bytes(setup.optimizer))
                 metrics.log(iteration, last)
                 if dist.get_rank() == 0:
                     log.info("iter %d loss %.6f grad_norm %.4f", iteration, loss, grad_norm)
-            stop = preemption.should_stop()
-            if args.overlap_param_gather:
-                # megatron defers the post-step all-gather to the next forward; a checkpoint
-                # (or the caller) must see this step's weights.
-                for m in setup.model:
-                    m.start_param_sync(force_sync=True)
+            run_state = {"consumed_samples": consumed, "consumed_valid_samples": consumed_valid}
             if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
                 save_checkpoint(args.save, iteration, setup.model, setup.optimizer,
-                                setup.scheduler, {"consumed_samples": consumed},
+                                setup.scheduler, run_state,
                                 optim_sharding=args.dist_ckpt_optim_sharding)
             if stop:
                 raise Preempted(iteration)
         if args.save and (not args.save_interval or iteration % args.save_interval != 0):
             save_checkpoint(args.save, iteration, setup.model, setup.optimizer, setup.scheduler,
-                            {"consumed_samples": consumed},
+                            {"consumed_samples": consumed, "consumed_valid_samples": consumed_valid},
                             optim_sharding=args.dist_ckpt_optim_sharding)
     finally:
         metrics.close()

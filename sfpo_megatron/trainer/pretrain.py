@@ -64,7 +64,6 @@ def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
                                    "--pipeline-model-parallel-size >= 2")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False
-    check_eval_flags(args)
     return dp
 
 
@@ -162,6 +161,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     arch = load_hf_config(args.model_config)
     env = parallel.read_dist_env()
     check_args(args, arch, env.world_size)
+    check_eval_flags(args)  # pretraining's validation flags (rl's --eval-interval is its own)
     parallel.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, seed=args.seed,
                         timeout_minutes=args.distributed_timeout_minutes)

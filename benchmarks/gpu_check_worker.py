@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import platform as py_platform
-import random
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from sfpo_common import build_setup, make_samples, rl_args  # noqa: E402
+from sfpo_update import samples as random_samples  # noqa: E402  (benchmarks/, the script's dir)
 from sfpo_worker import hf_params, reinit  # noqa: E402
 from tiny_models import CONVERSION, CONVERSION_MODELS, save_conversion_models, save_sfpo_model  # noqa: E402
 
@@ -47,7 +47,6 @@ from sfpo_megatron.distributed import cpu_compat, parallel  # noqa: E402
 from sfpo_megatron.distributed.platform import setup_platform  # noqa: E402
 from sfpo_megatron.models.builder import model_provider  # noqa: E402
 from sfpo_megatron.models.hf_config import load_hf_config  # noqa: E402
-from sfpo_megatron.records import Sample  # noqa: E402
 from sfpo_megatron.trainer.main_params import inner_optimizers, main_params  # noqa: E402
 from sfpo_megatron.trainer.model_setup import build_training_setup  # noqa: E402
 from sfpo_megatron.trainer.train_batch import collate  # noqa: E402
@@ -278,19 +277,6 @@ def matmul_ceiling(device: torch.device, sizes: list[int], reps: int) -> dict:
     return best
 
 
-def _random_samples(vocab: int, n: int, prompt: int, response: int, seed: int = 0) -> list[Sample]:
-    rng = random.Random(seed)
-    out = []
-    for g in range(n // 4):
-        ids = [rng.randrange(2, vocab) for _ in range(rng.randint(prompt // 2, prompt))]
-        for i in range(4):
-            r = rng.randint(response // 2, response)
-            out.append(Sample(prompt_index=g, group_id=g, prompt_ids=ids,
-                              response_ids=[rng.randrange(2, vocab) for _ in range(r)],
-                              rollout_logprobs=[-1.0] * r, weight_version=0, advantage=(i - 1.5) / 1.3))
-    return out
-
-
 def job_update_throughput(a) -> dict:
     """The bf16 matmul ceiling, then SFPO updates (bf16, distributed optimizer) of the
     throughput model: one warm-up, ``--updates`` timed."""
@@ -307,7 +293,7 @@ def job_update_throughput(a) -> dict:
     arch = load_hf_config(model)
     setup = build_training_setup(args, arch, total_scheduler_steps=args.num_rollouts)
     updater = PolicyUpdater(args, setup)
-    samples = _random_samples(arch.vocab_size, a.batch, a.prompt, a.response)
+    samples = random_samples(arch.vocab_size, a.batch, a.prompt, a.response)
     batch = collate(samples, 0)
     updater.update(batch, 1)  # warm-up: allocates the Adam state
     times, metrics = [], {}

@@ -37,15 +37,17 @@ FLAGS = ["--lr", "1e-5", "--num-rollouts", "100", "--num-steps-per-rollout", "2"
          "--entropy-coef", "0.001", "--rollout-max-response-len", str(RESPONSE), "--seed", "1"]
 
 
-def samples(vocab: int) -> list:
+def samples(vocab: int, n: int = BATCH, prompt_len: int = PROMPT, response_len: int = RESPONSE,
+            seed: int = 0) -> list:
+    """Random rollout batch: groups of 4 responses with fixed advantages (also the GPU kit's)."""
     from sfpo_megatron.records import Sample
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
     out = []
-    for g in range(BATCH // 4):
-        prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(PROMPT // 2, PROMPT))]
+    for g in range(n // 4):
+        prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(prompt_len // 2, prompt_len))]
         for i in range(4):
-            r = rng.randint(RESPONSE // 2, RESPONSE)
+            r = rng.randint(response_len // 2, response_len)
             out.append(Sample(prompt_index=g, group_id=g, prompt_ids=prompt,
                               response_ids=[rng.randrange(2, vocab) for _ in range(r)],
                               rollout_logprobs=[-1.0] * r, weight_version=0,

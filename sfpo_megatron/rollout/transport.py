@@ -441,7 +441,7 @@ TRANSPORTS = {"disk": DiskTransport, "distributed": DistributedTransport, "tenso
 
 
 def make_transport(kind: str, client: RolloutClient, **kwargs: Any) -> WeightTransport:
-    """Build the transport named by ``--refit-transport`` (disk | distributed | tensor)."""
+    """Build the transport named by ``--weight-transport`` (disk | distributed | tensor)."""
     if kind not in TRANSPORTS:
         raise ValueError(f"unknown refit transport {kind!r}; choose one of {sorted(TRANSPORTS)}")
     return TRANSPORTS[kind](client, **kwargs)

@@ -181,11 +181,8 @@ def test_producer_waits_for_the_weights_the_staleness_bound_needs() -> None:
     prod, rec = make_producer(k=1)
     prod.start()
     try:
-        deadline = time.monotonic() + 10
-        while len(rec.started) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)
-        assert sorted(rec.started) == [1, 2]  # batch 3 needs version >= 1
+        assert prod.wait_until_blocked(timeout=30) == 1  # batch 3 needs version >= 1
+        assert sorted(rec.started) == [1, 2]
         for step in range(1, 6):
             assert prod.get(step).step == step
             prod.weights_updated(step)

@@ -278,8 +278,13 @@ def test_pause_in_place_then_continue_and_pause_abort(url: str, hf: torch.nn.Mod
     box: dict[str, Any] = {}
     t = threading.Thread(target=lambda: box.update(out=generate(url, input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 16})))
     t.start()
-    t.join(timeout=1.5)
-    assert t.is_alive(), "a request completed while generation was paused"
+    deadline = time.monotonic() + 30
+    while requests.get(url + "/get_load", headers=AUTH, timeout=5).json()[0]["num_waiting_reqs"] == 0:
+        assert time.monotonic() < deadline, "the request never reached the server's queue"
+        time.sleep(0.01)
+    # The server holds it: queued, nothing generated, the caller still waiting.
+    load = requests.get(url + "/get_load", headers=AUTH, timeout=5).json()[0]
+    assert (load["num_waiting_reqs"], load["num_running_reqs"]) == (1, 0) and t.is_alive()
     assert post(url, "/continue_generation", {}).status_code == 200
     t.join(timeout=30)
     assert box["out"]["output_ids"] == ref

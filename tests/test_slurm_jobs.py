@@ -3,9 +3,9 @@
 `--gpus-per-node=1` against the nodes' fake GPU gres (one rank per node).
 
 Job states come from `scontrol show job` (`sbatch --wait` reports 0 for a job cancelled while
-pending). The failure path uses a stand-in trainer (tests/scripts/slurm_probe.py: the real RL flag
-parser, real generation through the servers, then a chosen exit code); the RL and eval jobs use the
-real `sfpo-megatron rl` / `eval`.
+pending). The colocated failure path uses a stand-in trainer (tests/scripts/slurm_probe.py: the real
+RL flag parser, real generation through the servers, then a chosen exit code) to pick the exit code;
+every other RL and eval job, colocated included, runs the real `sfpo-megatron rl` / `eval`.
 """
 
 from __future__ import annotations
@@ -230,6 +230,31 @@ def test_disaggregated_sfpo_job_runs_two_steps_across_both_nodes(cluster, tmp_pa
     assert "stopped steps: sfpo-rollout" in out
     _no_servers_left(str(rollout_model))
     _port_closed(f"http://127.0.0.1:{port}")
+
+
+@pytest.mark.slow
+def test_colocated_sfpo_job_trains_two_steps_on_the_servers_nodes(cluster, tmp_path: Path,
+                                                                 rollout_model: Path) -> None:
+    run = tmp_path / "run"
+    flags = ["--prompt-data", str(_math_prompts(tmp_path)), *RL_FLAGS]
+    job = sbatch("rl_sfpo_colocated.sbatch", flags, tmp_path,
+                 job_env(HF_DIR=rollout_model, RUN_DIR=run, ROLLOUT_BACKEND="cpu"), CPU_NODES)
+    info = wait_job(job, 900)
+    _ok(info, tmp_path, "sfpo-rl-colocated", job, run)
+    out = output(tmp_path, "sfpo-rl-colocated", job)
+    assert f"checkpoints: {run}/checkpoints; metrics: {run}/metrics/metrics.jsonl" in out
+    # One server per node, both given to the trainer, which time-shares them (--colocate).
+    urls = out.split("--rollout-urls ", 1)[1].split(" --colocate", 1)[0].split()
+    assert len(urls) == 2 and len(set(urls)) == 2, out
+    rows = read_jsonl(run / "metrics/metrics.jsonl")
+    assert sorted({r["iteration"] for r in rows}) == [1, 2], rows
+    assert all(r["weight_version"] == r["iteration"] for r in rows), rows
+    assert (run / "checkpoints/latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert sorted(p.name for p in (run / f"logs/{job}_0").glob("trainer-*.log")) == \
+        ["trainer-0.log", "trainer-1.log"]
+    _no_servers_left(str(rollout_model))
+    for url in urls:
+        _port_closed(url)
 
 
 @pytest.mark.slow

@@ -107,6 +107,7 @@ class AsyncRolloutProducer:
         self._next = next_step + len(self._ready)  # the next batch to produce
         self._last = last_step
         self._inflight_start: dict | None = None  # sampler state at the start of the batch in flight
+        self._waiting_for: int | None = None  # the weight version the staleness bound waits for
         self._error: BaseException | None = None
         self._stop = False
         self._cond = threading.Condition()
@@ -127,7 +128,11 @@ class AsyncRolloutProducer:
         try:
             while True:
                 with self._cond:
+                    if not self._may_produce() and self._next <= self._last:
+                        self._waiting_for = self._next - 1 - self.max_staleness
+                        self._cond.notify_all()
                     self._cond.wait_for(self._may_produce)
+                    self._waiting_for = None
                     if self._stop:
                         return
                     step = self._next
@@ -170,6 +175,14 @@ class AsyncRolloutProducer:
         with self._cond:
             self._version = version
             self._cond.notify_all()
+
+    def wait_until_blocked(self, timeout: float) -> int | None:
+        """Wait until the producer sits at the staleness bound; returns the weight version it waits
+        for (None if it did not block within ``timeout``). Lets callers observe the bound without
+        guessing at timing."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._waiting_for is not None or self._error is not None, timeout)
+            return self._waiting_for
 
     def queued(self) -> int:
         with self._cond:

@@ -167,9 +167,10 @@ def _parsers_with(extra: str) -> dict[str, argparse.ArgumentParser]:
 
 def test_a_planted_option_without_a_case_is_reported(tmp_path: Path) -> None:
     declarations, _ = find_declarations(sorted(TESTS.glob("*.py")))
+    before = coverage_problems(cli_parsers(), declarations, EXCEPTIONS, UNCOVERED)
     problems = coverage_problems(_parsers_with("--bogus-knob"), declarations, EXCEPTIONS,
                                  UNCOVERED)
-    assert problems == ["--bogus-knob (`sfpo-megatron rl`) has no flag-to-behaviour case"]
+    assert problems == before + ["--bogus-knob (`sfpo-megatron rl`) has no flag-to-behaviour case"]
     # A case for it (found by the same static scan) makes it pass; a typo in a case fails.
     case = tmp_path / "test_planted.py"
     case.write_text("import pytest\n\n\n@pytest.mark.flags('--bogus-knob', cmd=('rl', 'eval'))\n"
@@ -179,7 +180,8 @@ def test_a_planted_option_without_a_case_is_reported(tmp_path: Path) -> None:
     assert not bad and [d.cmds for d in planted] == [("rl", "eval"), ("rl",)]
     problems = coverage_problems(_parsers_with("--bogus-knob"), declarations + planted,
                                  EXCEPTIONS, UNCOVERED)
-    assert problems == ["test_planted.py:10: --bogus-knbo is not an option of `sfpo-megatron rl`"]
+    assert problems == ["test_planted.py:9: --bogus-knbo is not an option of `sfpo-megatron rl`"] \
+        + before
 
 
 def test_stale_entries_and_eval_drift_are_reported() -> None:

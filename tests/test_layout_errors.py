@@ -40,6 +40,8 @@ def test_valid_layout_returns_dp():
     assert check_layout(**{**BASE, "tp": 2}) == 2
 
 
+@pytest.mark.flags("--global-batch-size", "--micro-batch-size", "--pipeline-model-parallel-size",
+                   cmd="pretrain")
 def test_cli_stops_at_startup_with_the_message(tmp_path):
     cfg = write_tiny_config(tmp_path / "m", "qwen2")  # 4 heads, 2 KV heads, 2 layers
     out = sfpo(2, "pretrain", ["--model-config", str(cfg), "--mock-data",

@@ -111,6 +111,8 @@ def dp2(tmp_path_factory) -> argparse.Namespace:
                               lines=read_jsonl(root / "logs" / "metrics.jsonl"))
 
 
+@pytest.mark.flags("--eval-interval", "--eval-iters", "--tensorboard-dir", "--train-iters", "--log-dir",
+                   "--global-batch-size", cmd="pretrain")
 def test_validation_logged_at_the_interval_and_the_end(dp2):
     lines = dp2.lines
     assert [m["iteration"] for m in lines] == [1, 2, 3, 4, 5]
@@ -129,6 +131,7 @@ def test_validation_logged_at_the_interval_and_the_end(dp2):
         assert value == pytest.approx(evaluated[i]["validation/lm_loss"], rel=1e-6)
 
 
+@pytest.mark.flags("--data-path", "--split", "--seq-length", "--load", cmd="pretrain")
 def test_first_training_loss_equals_hf_cross_entropy(dp2):
     train, _ = _datasets(dp2.data + ["--train-iters", "5"])
     expected = _hf_loss(_load_hf(dp2.hf), train, range(GBS))  # iteration 1: samples 0..3
@@ -138,6 +141,7 @@ def test_first_training_loss_equals_hf_cross_entropy(dp2):
     assert not _close(got, _hf_loss(_load_hf(dp2.hf), train, range(GBS, 2 * GBS)))
 
 
+@pytest.mark.flags("--save", "--save-interval", "--split", cmd="pretrain")
 def test_validation_loss_equals_hf_cross_entropy_of_the_checkpoint(dp2):
     """Iteration 2 scores validation samples 0..7 with the weights after 2 steps; iteration 5 (the
     resumed run's end) scores samples 16..23: the count of scored samples survived the restart."""
@@ -153,6 +157,7 @@ def test_validation_loss_equals_hf_cross_entropy_of_the_checkpoint(dp2):
             assert not _close(logged[iteration], _hf_loss(hf, valid, range(0, PER_EVAL)))
 
 
+@pytest.mark.flags("--mock-data", "--eval-iters", "--lr", cmd="pretrain")
 def test_mock_data_eval_iters_alone_evaluates_at_the_end(dp2, tmp_path):
     """--mock-data, --eval-iters without --eval-interval: one evaluation, at the end. lr 0 keeps
     the starting weights (the HF model's, through the init checkpoint) through both steps, so the

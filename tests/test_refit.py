@@ -51,6 +51,8 @@ def test_server_logprobs_match_megatron_logprobs(results: dict, temperature: str
     assert parity["max_abs_diff"] < TOL, parity
 
 
+@pytest.mark.flags("--rollout-backend", "--rollout-urls", "--weight-transport", "--update-weight-buffer-size",
+                   "--colocate")
 @pytest.mark.parametrize("transport", ["distributed", "disk", "colocated_disk"])
 def test_refit_after_update_makes_server_logits_equal_trainer(results: dict, transport: str) -> None:
     entry = results["refit"][transport]
@@ -66,6 +68,7 @@ def test_refit_after_update_makes_server_logits_equal_trainer(results: dict, tra
     assert entry["num_buckets"] > 1  # --update-weight-buffer-size 40000 splits the model
 
 
+@pytest.mark.flags("--colocate")
 def test_colocated_server_refuses_generation_while_released(results: dict) -> None:
     assert results["refit"]["colocated_disk"]["generate_while_released"] == 503
 

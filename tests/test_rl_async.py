@@ -109,6 +109,7 @@ def test_killed_after_a_checkpoint_that_carries_untrained_batches(runs: dict) ->
     assert runs["killed_at"] <= 3  # step 3 had at most started
 
 
+@pytest.mark.flags("--async-rollout", "--max-staleness", "--vcpo")
 def test_no_sample_is_older_than_max_staleness(runs: dict) -> None:
     seen = set()
     for step, rec in runs["async"].items():
@@ -127,6 +128,7 @@ def test_no_sample_is_older_than_max_staleness(runs: dict) -> None:
     assert K in seen  # generation really ran ahead of training
 
 
+@pytest.mark.flags("--seed", "--rollout-batch-size", "--prompt-data")
 @pytest.mark.parametrize("resume", ["async", "sync"])
 def test_kill_and_resume_loses_no_sample_and_trains_none_twice(runs: dict, resume: str) -> None:
     recs = runs[resume]

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, sfpo, torchrun
 from tiny_models import save_rollout_model
 
@@ -31,6 +32,7 @@ def rl_flags(model: Path, root: Path) -> list[str]:
             "--log-dir", str(root / "logs")]
 
 
+@pytest.mark.flags("--kl-coef", "--ref-load")
 def test_kl_penalty_against_the_reference_checkpoint(tmp_path: Path) -> None:
     model = save_rollout_model(tmp_path / "model", seed=2)
     ref = tmp_path / "ref"
@@ -47,6 +49,7 @@ def test_kl_penalty_against_the_reference_checkpoint(tmp_path: Path) -> None:
     assert steps[2]["actor/kl"] > steps[1]["actor/kl"]
 
 
+@pytest.mark.flags("--kl-coef", "--ref-load")
 def test_kl_without_ref_load_stops_before_anything_starts(tmp_path: Path) -> None:
     model = save_rollout_model(tmp_path / "model", seed=2)
     start = time.monotonic()

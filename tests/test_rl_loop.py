@@ -71,6 +71,8 @@ def by_iteration(run: dict) -> dict[int, dict]:
     return {m["iteration"]: m for m in run["metrics"]}
 
 
+@pytest.mark.flags("--rollout-max-response-len", "--skip-malformed", "--num-rollouts", "--log-dir",
+                   "--hf-checkpoint")
 def test_every_step_logs_the_loop_metrics(run: dict) -> None:
     steps = by_iteration(run)
     assert sorted(steps) == [0, 1, 2]  # step 0: the evaluation before training
@@ -88,12 +90,14 @@ def test_every_step_logs_the_loop_metrics(run: dict) -> None:
         assert m["refit/num_tensors"] == 27
 
 
+@pytest.mark.flags("--tensor-model-parallel-size", "--weight-transport")
 def test_train_inference_logprob_gap_is_tiny_in_synchronous_mode(run: dict) -> None:
     # Server and trainer hold the same weights: only float rounding separates their logprobs.
     for i in (1, 2):
         assert by_iteration(run)[i]["rollout/train_inference_logprob_gap"] < 1e-4
 
 
+@pytest.mark.flags("--reward-fn")
 def test_raising_reward_is_counted_and_scored_zero(run: dict) -> None:
     last = by_iteration(run)[STEPS]
     per_step = [by_iteration(run)[i]["rollout/reward_errors"] for i in (1, 2)]
@@ -101,6 +105,7 @@ def test_raising_reward_is_counted_and_scored_zero(run: dict) -> None:
     assert last["rollout/reward_errors_total"] % N == 0  # every sample of the exploding prompt
 
 
+@pytest.mark.flags("--dynamic-sampling", "--n-samples-per-prompt", "--rollout-batch-size")
 def test_dynamic_sampling_keeps_only_groups_with_a_signal(run: dict) -> None:
     for i in (1, 2):
         m = by_iteration(run)[i]
@@ -113,6 +118,8 @@ def test_dynamic_sampling_keeps_only_groups_with_a_signal(run: dict) -> None:
     assert sum(by_iteration(run)[i]["rollout/dynamic_dropped_groups"] for i in (1, 2)) > 0
 
 
+@pytest.mark.flags("--eval-interval", "--eval-prompt-data", "--n-samples-per-eval-prompt",
+                   "--tensorboard-dir")
 def test_evaluation_at_start_and_interval(run: dict) -> None:
     steps = by_iteration(run)
     for i in (0, 2):
@@ -121,6 +128,7 @@ def test_evaluation_at_start_and_interval(run: dict) -> None:
     assert list((run["root"] / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.flags("--save", "--save-interval")
 def test_checkpoint_holds_the_rl_state(run: dict) -> None:
     from megatron.core import dist_checkpointing
 
@@ -133,6 +141,7 @@ def test_checkpoint_holds_the_rl_state(run: dict) -> None:
     assert state["updater"]["controller"]["last_step"] == STEPS
 
 
+@pytest.mark.flags("--load", "--log-dir", "--eval-prompt-data", "--rollout-deterministic", cmd="eval")
 def test_eval_subcommand_reproduces_the_loops_evaluation(run: dict) -> None:
     """`sfpo-megatron eval --load` (one process, TP=1 from a TP=2 checkpoint) serves the same
     weights with the same seeds, so avg@k / pass@k equal the loop's evaluation at that step."""

@@ -32,6 +32,7 @@ UNCLIPPED = (
     "to run it anyway")
 
 
+@pytest.mark.flags("--no-ppo-clip")
 def test_unclipped_multi_step_is_refused_by_the_console_script(tmp_path: Path) -> None:
     proc = subprocess.run(
         [PYTHON, "-m", "sfpo_megatron.cli", "rl", "--model-config", str(tmp_path), "--prompt-data",
@@ -53,6 +54,7 @@ def _args(flags: list[str]):
     (["--sfpo-inner-steps", "0", "--num-steps-per-rollout", "2"], 2,
      "--num-steps-per-rollout 2 x 1 pass"),
 ])
+@pytest.mark.flags("--no-ppo-clip", "--allow-unclipped-multi-step")
 def test_unclipped_multi_step_refusal_and_override(flags, steps, how,
                                                    capsys: pytest.CaptureFixture) -> None:
     args = _args(["--no-ppo-clip", *flags])
@@ -74,6 +76,7 @@ def test_unclipped_single_step_needs_no_override(flags) -> None:
     check_rl_args(_args(["--no-ppo-clip", *flags]))
 
 
+@pytest.mark.flags("--ppo-epochs")
 def test_ppo_epochs_with_sfpo_or_below_one_is_refused(capsys: pytest.CaptureFixture) -> None:
     base = ["rl", "--model-config", "unused", "--prompt-data", "p.jsonl"]
     assert main(base + ["--ppo-epochs", "4"]) == 2
@@ -90,6 +93,7 @@ def test_ppo_epochs_with_sfpo_or_below_one_is_refused(capsys: pytest.CaptureFixt
 PROMPTS = [{"prompt": "one two three", "answer": "four"}, {"prompt": "the quick brown", "answer": "fox"}]
 
 
+@pytest.mark.flags("--ppo-epochs", "--allow-unclipped-multi-step", "--log-dir", "--num-rollouts")
 def test_ppo_epochs_and_unclipped_override_end_to_end(tmp_path: Path) -> None:
     """A real one-step GRPO run (CPU rollout server) with 2 PPO epochs of 2 mini-batches and no
     clip: it starts, logs both passes, and no token is ever clipped."""

@@ -26,6 +26,7 @@ def test_default_is_cpu_and_cuda_is_a_choice():
     check_rollout_args(rl_args("--rollout-device", "cpu"))  # no error
 
 
+@pytest.mark.flags("--rollout-device")
 @no_cuda
 def test_trainer_refuses_cuda_without_a_gpu():
     with pytest.raises(RolloutConfigError) as e:
@@ -35,6 +36,7 @@ def test_trainer_refuses_cuda_without_a_gpu():
                             "use --rollout-device cpu")
 
 
+@pytest.mark.flags("--rollout-device", "--rollout-backend")
 def test_device_is_for_the_cpu_backend_only():
     with pytest.raises(RolloutConfigError) as e:
         check_rollout_args(rl_args("--rollout-device", "cuda", "--rollout-backend", "sglang"))

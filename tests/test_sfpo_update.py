@@ -115,6 +115,9 @@ def rel_close(a: float, b: float, what: str, tol: float = REL) -> None:
 # ---- SFPO equals the reference at every layout ---------------------------------------------------
 
 
+@pytest.mark.flags("--lr", "--lr-decay-style", "--num-rollouts", "--num-steps-per-rollout",
+                   "--sfpo-inner-steps", "--entropy-coef", "--rollout-temperature",
+                   "--use-distributed-optimizer")
 @pytest.mark.parametrize("name", ["dp1", "dp2", "dp2_overlap", "tp2", "pp2"])
 def test_sfpo_matches_reference(runs, name):
     ref = reference(runs["hf"], 0.8, 2, 2)
@@ -153,6 +156,7 @@ def test_inputs_advantages_are_grpos():
         assert adv.abs().max() > 0
 
 
+@pytest.mark.flags("--kl-coef")
 def test_kl_to_reference_policy_matches_reference(runs):
     ref = reference(runs["hf"], 0.8, 2, 2, kl_coef=0.05)
     assert_same_params(runs["kl"]["params"], ref, "kl")
@@ -162,6 +166,7 @@ def test_kl_to_reference_policy_matches_reference(runs):
 # ---- special cases: α = 0 and K = 0, α = 1 are the GRPO step -------------------------------------
 
 
+@pytest.mark.flags("--sfpo-alpha", "--algorithm")
 def test_alpha0_and_k0_alpha1_are_exactly_the_grpo_step(runs):
     ref = reference(runs["hf"], 0.0, 0, 1)
     for grpo, others in (("grpo", ("alpha0", "k0a1")), ("dp2_grpo", ("dp2_k0a1",))):
@@ -181,6 +186,7 @@ def test_alpha0_and_k0_alpha1_are_exactly_the_grpo_step(runs):
 # ---- --ppo-epochs E: GRPO's control for SFPO's K + 1 passes ---------------------------------------
 
 
+@pytest.mark.flags("--ppo-epochs")
 def test_ppo_epochs_grpo_equals_sfpo_alpha1_k3_bit_for_bit(runs):
     """GRPO with 4 PPO epochs and SFPO with α = 1, K = 3 (trigger off) run the same 4 passes
     against old log-probs at θ(s,0): equal parameters after 2 steps, and both are the reference's
@@ -208,6 +214,7 @@ def test_ppo_epochs_grpo_equals_sfpo_alpha1_k3_bit_for_bit(runs):
 # ---- bf16: Stage II acts on the fp32 main params -------------------------------------------------
 
 
+@pytest.mark.flags("--bf16")
 @pytest.mark.parametrize("name", ["bf16", "bf16_dp2"])
 def test_bf16_reposition_lands_on_fp32_main_params(runs, name):
     checks = runs[name]["checks"]["bf16"]
@@ -227,6 +234,7 @@ def test_bf16_reposition_lands_on_fp32_main_params(runs, name):
 # ---- the controller state survives a checkpoint --------------------------------------------------
 
 
+@pytest.mark.flags("--sfpo-zscore-window", "--sfpo-zscore-threshold")
 def test_trigger_survives_checkpoint_resume(runs):
     res = runs["resume"]
     m1, m2, m3 = res["metrics"]
@@ -244,6 +252,7 @@ def test_trigger_survives_checkpoint_resume(runs):
         assert torch.equal(t, res["params"][n]), f"resumed step 3 differs at {n}"
 
 
+@pytest.mark.flags("--no-ppo-clip", "--allow-unclipped-multi-step", "--micro-batch-size")
 def test_errors_name_the_problem(runs):
     e = runs["errors"]["errors"]
     assert all(v is not None and v[2] for v in e.values()), e  # all raised ValueError subclasses

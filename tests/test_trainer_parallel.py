@@ -88,6 +88,7 @@ def test_layout_matches_single_process(reference, layout_runs, name):
     assert rel < REL, f"{name}: parameters after {ITERS} steps differ, relative error {rel:.2e}"
 
 
+@pytest.mark.flags("--use-distributed-optimizer", cmd="pretrain")
 def test_distributed_optimizer_shards_state(reference, layout_runs):
     dp1 = reference["metrics"][0]
     dp2 = layout_runs["dp2_distopt"]["metrics"][0]  # rank 0's own shard
@@ -97,6 +98,7 @@ def test_distributed_optimizer_shards_state(reference, layout_runs):
     assert dp1["optimizer/adam_state_bytes"] == 2 * dp1["optimizer/main_param_bytes"]
 
 
+@pytest.mark.flags("--save", "--load", "--train-iters", cmd="pretrain")
 def test_resume_is_bitwise_and_reshards(base, reference):
     # 3 iterations + save, then the same command with --train-iters 6 resumes from `latest` in
     # --save: the checkpoint there wins over --load (which only initialises a fresh run).

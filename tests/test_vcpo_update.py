@@ -56,6 +56,7 @@ def test_on_policy_vcpo_is_the_synchronous_update_bit_for_bit(results: dict) -> 
     assert r["plain_metrics"][0]["actor/grad_norm"] > 0
 
 
+@pytest.mark.flags("--vcpo", "--ess-lr-scaling", "--ess-rho-base")
 @pytest.mark.parametrize("name", ["known_w", "known_w_dp2"])
 def test_ess_and_lr_scale_are_exact_for_known_weights(results: dict, name: str) -> None:
     r = results[name]
@@ -81,6 +82,7 @@ def _rel(a: dict, b: dict) -> float:
     return float((va - vb).norm() / vb.norm())
 
 
+@pytest.mark.flags("--off-policy-baseline", "--opob-grad-norm")
 def test_opob_changes_the_update_identically_at_dp1_and_dp2(results: dict) -> None:
     one, two = results["opob"], results["opob_dp2"]
     shift = one["opob_metrics"]["vcpo/opob_advantage_shift"]

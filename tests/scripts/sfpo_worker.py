@@ -40,6 +40,19 @@ LAYOUTS = {  # scenario → (tp, pp, extra flags, setting overrides)
     "tp2": (2, 1, (), {}),
     "pp2": (1, 2, (), {}),
     "bf16_dp2": (1, 1, ("--bf16", "--use-distributed-optimizer"), {}),
+    # tests/test_flag_cases_update.py: one flag (group) each, against the reference.
+    "eps_high": (1, 1, (), {"--eps-clip-high": "5"}),
+    "dual_clip": (1, 1, (), {"--dual-clip-c": "1.02"}),
+    "agg_seq": (1, 1, (), {"--loss-agg-mode": "seq-mean-token-mean"}),
+    "agg_norm": (1, 1, (), {"--loss-agg-mode": "seq-mean-token-sum-norm"}),
+    "no_clip": (1, 1, ("--no-ppo-clip", "--allow-unclipped-multi-step"), {}),
+    "recompute": (1, 1, ("--recompute-activations",), {}),
+    "adam": (1, 1, (), {"--adam-beta1": "0.5", "--adam-beta2": "0.9", "--adam-eps": "1e-3",
+                        "--weight-decay": "0.3", "--clip-grad": "0.05"}),
+    "stop_step": (1, 1, (), {"--sfpo-stop-step": "1"}),
+    "one_sided": (1, 1, (), {"--sfpo-zscore-window": "2", "--sfpo-zscore-threshold": "0.5"}),
+    "two_sided": (1, 1, ("--sfpo-zscore-two-sided",),
+                  {"--sfpo-zscore-window": "2", "--sfpo-zscore-threshold": "0.5"}),
 }
 ONE_STEP = {"grpo", "alpha0", "k0a1", "dp2_grpo", "dp2_k0a1"}
 
@@ -175,7 +188,14 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
         updater.stage_hook = bf16_recorder(args.sfpo_alpha, result["checks"]["bf16"])
     if name == "resume":
         return resume(args, setup, updater, hf, out, result)
+    # Transformer-layer forward calls: full activation recompute runs each one again in backward.
+    layer_calls = [0]
+    hooks = [m.register_forward_hook(lambda *_: layer_calls.__setitem__(0, layer_calls[0] + 1))
+             for c in setup.model for m in c.modules() if type(m).__name__ == "TransformerLayer"]
     run_steps(updater, range(1, 2 if name in ONE_STEP else STEPS + 1), result["metrics"])
+    for h in hooks:
+        h.remove()
+    result["layer_forwards"] = layer_calls[0]
     result["passes"] = updater.last_passes
     result["params"] = hf_params(setup, hf)
     return result

@@ -622,13 +622,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-request-bytes", type=int, default=16 * 1024**2, help="larger request bodies get 400")
     p.add_argument("--max-sequences-per-request", type=int, default=1024,
-                   help="a /generate asking for more sequences (prompts x n) gets 400. Default 1024: SGLang's "
-                        "largest n, or a whole GRPO step (64 prompts x 16) in one request; the trainer's client "
-                        "sends one sequence per request. A few hundred bytes could otherwise queue 100k sequences")
+                   help="a /generate asking for more sequences (prompts x n) gets 400. Default 1024: the largest "
+                        "n this server accepts, or a GRPO step of 64 prompts x 16 samples in one request (the "
+                        "trainer's client sends one sequence per request); without a cap a few hundred bytes can "
+                        "queue 100k sequences")
     p.add_argument("--max-queued-sequences", type=int, default=8192,
-                   help="a /generate that would take the queued + running sequences over this gets 429 (retry "
-                        "later). Default 8192: 128 full batches of 64, hours of CPU decoding, far above the "
-                        "trainer's 64 requests in flight; bounds the memory and the backlog a flood can build")
+                   help="a /generate that would take the queued + running sequences over this gets 429 with "
+                        "Retry-After (the trainer's client backs off and retries). Default 8192: 8 of the largest "
+                        "requests, 128 full default batches, far above the trainer's 64 requests in flight "
+                        "(--rollout-max-concurrency); it bounds the memory and the backlog a flood can build")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (the config's dtype)")
     p.add_argument("--weight-version", default="default", help="initial weight_version reported in responses")
     p.add_argument("--context-length", type=int, default=None, help="default: max_position_embeddings")

@@ -18,7 +18,7 @@ from hf_reference import hf_greedy, load_hf, make_prompts
 from tiny_models import EOS, ROLLOUT_VOCAB
 
 from sfpo_megatron.cpu_server.server import parse_args
-from sfpo_megatron.rollout.client import RolloutClient
+from sfpo_megatron.rollout.client import RolloutClient, RolloutError
 
 PER_REQUEST = 32
 QUEUED = 64
@@ -206,7 +206,12 @@ def test_full_queue_answers_429_and_the_client_waits(url: str, hf: torch.nn.Modu
     assert r.json() == {"object": "error", "type": "TooManyRequests", "param": None, "code": 429, "message": (
         f"the server's queue is full: {QUEUED} sequences are queued or running, this request adds 1, and "
         f"--max-queued-sequences is {QUEUED}; retry later")}
-    # The trainer's client backs off and retries instead of dropping the server.
+    # The trainer's client backs off and retries instead of dropping the server; it gives up only
+    # after its timeout of 429s.
+    impatient = RolloutClient([url], timeout=0.5, retries=0, backoff_s=0.05)
+    with pytest.raises(RolloutError, match=rf"^{url}/generate answered 429 \(queue full\) for \d+ s: .*queue is full"):
+        impatient.generate([[1, 2]], {"max_new_tokens": 1})
+    assert impatient.live_urls() == [url]
     client = RolloutClient([url], timeout=60, retries=0, backoff_s=0.05)
     prompts = make_prompts(3, seed=41)
     box: dict[str, Any] = {}

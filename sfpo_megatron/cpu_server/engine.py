@@ -51,8 +51,9 @@ class QueueFullError(EngineError):
 
 def _samplable(logits: torch.Tensor) -> torch.Tensor:
     """Per row of ``logits``: whether it is a distribution to sample from (no NaN, no +inf, and
-    at least one finite logit; -inf only masks a token out)."""
-    return ~torch.isnan(logits).any(-1) & ~torch.isposinf(logits).any(-1) & torch.isfinite(logits).any(-1)
+    at least one finite logit; -inf only masks a token out). One reduction: the row's max is NaN,
+    +inf or -inf exactly when it is not."""
+    return torch.isfinite(logits.amax(-1))
 
 
 class _Unsamplable(Exception):
@@ -457,12 +458,11 @@ class GenerationEngine:
             row = scaled[r:r + 1]
             row = self._filter(row, p)
             probs = torch.softmax(row, dim=-1)[0]
-            if not (torch.isfinite(probs).all() and probs.sum() > 0):
+            try:  # the filters keep a samplable row's top token; this only guards that promise
+                tokens[r] = torch.multinomial(probs, 1, generator=s.generator)[0]
+            except RuntimeError as e:
                 failed.add(r)
-                self._fail(s, RequestError("sampling_params", "no token has a finite probability after top_k / top_p / "
-                                                              "min_p filtering"))
-                continue
-            tokens[r] = torch.multinomial(probs, 1, generator=s.generator)[0]
+                self._fail(s, RequestError("sampling_params", f"top_k / top_p / min_p filtering left nothing to sample ({e})"))
         token_list = tokens.tolist()
         lps = report.gather(1, tokens[:, None])[:, 0].tolist()
         for r, s in enumerate(seqs):
@@ -520,7 +520,7 @@ class GenerationEngine:
                 row[list(stops)] = float("-inf")
             check("min_new_tokens")
 
-    def _distribution_error(self, s: Sequence, logits: torch.Tensor, counts: torch.Tensor | None) -> RequestError:
+    def _distribution_error(self, s: Sequence, logits: torch.Tensor, counts: torch.Tensor | None) -> Exception:
         """The parameter of ``s`` that left its next-token distribution with nothing to sample:
         the first stage of the logits processing after which the row is not samplable."""
         p = s.spec.params
@@ -543,8 +543,8 @@ class GenerationEngine:
             self._adjust_row(row, s, counts, check)
         except _Unsamplable as e:
             stage = str(e)
-            if stage == "model":
-                return RequestError("input_ids", "the model's logits for this sequence are not finite")
+            if stage == "model":  # not the request's parameters: the model's fault, a 500 for this request
+                return EngineError("the model's logits for this sequence are not finite")
             return RequestError(*messages[stage])
         if p.logit_bias:  # the bias made the logits huge; the temperature only tipped them over
             return RequestError("sampling_params.logit_bias", f"the biased logits divided by temperature {p.temperature} "

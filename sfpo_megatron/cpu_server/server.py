@@ -402,10 +402,10 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
                 return Response(status_code=499)
         try:
             results = gathered.result()
-        except RequestError:  # one sequence's parameters failed at sampling time: stop its siblings
+        except (RequestError, EngineError) as e:  # one sequence failed: stop its siblings
             engine.abort(rids, message="another sequence of this request failed")
-            raise
-        except EngineError as e:
+            if isinstance(e, RequestError):
+                raise
             return _error(500, str(e))
         return results[0] if req.is_single else results
 

@@ -50,7 +50,7 @@ work against either. Semantics that differ from a GPU SGLang server, all deliber
   params leave nothing to sample at sampling time (every token masked by ``min_new_tokens``, biased
   logits overflowing after ``temperature``) fails its own request with a 400 naming the parameter
   while the rest of the batch decodes as if it had never been there. Any other exception answers a
-  JSON error (500) naming it; only a model producing NaN logits fails the whole batch.
+  JSON error (500) naming it; only NaN logits from the model (or an engine bug) fail the whole batch.
 """
 
 from __future__ import annotations

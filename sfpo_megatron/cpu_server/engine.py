@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from sfpo_megatron.cpu_server.requests import FLOAT32_MIN, SamplingConfig, SeqSpec
+from sfpo_megatron.cpu_server.requests import FLOAT32_MIN, RequestError, SamplingConfig, SeqSpec
 
 logger = logging.getLogger("sfpo_megatron.cpu_server.server")
 
@@ -43,6 +43,21 @@ logger = logging.getLogger("sfpo_megatron.cpu_server.server")
 
 class EngineError(RuntimeError):
     pass
+
+
+class QueueFullError(EngineError):
+    """A request would take the queued and running sequences over the engine's limit."""
+
+
+def _samplable(logits: torch.Tensor) -> torch.Tensor:
+    """Per row of ``logits``: whether it is a distribution to sample from (no NaN, no +inf, and
+    at least one finite logit; -inf only masks a token out). One reduction: the row's max is NaN,
+    +inf or -inf exactly when it is not."""
+    return torch.isfinite(logits.amax(-1))
+
+
+class _Unsamplable(Exception):
+    """Raised by the stage of the logits processing after which a row is not samplable."""
 
 
 @dataclass
@@ -85,6 +100,7 @@ class GenerationEngine:
         *,
         eos_token_ids: set[int],
         max_batch_size: int = 64,
+        max_queued_sequences: int | None = None,
         weight_version: str = "default",
         return_original_logprob: bool = False,
         tokenizer: Any | None = None,
@@ -96,6 +112,7 @@ class GenerationEngine:
         self.vocab_size = int(model.config.vocab_size)
         self.eos_token_ids = set(eos_token_ids)
         self.max_batch_size = max_batch_size
+        self.max_queued_sequences = max_queued_sequences
         self.weight_version = weight_version
         self.return_original_logprob = return_original_logprob
         self.tokenizer = tokenizer
@@ -143,16 +160,24 @@ class GenerationEngine:
     def pause_mode(self) -> str | None:
         return self._pause_mode if self._paused else None
 
-    def submit(self, specs: list[SeqSpec]) -> list[Sequence]:
-        seqs = []
-        for spec in specs:
-            g = torch.Generator()
-            base = spec.params.seed if spec.params.seed is not None else self._seed_rng.getrandbits(62)
-            g.manual_seed(base + spec.sample_index)
-            seqs.append(Sequence(spec, g))
+    def submit(self, specs: list[SeqSpec], limited: bool = True) -> list[Sequence]:
+        """Queue ``specs``; with ``limited``, raise QueueFullError rather than take the queued and
+        running sequences over ``max_queued_sequences``."""
         with self._cond:
             if self._stop:
                 raise EngineError("the engine is shutting down")
+            queued = len(self._waiting) + len(self._running)
+            limit = self.max_queued_sequences
+            if limited and limit is not None and queued + len(specs) > limit:
+                raise QueueFullError(
+                    f"the server's queue is full: {queued} sequences are queued or running, this request adds "
+                    f"{len(specs)}, and --max-queued-sequences is {limit}; retry later")
+            seqs = []
+            for spec in specs:
+                g = torch.Generator()
+                base = spec.params.seed if spec.params.seed is not None else self._seed_rng.getrandbits(62)
+                g.manual_seed(base + spec.sample_index)
+                seqs.append(Sequence(spec, g))
             self._waiting.extend(seqs)
             self.stats["requests"] += 1
             self.stats["sequences"] += len(seqs)
@@ -421,17 +446,28 @@ class GenerationEngine:
         report = torch.log_softmax(logits, dim=-1) if self.return_original_logprob else logp
         report = report.clamp(min=FLOAT32_MIN)
         tokens = adjusted.argmax(dim=-1)
+        # A request's own parameters can leave its row with nothing to sample (every op above is
+        # row-wise): that sequence fails alone with a 400, the rest of the batch goes on unchanged.
+        failed = set(torch.nonzero(~_samplable(scaled))[:, 0].tolist())
+        for r in failed:
+            self._fail(seqs[r], self._distribution_error(seqs[r], logits[r], None if batch.counts is None else batch.counts[r]))
         for r, s in enumerate(seqs):
             p = s.spec.params
-            if p.greedy:
+            if p.greedy or r in failed:
                 continue
             row = scaled[r:r + 1]
             row = self._filter(row, p)
             probs = torch.softmax(row, dim=-1)[0]
-            tokens[r] = torch.multinomial(probs, 1, generator=s.generator)[0]
+            try:  # the filters keep a samplable row's top token; this only guards that promise
+                tokens[r] = torch.multinomial(probs, 1, generator=s.generator)[0]
+            except RuntimeError as e:
+                failed.add(r)
+                self._fail(s, RequestError("sampling_params", f"top_k / top_p / min_p filtering left nothing to sample ({e})"))
         token_list = tokens.tolist()
         lps = report.gather(1, tokens[:, None])[:, 0].tolist()
         for r, s in enumerate(seqs):
+            if r in failed:
+                continue
             tok = token_list[r]
             s.output_ids.append(tok)
             if s.spec.return_logprob:
@@ -443,7 +479,13 @@ class GenerationEngine:
                     s.output_ids_lp.append(report[r, s.spec.token_ids_logprob].tolist())
             if batch.counts is not None:
                 batch.counts[r, tok] += 1
-        self.stats["generated_tokens"] += len(seqs)
+        self.stats["generated_tokens"] += len(seqs) - len(failed)
+
+    @staticmethod
+    def _fail(seq: Sequence, error: Exception) -> None:
+        """End ``seq`` with ``error``; ``_retire`` then drops it from the batch."""
+        if not seq.future.done():
+            seq.future.set_exception(error)
 
     def _adjust_logits(self, logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """Penalties, logit bias and min_new_tokens, applied before temperature (as in SGLang)."""
@@ -455,21 +497,60 @@ class GenerationEngine:
                 continue
             if out is None:
                 out = logits.clone()
-            row = out[r]
-            if p.penalised and batch.counts is not None:
-                c = batch.counts[r]
-                seen = c > 0
-                row -= p.frequency_penalty * c + p.presence_penalty * seen.float()
-                if p.repetition_penalty != 1.0:
-                    row[:] = torch.where(seen & (row < 0), row * p.repetition_penalty, row)
-                    row[:] = torch.where(seen & (row >= 0), row / p.repetition_penalty, row)
-            for tid, b in p.logit_bias:
-                row[tid] += b
-            if needs_stop_mask:
-                stops = (set() if p.ignore_eos else self.eos_token_ids) | p.stop_token_ids
-                if stops:
-                    row[list(stops)] = float("-inf")
+            self._adjust_row(out[r], s, None if batch.counts is None else batch.counts[r])
         return logits if out is None else out
+
+    def _adjust_row(self, row: torch.Tensor, s: Sequence, counts: torch.Tensor | None,
+                    check: Callable[[str], None] = lambda stage: None) -> None:
+        """``_adjust_logits`` for one row, in place; ``check(stage)`` runs after each stage."""
+        p = s.spec.params
+        if p.penalised and counts is not None:
+            seen = counts > 0
+            row -= p.frequency_penalty * counts + p.presence_penalty * seen.float()
+            if p.repetition_penalty != 1.0:
+                row[:] = torch.where(seen & (row < 0), row * p.repetition_penalty, row)
+                row[:] = torch.where(seen & (row >= 0), row / p.repetition_penalty, row)
+            check("penalties")
+        for tid, b in p.logit_bias:
+            row[tid] += b
+        check("logit_bias")
+        if p.min_new_tokens > len(s.output_ids):
+            stops = (set() if p.ignore_eos else self.eos_token_ids) | p.stop_token_ids
+            if stops:
+                row[list(stops)] = float("-inf")
+            check("min_new_tokens")
+
+    def _distribution_error(self, s: Sequence, logits: torch.Tensor, counts: torch.Tensor | None) -> Exception:
+        """The parameter of ``s`` that left its next-token distribution with nothing to sample:
+        the first stage of the logits processing after which the row is not samplable."""
+        p = s.spec.params
+        row = logits.clone()
+        messages = {
+            "penalties": ("sampling_params", "frequency_penalty / presence_penalty / repetition_penalty leave no "
+                          "token with a finite logit"),
+            "logit_bias": ("sampling_params.logit_bias", "with the biases added no token has a finite logit "
+                           "(a logit overflowed to inf, or every token is at -inf)"),
+            "min_new_tokens": ("sampling_params.min_new_tokens", f"every token still possible is a stop token (EOS or "
+                               f"stop_token_ids), so none can be sampled before min_new_tokens={p.min_new_tokens}"),
+        }
+
+        def check(stage: str) -> None:
+            if not bool(_samplable(row)):
+                raise _Unsamplable(stage)
+
+        try:
+            check("model")
+            self._adjust_row(row, s, counts, check)
+        except _Unsamplable as e:
+            stage = str(e)
+            if stage == "model":  # not the request's parameters: the model's fault, a 500 for this request
+                return EngineError("the model's logits for this sequence are not finite")
+            return RequestError(*messages[stage])
+        if p.logit_bias:  # the bias made the logits huge; the temperature only tipped them over
+            return RequestError("sampling_params.logit_bias", f"the biased logits divided by temperature {p.temperature} "
+                                "overflow float32; no token can be sampled")
+        return RequestError("sampling_params.temperature",
+                            f"the logits divided by temperature {p.temperature} overflow float32; no token can be sampled")
 
     @staticmethod
     def _filter(row: torch.Tensor, p: SamplingConfig) -> torch.Tensor:
@@ -484,6 +565,8 @@ class GenerationEngine:
     def _retire(self, batch: _Batch) -> None:
         keep = []
         for r, s in enumerate(batch.seqs):
+            if s.future.done():  # failed in this step's sampling
+                continue
             reason = self._finish_reason(s)
             if reason is None:
                 keep.append(r)
@@ -605,7 +688,11 @@ class GenerationEngine:
         # Check every header before touching the model, so a bad checkpoint changes nothing.
         plan: list[tuple[Path, str]] = []
         for f in files:
-            with safe_open(str(f), framework="pt") as sf:
+            try:
+                opened = safe_open(str(f), framework="pt")
+            except SafetensorError as e:  # truncated or not safetensors at all
+                raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+            with opened as sf:
                 for name in sf.keys():
                     if name.endswith("rotary_emb.inv_freq"):
                         continue

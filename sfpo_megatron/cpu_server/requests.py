@@ -19,6 +19,7 @@ import torch
 logger = logging.getLogger("sfpo_megatron.cpu_server.server")
 
 FLOAT32_MIN = float(torch.finfo(torch.float32).min)  # SGLang clamps -inf logprobs to this
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # logits are float32: larger biases become inf
 GREEDY_EPS = 1e-6  # SGLang: temperature below this means greedy
 
 # ============================================================================================
@@ -231,7 +232,7 @@ def parse_sampling_params(d: Any, name: str, vocab_size: int) -> SamplingConfig:
     if bias is not None:
         if not isinstance(bias, dict):
             raise RequestError(f"{name}.logit_bias", f"expected an object of token id -> bias, got {bias!r}")
-        items = []
+        items: dict[int, float] = {}
         for k, v in bias.items():
             try:
                 tid = int(k)
@@ -239,8 +240,17 @@ def parse_sampling_params(d: Any, name: str, vocab_size: int) -> SamplingConfig:
                 raise RequestError(f"{name}.logit_bias", f"key {k!r} is not a token id") from None
             if not 0 <= tid < vocab_size:
                 raise RequestError(f"{name}.logit_bias", f"token id {tid} is outside [0, {vocab_size - 1}]")
-            items.append((tid, _float(v, f"{name}.logit_bias[{k}]")))
-        kw["logit_bias"] = tuple(items)
+            if tid in items:  # "5" and "05": two biases on one token could add up to inf
+                raise RequestError(f"{name}.logit_bias", f"token id {tid} appears twice")
+            b = _float(v, f"{name}.logit_bias[{k}]")
+            if abs(b) > FLOAT32_MAX:
+                raise RequestError(f"{name}.logit_bias[{k}]",
+                                   f"must be a finite float32 value (at most {FLOAT32_MAX:.4g} in magnitude), got {b!r}")
+            items[tid] = b
+        kw["logit_bias"] = tuple(items.items())
+    if kw.get("min_new_tokens", 0) > 0 and len(kw.get("stop_token_ids", ())) == vocab_size:
+        raise RequestError(f"{name}.min_new_tokens", "every token is in stop_token_ids, so none can be sampled "
+                           f"before min_new_tokens={kw['min_new_tokens']}")
     seed = get("sampling_seed") if get("sampling_seed") is not None else get("seed")
     if seed is not None:
         kw["seed"] = _int(seed, f"{name}.sampling_seed", lo=0, hi=2**62)
@@ -283,8 +293,9 @@ def _per_item(value: Any, name: str, batch: int, n: int, check: Callable[[Any, s
 
 
 def parse_generate_request(
-    body: Any, vocab_size: int, context_length: int, tokenizer: Any | None
+    body: Any, vocab_size: int, context_length: int, tokenizer: Any | None, max_sequences: int | None = None
 ) -> GenerateRequest:
+    """``max_sequences``: refuse requests for more sequences (prompts x n) than this."""
     if not isinstance(body, dict):
         raise RequestError("body", f"expected a JSON object, got {type(body).__name__}")
     for key, value in body.items():
@@ -338,6 +349,12 @@ def parse_generate_request(
     n = params[0].n
     if n > 1:
         is_single = False  # SGLang answers a list when n > 1
+    if max_sequences is not None and batch * n > max_sequences:
+        raise RequestError(
+            "sampling_params.n" if n > 1 else field_name,
+            f"the request asks for {batch * n} sequences ({batch} prompts x n={n}), over this server's "
+            f"--max-sequences-per-request limit of {max_sequences}",
+        )
 
     return_logprob = _per_item(body.get("return_logprob"), "return_logprob", batch, n, _bool, False)
     start_lens = _per_item(body.get("logprob_start_len"), "logprob_start_len", batch, n, lambda v, f: _int(v, f, lo=-1), -1)

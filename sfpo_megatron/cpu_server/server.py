@@ -1,7 +1,8 @@
 """CPU rollout server speaking SGLang's native HTTP API, with HF transformers doing the generation.
 
     python -m sfpo_megatron.cpu_server.server --model-path HF_DIR [--host 127.0.0.1] [--port 30000]
-        [--api-key K] [--max-batch-size 64] [--max-request-bytes 16777216] [--dtype float32]
+        [--api-key K] [--max-batch-size 64] [--max-request-bytes 16777216]
+        [--max-sequences-per-request 1024] [--max-queued-sequences 8192] [--dtype float32]
         [--device cpu|cuda]
 
 Same routes and JSON shapes as SGLang, so the trainer's client (and SGLang's own clients and router)
@@ -40,6 +41,16 @@ work against either. Semantics that differ from a GPU SGLang server, all deliber
 * Fields of SGLang's ``GenerateReqInput`` that this server does not implement are accepted and logged
   once each; sampling params that would change the output in ways it cannot honour (grammars,
   ``stop_regex``) get a 400.
+* Limits (SGLang has none of the last two): ``--max-request-bytes`` and JSON nested at most 32
+  levels (else 400); ``--max-sequences-per-request`` caps prompts x ``n`` (400);
+  ``--max-queued-sequences`` caps the queued + running sequences: a request that would pass it gets
+  429 with ``Retry-After: 1``, which the trainer's client retries with backoff.
+* Faults stay with the request that caused them: sampling params are range-checked up front (400
+  naming the parameter; ``logit_bias`` values must be finite in float32), and a sequence whose
+  params leave nothing to sample at sampling time (every token masked by ``min_new_tokens``, biased
+  logits overflowing after ``temperature``) fails its own request with a 400 naming the parameter
+  while the rest of the batch decodes as if it had never been there. Any other exception answers a
+  JSON error (500) naming it; only NaN logits from the model (or an engine bug) fail the whole batch.
 """
 
 from __future__ import annotations
@@ -65,7 +76,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from sfpo_megatron.cpu_server.engine import EngineError, GenerationEngine
+from sfpo_megatron.cpu_server.engine import EngineError, GenerationEngine, QueueFullError
 from sfpo_megatron.cpu_server.requests import (
     RequestError,
     SamplingConfig,
@@ -100,6 +111,8 @@ class ServerConfig:
     api_key: str | None = None
     max_batch_size: int = 64
     max_request_bytes: int = 16 * 1024**2
+    max_sequences_per_request: int = 1024
+    max_queued_sequences: int = 8192
     dtype: str = "float32"
     weight_version: str = "default"
     context_length: int | None = None
@@ -122,8 +135,27 @@ class _WeightGroups:
         self.lock = threading.Lock()
 
 
+# SGLang's request bodies nest a few levels (lists of token-id lists, logit_bias objects); deeper
+# ones are refused before any code walks them recursively (repr, validation).
+MAX_JSON_DEPTH = 32
+
+
+def _json_depth_over(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists / objects more than ``limit`` levels deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v
+        for c in children:
+            if isinstance(c, (list, dict)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((c, depth + 1))
+    return False
+
+
 async def read_json(request: Any, max_bytes: int, allow_empty: bool = False) -> Any:
-    """Read and parse a JSON body within ``max_bytes``; plain json only, never pickle."""
+    """Read and parse a JSON body within ``max_bytes`` and ``MAX_JSON_DEPTH``; plain json only, never pickle."""
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -147,10 +179,16 @@ async def read_json(request: Any, max_bytes: int, allow_empty: bool = False) -> 
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
+    too_deep = RequestError("body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(raw, parse_constant=no_constants)
+        body = json.loads(raw, parse_constant=no_constants)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError("body", f"malformed JSON: {e}") from None
+    except RecursionError:  # the parser's own limit (about 1000 levels)
+        raise too_deep from None
+    if isinstance(body, (list, dict)) and _json_depth_over(body, MAX_JSON_DEPTH):
+        raise too_deep
+    return body
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -188,11 +226,12 @@ def _load_model(cfg: ServerConfig) -> tuple[torch.nn.Module, Any | None, set[int
     return model, tokenizer, eos
 
 
-def _error(status: int, message: str, param: str | None = None) -> Any:
-    names = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 501: "NotImplemented", 503: "ServiceUnavailable"}
+def _error(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> Any:
+    names = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 429: "TooManyRequests", 500: "InternalServerError",
+             501: "NotImplemented", 503: "ServiceUnavailable"}
     return JSONResponse(
         {"object": "error", "message": message, "type": names.get(status, "Error"), "param": param, "code": status},
-        status_code=status,
+        status_code=status, headers=headers,
     )
 
 
@@ -204,6 +243,16 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
     @app.exception_handler(RequestError)
     async def _bad_request(_: Request, exc: RequestError) -> Any:
         return _error(400, str(exc), exc.field)
+
+    @app.exception_handler(QueueFullError)
+    async def _queue_full(_: Request, exc: QueueFullError) -> Any:
+        return _error(429, str(exc), headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> Any:
+        # Anything else is a server bug or an environment failure: still a JSON answer naming it
+        # (Starlette re-raises it after this answer, so the log keeps the traceback).
+        return _error(500, f"{request.url.path} failed: {type(exc).__name__}: {exc}")
 
     if cfg.api_key:
         expected = f"Bearer {cfg.api_key}"
@@ -245,7 +294,7 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
             return Response(status_code=200)  # alive, deliberately idle
         spec = SeqSpec("HEALTH_CHECK_" + uuid.uuid4().hex, [0], SamplingConfig(max_new_tokens=1, temperature=0.0),
                        0, False, -1, 0, None)
-        (seq,) = engine.submit([spec])
+        (seq,) = engine.submit([spec], limited=False)  # a probe, not load: it must not be refused
         try:
             await asyncio.wait_for(asyncio.wrap_future(seq.future), cfg.health_generate_timeout)
         except (asyncio.TimeoutError, EngineError):
@@ -321,16 +370,24 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request) -> Any:
         body = await read_json(request, cfg.max_request_bytes)
-        req = parse_generate_request(body, engine.vocab_size, context_length, engine.tokenizer)
+        req = parse_generate_request(body, engine.vocab_size, context_length, engine.tokenizer,
+                                     max_sequences=cfg.max_sequences_per_request)
         if engine.released:
             return _error(503, "the weights are released (/release_memory_occupation); call /resume_memory_occupation first")
         seqs = engine.submit(req.seqs)
+        rids = {s.rid for s in seqs}
         if req.stream:
             log_once("stream", "stream=true: each sequence's whole result is sent as one server-sent event")
 
             async def events() -> Any:
                 for k, s in enumerate(seqs):
-                    result = await asyncio.wrap_future(s.future)
+                    try:
+                        result = await asyncio.wrap_future(s.future)
+                    except (RequestError, EngineError) as e:  # the status is sent already: an error event
+                        engine.abort(rids, message="another sequence of this request failed")
+                        code = 400 if isinstance(e, RequestError) else 500
+                        yield b"data: " + json.dumps({"error": {"message": str(e), "code": code}}).encode() + b"\n\n"
+                        break
                     yield b"data: " + json.dumps({**result, "index": k}).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
 
@@ -345,7 +402,10 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
                 return Response(status_code=499)
         try:
             results = gathered.result()
-        except EngineError as e:
+        except (RequestError, EngineError) as e:  # one sequence failed: stop its siblings
+            engine.abort(rids, message="another sequence of this request failed")
+            if isinstance(e, RequestError):
+                raise
             return _error(500, str(e))
         return results[0] if req.is_single else results
 
@@ -535,7 +595,8 @@ def serve(cfg: ServerConfig) -> None:
     model, tokenizer, eos = _load_model(cfg)
     context_length = cfg.context_length or int(getattr(model.config, "max_position_embeddings", 4096))
     engine = GenerationEngine(
-        model, eos_token_ids=eos, max_batch_size=cfg.max_batch_size, weight_version=cfg.weight_version,
+        model, eos_token_ids=eos, max_batch_size=cfg.max_batch_size, max_queued_sequences=cfg.max_queued_sequences,
+        weight_version=cfg.weight_version,
         return_original_logprob=cfg.return_original_logprob, tokenizer=tokenizer,
         offload_dir=cfg.offload_dir, seed=cfg.random_seed,
     )
@@ -560,6 +621,16 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health probes exempt)")
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-request-bytes", type=int, default=16 * 1024**2, help="larger request bodies get 400")
+    p.add_argument("--max-sequences-per-request", type=int, default=1024,
+                   help="a /generate asking for more sequences (prompts x n) gets 400. Default 1024: the largest "
+                        "n this server accepts, or a GRPO step of 64 prompts x 16 samples in one request (the "
+                        "trainer's client sends one sequence per request); without a cap a few hundred bytes can "
+                        "queue 100k sequences")
+    p.add_argument("--max-queued-sequences", type=int, default=8192,
+                   help="a /generate that would take the queued + running sequences over this gets 429 with "
+                        "Retry-After (the trainer's client backs off and retries). Default 8192: 8 of the largest "
+                        "requests, 128 full default batches, far above the trainer's 64 requests in flight "
+                        "(--rollout-max-concurrency); it bounds the memory and the backlog a flood can build")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (the config's dtype)")
     p.add_argument("--weight-version", default="default", help="initial weight_version reported in responses")
     p.add_argument("--context-length", type=int, default=None, help="default: max_position_embeddings")
@@ -576,9 +647,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="seconds a weight-update group waits for its peers (rendezvous and each broadcast)")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
-    for name, lo in (("port", 1), ("max_batch_size", 1), ("max_request_bytes", 1)):
+    for name, lo in (("port", 1), ("max_batch_size", 1), ("max_request_bytes", 1), ("max_sequences_per_request", 1)):
         if getattr(a, name) < lo:
             p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(a, name)}")
+    if a.max_queued_sequences < a.max_sequences_per_request:
+        p.error(f"--max-queued-sequences ({a.max_queued_sequences}) must be at least --max-sequences-per-request "
+                f"({a.max_sequences_per_request}), or the largest allowed request could never be queued")
     if a.device == "cuda" and not gpu_available():
         p.error("--device cuda: torch.cuda.is_available() is False here (no GPU, or a CPU-only torch); use --device cpu")
     return ServerConfig(**vars(a))

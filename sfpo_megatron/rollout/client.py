@@ -9,7 +9,10 @@ flight (or, with ``use_router=True``, through ``sglang_router``). Failure handli
 * ``retries + 1`` consecutive failures take a server out of rotation with a logged error;
 * with no live server left, every pending request raises ``NoLiveServerError``; every HTTP call has
   a timeout, so nothing waits forever;
-* 4xx answers are the request's fault: ``RolloutRequestError`` at once, without retry.
+* 429 (the server's queue is full) is back-pressure, not a failure: the request is retried after
+  a growing, jittered backoff (at most ``MAX_BUSY_BACKOFF_S``) on the least-loaded live server, and
+  raises ``RolloutError`` only when every try for ``timeout`` seconds was answered 429;
+* other 4xx answers are the request's fault: ``RolloutRequestError`` at once, without retry.
 
 Admin wrappers cover every endpoint the trainer uses (health, model info, flush, weight updates,
 pause / continue, release / resume); they go to each live server directly, router or not.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import logging
+import random
 import subprocess
 import sys
 import threading
@@ -36,6 +40,8 @@ from sfpo_megatron.records import Response
 from sfpo_megatron.rollout.sglang_launcher import find_free_port, wait_for_health
 
 logger = logging.getLogger(__name__)
+
+MAX_BUSY_BACKOFF_S = 5.0  # longest wait between tries of a request answered 429 (queue full)
 
 
 class RolloutError(UserError, RuntimeError):
@@ -167,6 +173,8 @@ class RolloutClient:
         """POST one SGLang /generate payload with failover. Returns (json, server url, attempts)."""
         attempts = 0
         max_attempts = (self.retries + 1) * len(self._dispatch) + 1
+        busy_since: float | None = None  # first of the consecutive 429 answers
+        busy = 0
         while True:
             server = self._acquire()
             attempts += 1
@@ -183,6 +191,19 @@ class RolloutClient:
                 self._release(server, f"HTTP {r.status_code}: {r.text[:200]}")
                 self._retry_or_give_up(attempts, max_attempts, server)
                 continue
+            if r.status_code == 429:  # queue full: the server is healthy, try again later
+                with self._lock:
+                    server.inflight -= 1
+                attempts -= 1  # not a failure: leaves the failover budget alone
+                now = time.monotonic()
+                busy_since = now if busy_since is None else busy_since
+                if now - busy_since > self.timeout:
+                    raise RolloutError(f"{server.url}/generate answered 429 (queue full) for {now - busy_since:.0f} s: "
+                                       f"{r.text[:500]}")
+                busy += 1
+                time.sleep(random.uniform(0.5, 1.0) * min(self.backoff_s * 2 ** min(busy, 10), MAX_BUSY_BACKOFF_S))
+                continue
+            busy_since, busy = None, 0
             self._release(server, None)
             if r.status_code == 503:
                 raise RolloutError(f"{server.url}/generate is not serving (503): {r.text[:500]}")

@@ -35,11 +35,12 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-timeout-minutes", type=int, default=30)
 
 
-def add_training_args(p: argparse.ArgumentParser) -> None:
+def add_training_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--train-iters", type=int, default=10)
+    if not rl:  # rl's steps are --num-rollouts, its optimizer batch the rollout batch's share
+        g.add_argument("--global-batch-size", type=int, default=None)
+        g.add_argument("--train-iters", type=int, default=10)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
@@ -68,11 +69,12 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    default="fully_reshardable")
 
 
-def add_logging_args(p: argparse.ArgumentParser) -> None:
+def add_logging_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
     g = p.add_argument_group("logging")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-dir", default=None, help="where metrics.jsonl is written")
-    g.add_argument("--log-interval", type=int, default=1)
+    if not rl:  # rl logs every step
+        g.add_argument("--log-interval", type=int, default=1)
 
 
 def add_pretrain_data_args(p: argparse.ArgumentParser) -> None:
@@ -235,9 +237,14 @@ def add_async_args(p: argparse.ArgumentParser) -> None:
 
 def build_rl_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("sfpo-megatron rl", description="SFPO / GRPO RL training")
-    for add in (add_model_args, add_parallel_args, add_training_args, add_checkpoint_args,
-                add_logging_args, add_rl_data_args, add_rollout_args, add_algorithm_args,
-                add_async_args):
+    add_model_args(p)
+    add_parallel_args(p)
+    add_training_args(p, rl=True)
+    add_checkpoint_args(p)
+    add_logging_args(p, rl=True)
+    for add in (add_rl_data_args, add_rollout_args, add_algorithm_args, add_async_args):
         add(p)
-    p.set_defaults(lr=1e-6, lr_decay_style="constant", train_iters=None)
+    # Set by the loop from the rollout batch (global_batch_size) or unused (train_iters); kept as
+    # attributes because the shared trainer setup reads them.
+    p.set_defaults(lr=1e-6, lr_decay_style="constant", train_iters=None, global_batch_size=None)
     return p

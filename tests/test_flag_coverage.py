@@ -76,7 +76,6 @@ UNCOVERED: dict[tuple[str, str], str] = {
         "dp_reshardable checkpoint loads only at the same DP; fully_reshardable at another",
     ("rl", "--dist-ckpt-optim-sharding"): "as pretrain's",
     ("pretrain", "--log-interval"): "metrics.jsonl lines only every N iterations",
-    ("rl", "--log-interval"): "rl reads it nowhere (pretrain only): wired to nothing in rl",
     ("pretrain", "--num-workers"): "data loader worker processes",
     ("pretrain", "--data-cache-path"):
         "index cache files written there (test_pretrain_data's worker bypasses the parser)",
@@ -85,9 +84,6 @@ UNCOVERED: dict[tuple[str, str], str] = {
     ("rl", "--tokenizer-path"):
         "the tokenizer rl loads (test_rl_loop_improves passes it, asserts nothing about it)",
     ("rl", "--seq-length"): "rl's padded sequence length",
-    ("rl", "--global-batch-size"):
-        "rl overwrites it (rollout batch / --num-steps-per-rollout): wired to nothing in rl",
-    ("rl", "--train-iters"): "rl reads it nowhere (steps are --num-rollouts): wired to nothing in rl",
     ("rl", "--reward-num-workers"): "reward worker processes",
     ("rl", "--reward-timeout"):
         "a hanging reward scores 0 after the timeout (RewardRunner tests bypass the parser)",

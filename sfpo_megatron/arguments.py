@@ -122,7 +122,14 @@ def add_rl_data_args(p: argparse.ArgumentParser) -> None:
                    help="skip (and count) malformed dataset rows instead of stopping")
     g.add_argument("--tokenizer-path", default=None,
                    help="HF tokenizer directory or SentencePiece .model (default: --model-config)")
-    g.add_argument("--reward-fn", default="auto", help="auto | math | rg | pkg.module:func")
+    g.add_argument("--reward-fn", default="auto",
+                   help="auto | math | math-reference | rg | pkg.module:func. math-reference: the "
+                        "SFPO reference's scorer (last \\boxed{} only; format score for a boxed "
+                        "wrong answer; evaluation counts scores < 0.95 as 0), for reproducing the "
+                        "paper's numbers")
+    g.add_argument("--reward-format-score", type=float, default=None,
+                   help="math-reference's score of a boxed but wrong answer in training "
+                        "(default 0.1, the reference's); evaluation counts it 0")
     g.add_argument("--reward-num-workers", type=int, default=2)
     g.add_argument("--reward-timeout", type=float, default=10.0)
     g.add_argument("--eval-prompt-data", nargs="*", default=[], metavar="NAME=PATH")

@@ -13,8 +13,16 @@ Every reward function has the signature `fn(response_text, answer, metadata) -> 
   may be partial: the default scorer (e.g. basic_arithmetic) gives len(answer)/len(response)
   when the reference is a substring of the response, countdown gives 0.01 for a well-formed but
   wrong expression and gsm_symbolic 0.05 for a wrong number; they are passed through unchanged.
+* `math_reference_reward` (`math-reference`): the SFPO reference code's scorer, for reproducing
+  the paper's numbers: only the last `\\boxed{...}` counts; 1.0 when it equals the ground
+  truth, the format score (default 0.1) when it is boxed but wrong, 0.0 without a box. In
+  evaluation, scores below `eval_score_floor` (0.95) count 0, as the reference's validation does.
 * `auto_reward`: reasoning-gym's scorer for reasoning-gym items, math-verify otherwise.
 * a user function given by import path `pkg.module:func` (`resolve_reward_fn`).
+
+A reward function may carry an `eval_score_floor` attribute: evaluation (`rl/evaluate.py`) then
+counts every score below it as 0 (a training-only partial credit, such as a format score, does not
+reach the accuracy).
 
 `RewardRunner` scores a batch in worker processes (pebble's ProcessPool): a sample whose
 function raises, returns a non-finite or non-number value, or runs past `timeout_s` scores 0.0
@@ -23,6 +31,7 @@ and is counted (`errors`, `timeouts`) and logged; a timed-out worker is killed a
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -136,6 +145,95 @@ def math_verify_reward(response: str, answer: str, metadata: dict[str, Any] | No
     return float(verify(gold, pred, timeout_seconds=None))
 
 
+# The SFPO reference's defaults (latex_math.compute_score's format_score; the 0.95 at which its
+# validation stops counting a score, "ignore the format score").
+REFERENCE_FORMAT_SCORE = 0.1
+REFERENCE_EVAL_SCORE_FLOOR = 0.95
+
+
+def reference_boxed_answer(text: str) -> str | None:
+    """The answer the SFPO reference extracts: the content of the last ``\\boxed{...}``.
+
+    Follows ``last_boxed_only_string`` + ``remove_boxed`` of the reference's
+    ``verl/utils/reward_score/latex_math.py``, quirks included:
+
+    * if the text contains ``\\boxed `` (with a space) anywhere, the answer is what follows the
+      last ``\\boxed `` up to the next ``$`` (or the end), whatever braces come later;
+    * otherwise the last ``\\boxed``, its braces balanced from there; a box whose text does not
+      continue with ``{`` right after ``\\boxed`` (e.g. ``\\fbox{..}``, ``\\boxed\\frac..``),
+      or whose braces never close, gives None.
+    """
+    if "\\boxed " in text:
+        return text.split("\\boxed ")[-1].split("$")[0]
+    start = text.rfind("\\boxed")
+    if start < 0:
+        # The reference falls back to the last \fbox, then rejects it (not "\boxed{"): no answer.
+        return None
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                box = text[start:i + 1]
+                return box[len("\\boxed{"):-1] if box.startswith("\\boxed{") else None
+    return None
+
+
+def _dollar_wrapped(answer: str) -> str:
+    """``$answer$`` as the reference's ``wrap_math_in_latex`` makes it (no stripping: its
+    ``strip()`` result is discarded; an existing leading or trailing ``$`` is kept)."""
+    answer = str(answer)
+    if not answer.startswith("$"):
+        answer = "$" + answer
+    if not answer.endswith("$"):
+        answer = answer + "$"
+    return answer
+
+
+def math_reference_reward(response: str, answer: str, metadata: dict[str, Any] | None = None,
+                          format_score: float = REFERENCE_FORMAT_SCORE) -> float:
+    """The SFPO reference's score (``--reward-fn math-reference``), for reproducing its tables.
+
+    Mirrors ``compute_score`` of ``Code/SFPO/verl/utils/reward_score/latex_math.py`` in the SFPO
+    reference code (Urheen/SFPO; ``_default_compute_score`` there routes DAPO-Math-17K-cleaned
+    and every test set without a dedicated scorer to it, with ``format_score=0.1``):
+
+    * the predicted answer is :func:`reference_boxed_answer` of the response; none → 0.0;
+    * both it and the ground truth (as given, no extraction) are wrapped as ``$...$``
+      (``wrap_math_in_latex``) and parsed by math-verify with its default extraction;
+      ``verify(parsed prediction, parsed truth)`` — the reference's argument order — true → 1.0;
+    * otherwise ``format_score`` (a boxed but wrong answer; 0.1 in the reference);
+    * an exception anywhere → 0.0.
+
+    math-verify's own time limits are off here, as in :func:`math_verify_reward` (the runner
+    kills slow workers instead); a case that would time out in the reference scores 0 here too.
+    Evaluation counts scores below ``eval_score_floor`` (0.95) as 0, so there only a correct
+    answer scores.
+    """
+    try:
+        predicted = reference_boxed_answer(response)
+        if predicted is None:
+            return 0.0
+        pred = parse(_dollar_wrapped(predicted), parsing_timeout=None)
+        gold = parse(_dollar_wrapped(answer), parsing_timeout=None)
+        return 1.0 if verify(pred, gold, timeout_seconds=None) else float(format_score)
+    except Exception:  # the reference scores any failure 0
+        return 0.0
+
+
+math_reference_reward.eval_score_floor = REFERENCE_EVAL_SCORE_FLOOR  # type: ignore[attr-defined]
+
+
+def eval_score_floor(fn: RewardFn) -> float | None:
+    """Scores below this count 0 in evaluation (None: every score counts as it is)."""
+    floor = getattr(fn, "eval_score_floor", None)
+    if floor is None and isinstance(fn, functools.partial):
+        floor = getattr(fn.func, "eval_score_floor", None)
+    return None if floor is None else float(floor)
+
+
 _RG_DATASETS: dict[tuple[str, str], Any] = {}
 _RG_LOCK = threading.Lock()
 
@@ -174,13 +272,24 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "auto": auto_reward,
     "math": math_verify_reward,
     "math_verify": math_verify_reward,
+    "math-reference": math_reference_reward,
     "rg": reasoning_gym_reward,
     "reasoning_gym": reasoning_gym_reward,
 }
 
 
-def resolve_reward_fn(spec: str | RewardFn) -> RewardFn:
-    """A built-in name (`auto`, `math`, `rg`), an import path `pkg.module:func`, or a callable."""
+def resolve_reward_fn(spec: str | RewardFn, *, format_score: float | None = None) -> RewardFn:
+    """A built-in name (`auto`, `math`, `math-reference`, `rg`), an import path `pkg.module:func`,
+    or a callable. ``format_score`` (``--reward-format-score``) sets `math-reference`'s score of a
+    boxed but wrong answer; it means nothing to the other functions, which refuse it."""
+    if format_score is not None:
+        if spec != "math-reference":
+            raise RewardFunctionError(
+                f"--reward-format-score {format_score} applies to --reward-fn math-reference only, "
+                f"not {spec if isinstance(spec, str) else getattr(spec, '__qualname__', spec)!r}")
+        if not (math.isfinite(format_score) and 0.0 <= format_score <= 1.0):
+            raise RewardFunctionError(f"--reward-format-score must be in [0, 1], got {format_score}")
+        return functools.partial(math_reference_reward, format_score=float(format_score))
     if callable(spec):
         return spec
     if spec in BUILTIN_REWARDS:
@@ -202,6 +311,11 @@ def resolve_reward_fn(spec: str | RewardFn) -> RewardFn:
     if not callable(obj):
         raise RewardFunctionError(f"reward function {spec!r} is not callable ({type(obj).__name__})")
     return obj
+
+
+def reward_fn_from_args(args: Any) -> RewardFn:
+    """The reward function ``--reward-fn`` / ``--reward-format-score`` name."""
+    return resolve_reward_fn(args.reward_fn, format_score=getattr(args, "reward_format_score", None))
 
 
 # --------------------------------------------------------------------------- parallel runner

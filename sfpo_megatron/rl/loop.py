@@ -46,7 +46,7 @@ from sfpo_megatron.components.checkpoint import save_checkpoint
 from sfpo_megatron.components.metrics import MetricsLogger, memory_stats
 from sfpo_megatron.components.preemption import PreemptionHandler
 from sfpo_megatron.data.prompts import PromptSampler, dataset_kwargs, load_eval_datasets, load_prompt_dataset
-from sfpo_megatron.data.rewards import RewardRunner
+from sfpo_megatron.data.rewards import RewardRunner, reward_fn_from_args
 from sfpo_megatron.data.tokenizer import load_tokenizer
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.distributed.platform import current_platform, setup_platform
@@ -120,6 +120,8 @@ def check_rl_args(args: argparse.Namespace) -> None:
         raise RLConfigError(f"--eval-interval {args.eval_interval} needs --eval-prompt-data NAME=SPEC ...")
     if args.save_interval and not args.save:
         raise RLConfigError(f"--save-interval {args.save_interval} needs --save DIR")
+    if args.reward_format_score is not None:
+        reward_fn_from_args(args)  # refuses a format score the reward function does not take
     if args.load and args.hf_checkpoint:
         raise RLConfigError(f"give one policy initialisation: --load {args.load} or --hf-checkpoint "
                             f"{args.hf_checkpoint}, not both")
@@ -200,7 +202,7 @@ class RLRun:
             elif self.state.sampler is not None:
                 self.sampler.load_state_dict(self.state.sampler)
             self.eval_datasets = load_eval_datasets(a.eval_prompt_data, self.tokenizer, **kwargs)
-            self.rewards = RewardRunner(a.reward_fn, a.reward_num_workers, a.reward_timeout)
+            self.rewards = RewardRunner(reward_fn_from_args(a), a.reward_num_workers, a.reward_timeout)
 
         on_rank0(build)
 

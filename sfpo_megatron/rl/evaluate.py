@@ -4,7 +4,13 @@ Metrics per dataset ``NAME`` of ``--eval-prompt-data NAME=SPEC`` with k = ``--n-
 
 * ``eval/NAME/avg@k``: mean reward over all k samples of all prompts (the accuracy for 0/1 rewards);
 * ``eval/NAME/pass@k``: fraction of prompts with at least one fully correct sample (reward >= 1);
-* ``eval/NAME/response_length``: mean response tokens.
+* ``eval/NAME/response_length``: mean response tokens;
+* ``eval/average`` (with two or more sets): the unweighted mean of the sets' avg@k, whatever their
+  sizes — the SFPO paper's "average" column (its reference's ``val/test_score/average``).
+
+A reward function with an ``eval_score_floor`` (``--reward-fn math-reference``: 0.95) has every
+score below the floor counted as 0 here, before avg@k and pass@k: the reference's validation
+("ignore the format score"), so a training-only format score never counts as accuracy.
 
 ``sfpo-megatron eval --model-config HF_DIR --load CKPT --eval-prompt-data NAME=SPEC ...`` loads a
 torch_dist checkpoint (or ``--hf-checkpoint HF_DIR``) into megatron with the given TP/PP layout,
@@ -29,7 +35,7 @@ from sfpo_megatron.components.checkpoint import CheckpointError, load_checkpoint
 from sfpo_megatron.components.metrics import MetricsLogger
 from sfpo_megatron.conversion.hf_mapping import load_hf_weights
 from sfpo_megatron.data.prompts import dataset_kwargs, load_eval_datasets
-from sfpo_megatron.data.rewards import RewardRunner
+from sfpo_megatron.data.rewards import RewardRunner, eval_score_floor, reward_fn_from_args
 from sfpo_megatron.data.tokenizer import load_tokenizer
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.distributed.platform import setup_platform
@@ -45,22 +51,27 @@ log = logging.getLogger("sfpo_megatron.eval")
 
 def evaluate(client, datasets: dict[str, Any], tokenizer, rewards, *, n: int, params: dict, seed: int,
              step: int, expected_version: str | None) -> dict[str, float]:
-    """avg@k / pass@k per dataset (global rank 0 only)."""
+    """avg@k / pass@k per dataset, and their average over the datasets (global rank 0 only)."""
     metrics: dict[str, float] = {}
+    floor = eval_score_floor(getattr(rewards, "fn", None))
     t0 = time.perf_counter()
     for name, ds in datasets.items():
         items = [ds[i] for i in range(len(ds))]
         groups, counts = generate_groups(client, items, tokenizer, rewards, n=n, params=params,
                                          seed=request_seed(seed, step, 0, f"eval:{name}"),
                                          expected_version=expected_version)
-        all_rewards = [r for g in groups for r in g.rewards]
+        scored = [[0.0 if floor is not None and r < floor else r for r in g.rewards] for g in groups]
+        all_rewards = [r for g in scored for r in g]
         metrics[f"eval/{name}/avg@{n}"] = sum(all_rewards) / len(all_rewards)
-        metrics[f"eval/{name}/pass@{n}"] = sum(any(r >= CORRECT for r in g.rewards) for g in groups) / len(groups)
+        metrics[f"eval/{name}/pass@{n}"] = sum(any(r >= CORRECT for r in g) for g in scored) / len(scored)
         metrics[f"eval/{name}/response_length"] = (sum(len(x) for g in groups for x in g.response_ids)
                                                   / len(all_rewards))
         metrics[f"eval/{name}/reward_errors"] = float(counts.errors + counts.timeouts)
         log.info("eval %s: avg@%d %.4f pass@%d %.4f (%d prompts)", name, n, metrics[f"eval/{name}/avg@{n}"],
                  n, metrics[f"eval/{name}/pass@{n}"], len(groups))
+    if len(datasets) >= 2:
+        metrics["eval/average"] = sum(metrics[f"eval/{name}/avg@{n}"] for name in datasets) / len(datasets)
+        log.info("eval average of %d sets: avg@%d %.4f", len(datasets), n, metrics["eval/average"])
     metrics["time/eval_s"] = time.perf_counter() - t0
     return metrics
 
@@ -80,6 +91,7 @@ def run_eval(args: argparse.Namespace, sglang_args: Sequence[str] = ()) -> dict[
         raise EvalConfigError("sfpo-megatron eval needs --eval-prompt-data NAME=SPEC [NAME=SPEC ...]")
     if bool(args.load) == bool(args.hf_checkpoint):
         raise EvalConfigError("sfpo-megatron eval needs exactly one of --load CKPT_DIR and --hf-checkpoint HF_DIR")
+    reward_fn = reward_fn_from_args(args)  # a bad --reward-format-score stops here, before any work
     setup_platform()
     arch = load_hf_config(args.model_config)
     env = parallel.read_dist_env()
@@ -113,7 +125,7 @@ def run_eval(args: argparse.Namespace, sglang_args: Sequence[str] = ()) -> dict[
 
         def work() -> dict[str, float]:
             nonlocal reward_runner
-            reward_runner = RewardRunner(args.reward_fn, args.reward_num_workers, args.reward_timeout)
+            reward_runner = RewardRunner(reward_fn, args.reward_num_workers, args.reward_timeout)
             datasets = load_eval_datasets(args.eval_prompt_data, tokenizer, **dataset_kwargs(args))
             return evaluate(engines.client, datasets, tokenizer, reward_runner,
                             n=args.n_samples_per_eval_prompt, params=eval_params(args, tokenizer),

@@ -11,3 +11,13 @@ def has_letter_o(response: str, answer: str, metadata: dict[str, Any]) -> float:
     if metadata.get("explode"):
         raise RuntimeError("reward function failure requested by the test row")
     return 1.0 if "o" in response else 0.0
+
+
+def answer_value(response: str, answer: str, metadata: dict[str, Any]) -> float:
+    """The row's answer read as the score, whatever the response: known per-prompt scores
+    (partial ones included) for checking how evaluation aggregates them."""
+    return float(answer)
+
+
+# Evaluation counts scores below this as 0 (the convention math-reference follows).
+answer_value.eval_score_floor = 0.95

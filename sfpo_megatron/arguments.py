@@ -195,6 +195,11 @@ def add_algorithm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sfpo-zscore-threshold", type=float, default=1.0)
     g.add_argument("--sfpo-zscore-two-sided", action="store_true",
                    help="trigger on |z| >= tau (the paper's text) instead of z >= tau (its code)")
+    g.add_argument("--sfpo-entropy-source", choices=["global", "reference"], default="global",
+                   help="the entropy series the trigger's z-score watches: global = the last "
+                        "pass's token mean over the whole batch (all micro-batches and DP ranks); "
+                        "reference = the SFPO reference code's: the mean of per-micro-batch token "
+                        "means on DP rank 0, to reproduce when its trigger fires")
     g.add_argument("--sfpo-stop-step", type=int, default=None,
                    help="fixed switch-off step (ablation) instead of the entropy trigger")
     g.add_argument("--sfpo-snapshot-offload", action="store_true",

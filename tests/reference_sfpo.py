@@ -242,6 +242,11 @@ def ppo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: t
                "num_tokens": float(mask.sum())}
     if entropy is not None:
         metrics["entropy"] = token_mean(entropy)
+        # Per sequence (sum over its response tokens, count): for the entropy series that
+        # depend on how the mini-batch is split.
+        per_seq = torch.where(mask, entropy.detach().double(), torch.zeros((), dtype=torch.float64))
+        metrics["seq_entropy_sums"] = per_seq.sum(dim=1).tolist()
+        metrics["seq_tokens"] = mask.sum(dim=1).tolist()
         if config.entropy_coeff:
             loss = loss - config.entropy_coeff * aggregate(entropy, mask, config.agg_mode,
                                                            loss_scale_factor)

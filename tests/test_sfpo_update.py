@@ -37,7 +37,8 @@ SETTINGS, make_samples = sfpo_common.SETTINGS, sfpo_common.make_samples
 
 WORKER = str(SCRIPTS / "sfpo_worker.py")
 SINGLE = ["dp1", "grpo", "alpha0", "k0a1", "grpo_e4", "k3a1", "kl", "resume", "bf16", "errors"]
-DUAL = ["dp2", "dp2_overlap", "dp2_grpo", "dp2_k0a1", "tp2", "pp2", "bf16_dp2"]
+DUAL = ["dp2", "dp2_entropy_reference", "dp2_overlap", "dp2_grpo", "dp2_k0a1", "tp2", "pp2",
+        "bf16_dp2"]
 REL = 1e-5
 LR, LR_STEPS, WD = float(SETTINGS["--lr"]), int(SETTINGS["--num-rollouts"]), 0.01
 TEMP = float(SETTINGS["--rollout-temperature"])
@@ -144,6 +145,57 @@ def test_sfpo_matches_reference(runs, name):
     expected = {"dp1": full, "dp2": full / 2}.get(name)
     if expected is not None:
         assert snapshot == pytest.approx(expected, rel=0.01)
+
+
+def reference_entropy_series(step: dict, dp: int, micro_batch_size: int) -> float:
+    """The SFPO reference code's entropy (verl: each micro-batch's token mean, averaged over the
+    pass's micro-batches, DP rank 0's value) of the slow pass: DP rank 0 trains the first 1/dp of
+    each mini-batch, in micro-batches of ``micro_batch_size`` rows."""
+    means = []
+    for mini in step["passes"]["slow"]:
+        sums, tokens = mini["seq_entropy_sums"], mini["seq_tokens"]
+        shard = len(sums) // dp
+        for start in range(0, shard, micro_batch_size):
+            n = sum(tokens[start:start + micro_batch_size])
+            if n:
+                means.append(sum(sums[start:start + micro_batch_size]) / n)
+    return sum(means) / len(means)
+
+
+def global_entropy_series(step: dict) -> float:
+    """The token mean over the whole batch of the slow pass."""
+    rows = step["passes"]["slow"]
+    return (sum(sum(r["seq_entropy_sums"]) for r in rows)
+            / sum(sum(r["seq_tokens"]) for r in rows))
+
+
+@pytest.mark.flags("--sfpo-entropy-source")
+@pytest.mark.parametrize(("name", "source", "dp"), [
+    ("dp2", "global", 2), ("dp2_entropy_reference", "reference", 2), ("dp1", "global", 1),
+    ("tp2", "global", 1), ("pp2", "global", 1)])
+def test_entropy_source_feeds_the_trigger_its_series(runs, name, source, dp):
+    """Both series are logged every step; the trigger's window holds the one
+    --sfpo-entropy-source names. At DP=2 with unequal micro-batches (1 to 10 response tokens
+    each) the two differ by far more than the comparison's tolerance (the tiny random model's
+    token entropies are all near log 256, so by little in absolute terms), so the check tells
+    them apart."""
+    ref = reference(runs["hf"], 0.8, 2, 2)
+    mbs = int(SETTINGS["--micro-batch-size"])
+    res = runs[name]
+    expected = {"global": [global_entropy_series(r) for r in ref["steps"]],
+                "reference": [reference_entropy_series(r, dp, mbs) for r in ref["steps"]]}
+    if dp == 2:
+        for g, r in zip(expected["global"], expected["reference"]):
+            assert abs(g - r) > 20 * REL * abs(g), (g, r)
+    for step, m in enumerate(res["metrics"]):
+        at = f"{name} step {step + 1}"
+        rel_close(m["sfpo/entropy_global"], expected["global"][step], f"{at} global entropy")
+        rel_close(m["sfpo/entropy_reference"], expected["reference"][step], f"{at} reference entropy")
+        rel_close(m["sfpo/entropy"], expected[source][step], f"{at} the trigger's entropy")
+    assert res["entropy_history"] == [m["sfpo/entropy"] for m in res["metrics"]]
+    assert len(res["entropy_history"]) == 2
+    if name == "dp2_entropy_reference":  # the trigger did not fire: the same training as dp2
+        assert_same_params(res["params"], ref, name)
 
 
 def test_inputs_advantages_are_grpos():

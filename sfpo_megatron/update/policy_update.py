@@ -27,10 +27,18 @@ Stage II works on the optimizer's fp32 main parameters (``trainer/main_params.py
 copy of this rank's shard (host memory with ``--sfpo-snapshot-offload``), no communication beyond
 megatron's ordinary DP all-gather of the parameter buffers.
 
-The controller's entropy is the mean token entropy of the update's last pass (Stage III, or the
-GRPO step's last pass) — the reference code appends the actor's training ``entropy_loss`` metric
-of the slow ``update_policy`` call. Here it is the token mean over the whole batch (all micro-batches and
-DP ranks) rather than verl's mean of per-micro-batch means, so it does not depend on the split.
+The controller's entropy comes from the update's last pass (Stage III, or the GRPO step's last
+pass) — the reference code appends the actor's training ``entropy_loss`` metric of the slow
+``update_policy`` call. ``--sfpo-entropy-source`` picks the series (both are logged every step):
+
+* ``global`` (default, ``sfpo/entropy_global``): the token mean over the whole batch (all
+  micro-batches and DP ranks), which does not depend on the split;
+* ``reference`` (``sfpo/entropy_reference``): the reference's own number — verl takes each
+  micro-batch's token mean, its ``reduce_metrics`` averages them over the pass, and the driver
+  keeps DP rank 0's value (``DataProto.concat`` takes the first worker's metrics): the mean over
+  all micro-batches of the pass on DP rank 0 of their token means. Micro-batches without a
+  response token (a NaN in verl) are left out. Which rows DP rank 0 holds follows this
+  project's layout (each mini-batch split over DP), not verl's.
 
 Use from the RL loop (every trainer rank, same calls)::
 
@@ -104,9 +112,12 @@ class PolicyUpdateError(UserError):
 # Reduction of per-micro-batch statistics
 # ---------------------------------------------------------------------------------------------
 
-# Columns of the per-micro-batch statistics row (sums; "· n" = token-weighted).
-_PG_LOSS, _CLIP, _CLIP_LOW, _PPO_KL, _ENTROPY, _KL, _TOKENS, _LOSS = range(8)
-_NUM_STATS = 8
+# Columns of the per-micro-batch statistics row (sums; "· n" = token-weighted). The last two are
+# nonzero on DP rank 0 only: the sum of its micro-batches' mean entropies, and their count (the
+# reference's entropy series, summed over DP like the others).
+_PG_LOSS, _CLIP, _CLIP_LOW, _PPO_KL, _ENTROPY, _KL, _TOKENS, _LOSS, _MB_ENTROPY, _MB_COUNT = range(10)
+_NUM_STATS = 10
+ENTROPY_SOURCES = ("global", "reference")
 
 
 def _reduce_sums(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:
@@ -128,7 +139,9 @@ def _pass_metrics(total: torch.Tensor) -> dict[str, float]:
             "pg_clipfrac": float(total[_CLIP]) / n,
             "pg_clipfrac_lower": float(total[_CLIP_LOW]) / n,
             "ppo_kl": float(total[_PPO_KL]) / n, "entropy": float(total[_ENTROPY]) / n,
-            "kl": float(total[_KL]) / n, "num_tokens": float(total[_TOKENS])}
+            "kl": float(total[_KL]) / n, "num_tokens": float(total[_TOKENS]),
+            "dp0_micro_batch_entropy_sum": float(total[_MB_ENTROPY]),
+            "dp0_micro_batches": float(total[_MB_COUNT])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +253,10 @@ class PolicyUpdater:
         self.ref_model = list(ref_model) if ref_model is not None else None
         self.loss_config = loss_config_from_args(args)
         self.controller = controller_from_args(args)
+        self.entropy_source = getattr(args, "sfpo_entropy_source", "global")
+        if self.entropy_source not in ENTROPY_SOURCES:
+            raise PolicyUpdateError(f"--sfpo-entropy-source must be one of {ENTROPY_SOURCES}, got "
+                                    f"{self.entropy_source!r}")
         self.temperature = float(args.rollout_temperature)
         self.vocab_size = int(setup.arch.vocab_size)
         self.pad_id = int(pad_id if pad_id is not None else (setup.arch.raw.get("pad_token_id")
@@ -327,9 +344,11 @@ class PolicyUpdater:
                               ref_log_probs=ref, seq_weights=seq_weights, denominators=den)
         n = m["num_tokens"]
         kl = m.get("kl", torch.zeros((), device=dev))
+        # The reference's series counts DP rank 0's micro-batches that hold a response token.
+        counted = (n > 0).to(n.dtype) * float(ps.get_data_parallel_rank() == 0)
         stats = torch.stack([m["pg_loss"], m["pg_clipfrac"] * n, m["pg_clipfrac_lower"] * n,
                              m["ppo_kl"] * n, m["entropy"] * n, kl * n, n,
-                             loss.detach()]).double()
+                             loss.detach(), m["entropy"] * counted, counted]).double()
         # The schedule divides by the micro-batch count and DDP averages over DP: undo both so
         # the summed gradients are those of the mini-batch loss (algorithms/losses.py).
         return loss * scale, stats
@@ -403,12 +422,19 @@ class PolicyUpdater:
         t_end = time.perf_counter()
 
         total_tokens = sum(r["num_tokens"] for r in slow) or 1.0
-        entropy = sum(r["entropy"] * r["num_tokens"] for r in slow) / total_tokens
+        entropies = {
+            "global": sum(r["entropy"] * r["num_tokens"] for r in slow) / total_tokens,
+            "reference": (sum(r["dp0_micro_batch_entropy_sum"] for r in slow)
+                          / (sum(r["dp0_micro_batches"] for r in slow) or 1.0)),
+        }
+        entropy = entropies[self.entropy_source]
         z = self.controller.observe(step, entropy)
         metrics.update({
             "sfpo/alpha": alpha, "sfpo/inner_steps": float(inner),
             "sfpo/fast_displacement_norm": fast_norm, "sfpo/reposition_norm": repo_norm,
             "sfpo/entropy": entropy,
+            "sfpo/entropy_global": entropies["global"],
+            "sfpo/entropy_reference": entropies["reference"],
             "sfpo/entropy_zscore": float("nan") if z is None else z,
             "sfpo/trigger_step": -1.0 if self.controller.trigger_step is None
             else float(self.controller.trigger_step),

@@ -35,6 +35,8 @@ LAYOUTS = {  # scenario → (tp, pp, extra flags, setting overrides)
     "dp2_grpo": (1, 1, ("--use-distributed-optimizer",), {"--algorithm": "grpo"}),
     "dp2_k0a1": (1, 1, ("--use-distributed-optimizer",),
                  {"--sfpo-inner-steps": "0", "--sfpo-alpha": "1"}),
+    "dp2_entropy_reference": (1, 1, ("--use-distributed-optimizer",),
+                              {"--sfpo-entropy-source": "reference"}),
     "dp2_overlap": (1, 1, ("--use-distributed-optimizer", "--overlap-grad-reduce",
                            "--overlap-param-gather"), {}),
     "tp2": (2, 1, (), {}),
@@ -197,6 +199,7 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
         h.remove()
     result["layer_forwards"] = layer_calls[0]
     result["passes"] = updater.last_passes
+    result["entropy_history"] = updater.controller.state_dict()["history"]
     result["params"] = hf_params(setup, hf)
     return result
 

@@ -36,13 +36,15 @@ SFPO_ROOT=$(cd "$EXAMPLES_DIR/.." && pwd)
 # The six test sets of the paper, evaluated avg@4 at temperature 1.0, top_p 0.7.
 EVAL_SETS=(math500 aime24 aime25 amc minerva olympiadbench)
 
-# EVAL_FLAGS: the six test sets, avg@4 at temperature 1.0, top_p 0.7 (the reference's validation).
+# EVAL_FLAGS: the six test sets, avg@4 at temperature 1.0, top_p 0.7 (the reference's validation),
+# scored by the reference's scorer (math-reference: last \boxed{} only, 0.1 for a boxed wrong
+# answer in training, < 0.95 counts 0 in evaluation) in training and evaluation alike.
 set_eval_flags() {
     local name
     EVAL_FLAGS=(--eval-prompt-data)
     for name in "${EVAL_SETS[@]}"; do EVAL_FLAGS+=("$name=$DATA_DIR/$name.jsonl"); done
     EVAL_FLAGS+=(--n-samples-per-eval-prompt 4 --eval-temperature 1.0 --eval-top-p 0.7
-        --eval-max-response-len "$RESPONSE_LEN")
+        --eval-max-response-len "$RESPONSE_LEN" --reward-fn math-reference)
 }
 
 # PAPER_FLAGS for ALGO (sfpo | grpo). Both: AdamW LR 1e-6 constant, weight decay 0.01, grad clip

@@ -114,6 +114,7 @@ def test_examples_encode_the_paper_settings(name: str, tmp_path: Path) -> None:
         assert args.seq_length >= response_len + 1536
         assert [spec.split("=")[0] for spec in args.eval_prompt_data] == EVAL_SETS
         assert (args.n_samples_per_eval_prompt, args.eval_temperature, args.eval_top_p) == (4, 1.0, 0.7)
+        assert args.reward_fn == "math-reference"  # the reference's scorer, for its Table 1
         # The trainer layout fits one node of 8 GPUs and the model (megatron's own checks).
         dp = check_layout(world_size=8, tp=args.tensor_model_parallel_size, pp=1, num_layers=layers,
                           num_attention_heads=heads, num_query_groups=kv_heads,
@@ -128,6 +129,7 @@ def test_examples_encode_the_paper_settings(name: str, tmp_path: Path) -> None:
         assert eenvs["CKPT"] == str(tmp_path / "runs" / f"{name}-{mode}" / "checkpoints")
         eargs = build_rl_parser().parse_args(["--model-config", "unused", *eflags])
         assert eargs.eval_prompt_data == args.eval_prompt_data and eargs.n_samples_per_eval_prompt == 4
+        assert eargs.reward_fn == "math-reference"
     sfpo, grpo = runs["sfpo"], runs["grpo"]
     assert (sfpo.sfpo_inner_steps, sfpo.sfpo_alpha) == (3, alpha)
     assert (sfpo.sfpo_zscore_window, sfpo.sfpo_zscore_threshold) == (30, 1.0)

@@ -197,8 +197,10 @@ def math_reference_reward(response: str, answer: str, metadata: dict[str, Any] |
     """The SFPO reference's score (``--reward-fn math-reference``), for reproducing its tables.
 
     Mirrors ``compute_score`` of ``Code/SFPO/verl/utils/reward_score/latex_math.py`` in the SFPO
-    reference code (Urheen/SFPO; ``_default_compute_score`` there routes DAPO-Math-17K-cleaned
-    and every test set without a dedicated scorer to it, with ``format_score=0.1``):
+    reference code (Urheen/SFPO), with its default ``format_score=0.1``: ``_default_compute_score``
+    there routes to it the MATH training set its ``train-scripts/generate_dataset.sh`` prepares
+    (data source ``xDAN2099/lighteval-MATH``), DAPO-Math-17K-cleaned and the six test sets (no
+    dedicated scorer):
 
     * the predicted answer is :func:`reference_boxed_answer` of the response; none → 0.0;
     * both it and the ground truth (as given, no extraction) are wrapped as ``$...$``

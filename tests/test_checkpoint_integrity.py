@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 import zlib
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import PYTHON, TOOLS, run
+from launch import PYTHON, TOOLS, run, torchrun
 from safetensors.torch import load_file
 from tiny_models import TRAINER_VOCAB, save_tiny_model
 
@@ -213,3 +214,33 @@ def test_pretrain_round_trip_writes_a_verified_checkpoint(saved, model, tmp_path
         data = (it / name).read_bytes()
         assert entry == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
     assert load_checkpoint(str(tmp_path / "run" / "ckpt"), [model], load_optim=False).iteration == 1
+
+
+def test_export_of_a_corrupt_checkpoint(saved, tmp_path):
+    """tools/convert_mcore_to_hf.py reads checkpoints through the same checks: one line, exit 2."""
+    root, original, corrupted = corrupted_copy(saved, tmp_path / "ckpt", "__0_1.distcp", overwrite)
+    proc = run([PYTHON, str(TOOLS / "convert_mcore_to_hf.py"), "--load", str(root), "--save",
+                str(tmp_path / "out")], check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == ["convert_mcore_to_hf.py: error: "
+                      + expected_error(root, "__0_1.distcp", "overwritten", original, corrupted)]
+    assert not (tmp_path / "out").exists()
+
+
+def test_corruption_seen_by_one_rank_stops_every_rank(saved, tmp_path):
+    """Two ranks split the checksums (rank 1 reads __0_0.distcp): every rank stops with the same
+    line, none hangs in a collective. (torchrun stops the other worker once one has exited, and
+    prints its own summary traceback.)"""
+    root, original, corrupted = corrupted_copy(saved, tmp_path / "ckpt", "__0_0.distcp", overwrite)
+    proc = torchrun(2, [str(TOOLS / "convert_mcore_to_hf.py"), "--load", str(root), "--save",
+                        str(tmp_path / "out"), "--tensor-model-parallel-size", "2"], check=False, timeout=120)
+    assert proc.returncode != 0
+    assert not re.search(r'File ".*(sfpo_megatron|convert_mcore_to_hf)', proc.stderr), proc.stderr[-3000:]
+    line = "convert_mcore_to_hf.py: error: " + expected_error(root, "__0_0.distcp", "overwritten", original,
+                                                              corrupted)
+    # Only rank 1 hashed __0_0.distcp: the line (from whichever rank printed first) carries its
+    # checksum, so the finding crossed ranks; a rank left waiting would have hit the timeout.
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert errors and set(errors) == {line}

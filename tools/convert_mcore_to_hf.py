@@ -220,7 +220,12 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except (UserError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        line = f"{PROG}: error: {e}\n"
+        try:  # one write of the whole line: torchrun's ranks share stderr, pieces interleave
+            sys.stderr.flush()
+            os.write(sys.stderr.fileno(), line.encode())
+        except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor
+            sys.stderr.write(line)
         return 2
     finally:
         parallel.destroy()

@@ -18,6 +18,7 @@ from sfpo_megatron.conversion.hf_mapping import (
 
 __all__ = [
     "ArchitectureMismatchError", "ExtraTensorError", "HFFileError", "MappingError",
-    "MissingTensorError", "SafetensorsSource", "ShapeMismatchError", "StateDictSource", "check_hf_checkpoint",
-    "check_same_architecture", "hf_shapes", "iter_hf_weights", "load_hf_weights",
+    "MissingTensorError", "SafetensorsSource", "ShapeMismatchError", "StateDictSource",
+    "check_hf_checkpoint", "check_same_architecture", "hf_shapes", "iter_hf_weights",
+    "load_hf_weights",
 ]

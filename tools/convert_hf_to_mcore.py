@@ -18,9 +18,11 @@ import os
 import sys
 import time
 
+PROG = "convert_hf_to_mcore.py"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
     p.add_argument("--save", required=True, help="output checkpoint root")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -109,5 +111,27 @@ def main(argv: list[str] | None = None) -> None:
     parallel.destroy()
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` as a command: bad input (a ``UserError``: unsupported model, parallel layout,
+    corrupt or missing checkpoint files; or a missing file) ends as one line
+    ``PROG: error: ...`` and exit code 2, like argparse's own errors; bugs keep their traceback."""
+    from sfpo_megatron.distributed import parallel
+    from sfpo_megatron.errors import UserError
+
+    try:
+        main(argv)
+    except (UserError, FileNotFoundError) as e:
+        line = f"{PROG}: error: {e}\n"
+        try:  # one write of the whole line: torchrun's ranks share stderr, pieces interleave
+            sys.stderr.flush()
+            os.write(sys.stderr.fileno(), line.encode())
+        except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor
+            sys.stderr.write(line)
+        return 2
+    finally:
+        parallel.destroy()
+    return 0
+
+
 if __name__ == "__main__":  # dist_checkpointing spawns processes: keep the guard
-    sys.exit(main())
+    sys.exit(cli())

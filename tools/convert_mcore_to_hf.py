@@ -20,6 +20,8 @@ import re
 import sys
 import time
 
+PROG = "convert_mcore_to_hf.py"
+
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -44,7 +46,7 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="checkpoint root or iter_XXXXXXX directory")
     p.add_argument("--hf-config", default=None,
                    help="HF directory with config.json (+ tokenizer); default: LOAD/hf")
@@ -72,7 +74,8 @@ def resolve_hf_config(load: str, hf_config: str | None) -> tuple[str, "HFArch"]:
     has_saved = os.path.exists(os.path.join(saved, "config.json"))
     if hf_config is None:
         if not has_saved:
-            raise FileNotFoundError(f"{saved}/config.json not found; pass --hf-config DIR")
+            raise FileNotFoundError(f"{saved}/config.json not found; pass --hf-config DIR (the HF "
+                                    "directory the checkpoint was converted from)")
         hf_config = saved
     arch = load_hf_config(hf_config)
     if has_saved and os.path.abspath(saved) != os.path.abspath(hf_config):
@@ -114,11 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     from sfpo_megatron.conversion.hf_mapping import hf_shapes, iter_hf_weights
     from sfpo_megatron.distributed import parallel
     from sfpo_megatron.distributed.platform import setup_platform
+    from sfpo_megatron.errors import UserError
     from sfpo_megatron.models.builder import model_provider
     from sfpo_megatron.models.hf_config import parse_dtype, resolve_dtype
 
     hf_dir, arch = resolve_hf_config(args.load, args.hf_config)
-    max_bytes = parse_size(args.max_shard_size)
+    try:
+        max_bytes = parse_size(args.max_shard_size)
+    except ValueError as e:
+        raise UserError(f"--max-shard-size: {e}") from None
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     setup_platform()
     env = parallel.initialize(tp=tp, pp=pp, seed=0)
@@ -174,11 +181,10 @@ def load_model(load: str, model_chunks: list) -> tuple[str, int]:
     copy of every fc1 (40% of a Qwen2 model) at its peak. Applying the sharded-tensor factories
     up front makes the halves views of the parameter, so the checkpoint is read straight into it.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from sfpo_megatron.components.checkpoint import CheckpointError, resolve_load_dir
+    from sfpo_megatron.components.checkpoint import CheckpointError, load_sharded, resolve_load_dir
     from sfpo_megatron.conversion.hf_mapping import unwrap
 
     found = resolve_load_dir(load)
@@ -188,7 +194,7 @@ def load_model(load: str, model_chunks: list) -> tuple[str, int]:
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     state = {k: unwrap(c).sharded_state_dict() for k, c in zip(keys, model_chunks)}
     apply_factories(state)
-    loaded = dist_checkpointing.load(state, path, strict=StrictHandling.RAISE_UNEXPECTED)
+    loaded = load_sharded(path, state, StrictHandling.RAISE_UNEXPECTED)
 
     def settle(requested, got) -> None:  # copy whatever was not read in place
         if isinstance(requested, dict):
@@ -204,5 +210,27 @@ def load_model(load: str, model_chunks: list) -> tuple[str, int]:
     return path, iteration
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` as a command: bad input (a ``UserError``: unsupported model, parallel layout,
+    corrupt or missing checkpoint files; or a missing file) ends as one line
+    ``PROG: error: ...`` and exit code 2, like argparse's own errors; bugs keep their traceback."""
+    from sfpo_megatron.distributed import parallel
+    from sfpo_megatron.errors import UserError
+
+    try:
+        main(argv)
+    except (UserError, FileNotFoundError) as e:
+        line = f"{PROG}: error: {e}\n"
+        try:  # one write of the whole line: torchrun's ranks share stderr, pieces interleave
+            sys.stderr.flush()
+            os.write(sys.stderr.fileno(), line.encode())
+        except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor
+            sys.stderr.write(line)
+        return 2
+    finally:
+        parallel.destroy()
+    return 0
+
+
 if __name__ == "__main__":  # dist_checkpointing spawns processes: keep the guard
-    sys.exit(main())
+    sys.exit(cli())

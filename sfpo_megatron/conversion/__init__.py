@@ -3,6 +3,7 @@
 from sfpo_megatron.conversion.hf_mapping import (
     ArchitectureMismatchError,
     ExtraTensorError,
+    HFFileError,
     MappingError,
     MissingTensorError,
     SafetensorsSource,
@@ -16,7 +17,8 @@ from sfpo_megatron.conversion.hf_mapping import (
 )
 
 __all__ = [
-    "ArchitectureMismatchError", "ExtraTensorError", "MappingError", "MissingTensorError",
-    "SafetensorsSource", "ShapeMismatchError", "StateDictSource", "check_hf_checkpoint",
-    "check_same_architecture", "hf_shapes", "iter_hf_weights", "load_hf_weights",
+    "ArchitectureMismatchError", "ExtraTensorError", "HFFileError", "MappingError",
+    "MissingTensorError", "SafetensorsSource", "ShapeMismatchError", "StateDictSource",
+    "check_hf_checkpoint", "check_same_architecture", "hf_shapes", "iter_hf_weights",
+    "load_hf_weights",
 ]

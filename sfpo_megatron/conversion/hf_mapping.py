@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from sfpo_megatron.errors import UserError
@@ -62,6 +62,10 @@ class ShapeMismatchError(MappingError):
 
 class ArchitectureMismatchError(MappingError):
     pass
+
+
+class HFFileError(MappingError):
+    """A missing, truncated or unreadable file of an HF checkpoint directory."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,22 +262,40 @@ class SafetensorsSource:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self._open = safe_open
+        if not os.path.isdir(directory):
+            raise HFFileError(f"HF checkpoint directory {directory} does not exist")
         index = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise HFFileError(f"HF checkpoint {directory}: cannot read "
+                                  f"model.safetensors.index.json: {type(e).__name__}: {e}") from None
         else:
             files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
         if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {directory}")
+            raise HFFileError(f"HF checkpoint {directory} has no *.safetensors files")
+        missing = [n for n in files if not os.path.isfile(os.path.join(directory, n))]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise HFFileError(f"HF checkpoint {directory}: shard {missing[0]}{more} listed in "
+                              "model.safetensors.index.json is missing")
         self.file_of: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         for name in files:
             path = os.path.join(directory, name)
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    self.file_of[key] = path
-                    self._shapes[key] = tuple(f.get_slice(key).get_shape())
+            try:
+                # safe_open checks that the header's tensors cover the file exactly, so a shard
+                # cut short (an interrupted download or copy) fails here, before any tensor read.
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        self.file_of[key] = path
+                        self._shapes[key] = tuple(f.get_slice(key).get_shape())
+            except (SafetensorError, OSError) as e:
+                raise HFFileError(f"HF checkpoint {directory}: cannot read shard {name} "
+                                  f"({os.path.getsize(path)} bytes; truncated or not a "
+                                  f"safetensors file): {e}") from None
 
     def keys(self) -> Iterable[str]:
         return self.file_of.keys()

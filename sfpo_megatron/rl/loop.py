@@ -55,7 +55,7 @@ from sfpo_megatron.errors import UserError
 from sfpo_megatron.models.hf_config import load_hf_config
 from sfpo_megatron.records import RolloutBatch
 from sfpo_megatron.rl.evaluate import eval_params, evaluate
-from sfpo_megatron.rl.state import STATE_KEY, STATE_VERSION, init_policy
+from sfpo_megatron.rl.state import STATE_KEY, STATE_VERSION, init_policy, restore_sampler
 from sfpo_megatron.rollout.async_producer import (
     AsyncRolloutProducer,
     batch_from_state,
@@ -198,9 +198,9 @@ class RLRun:
             self.sampler = PromptSampler(self.dataset, a.rollout_batch_size, seed=a.seed)
             if a.async_rollout and self.state.async_state is not None:
                 # Continue after the finished batches the checkpoint carries (trained next).
-                self.sampler.load_state_dict(self.state.async_state["resume_sampler"])
+                restore_sampler(self.sampler, self.state.async_state["resume_sampler"], a)
             elif self.state.sampler is not None:
-                self.sampler.load_state_dict(self.state.sampler)
+                restore_sampler(self.sampler, self.state.sampler, a)
             self.eval_datasets = load_eval_datasets(a.eval_prompt_data, self.tokenizer, **kwargs)
             self.rewards = RewardRunner(reward_fn_from_args(a), a.reward_num_workers, a.reward_timeout)
 

@@ -12,10 +12,14 @@ import argparse
 import logging
 from dataclasses import dataclass
 
-from megatron.core import dist_checkpointing
-
-from sfpo_megatron.components.checkpoint import CheckpointError, load_checkpoint, resolve_load_dir
+from sfpo_megatron.components.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_common_state,
+    resolve_load_dir,
+)
 from sfpo_megatron.conversion.hf_mapping import load_hf_weights
+from sfpo_megatron.errors import UserError
 
 log = logging.getLogger("sfpo_megatron.rl")
 
@@ -39,7 +43,7 @@ def peek_extra_state(root: str) -> dict | None:
     found = resolve_load_dir(root)
     if found is None:
         return None
-    return dict(dist_checkpointing.load_common_state_dict(found[0]).get("extra_state") or {})
+    return dict(read_common_state(found[0]).get("extra_state") or {})
 
 
 def init_policy(args: argparse.Namespace, setup, arch) -> RunState:
@@ -72,6 +76,31 @@ def init_policy(args: argparse.Namespace, setup, arch) -> RunState:
         return RunState()
     log.warning("no --save checkpoint, --load or --hf-checkpoint: the policy starts from random weights")
     return RunState()
+
+
+class ResumeMismatchError(UserError):
+    """A resumed run whose flags cannot continue the checkpoint's run."""
+
+
+def restore_sampler(sampler, state: dict, args: argparse.Namespace) -> None:
+    """Continue the checkpoint's prompt stream in ``sampler`` (a ``PromptSampler`` over
+    ``--prompt-data``). Its position only means something for the same data and seed, so another
+    dataset size or seed is refused naming the flag and both values."""
+    size, saved = len(sampler.dataset), state.get("dataset_size")
+    if saved is not None and saved != size:
+        raise ResumeMismatchError(
+            f"--prompt-data {args.prompt_data} has {size} prompts but the checkpoint being resumed "
+            f"sampled from {saved}: its prompt order and position do not carry over; resume with "
+            "the same --prompt-data, or start a new run (another --save) from its weights with "
+            "--load CKPT --finetune")
+    if state.get("seed") is not None and state["seed"] != sampler.seed:
+        raise ResumeMismatchError(
+            f"--seed {sampler.seed} differs from the checkpoint's {state['seed']}: its prompt "
+            "order does not carry over; resume with the same --seed")
+    try:
+        sampler.load_state_dict(state)
+    except ValueError as e:  # the remaining checks of the sampler itself
+        raise ResumeMismatchError(f"cannot resume the --prompt-data sampler: {e}") from None
 
 
 def _run_state(state: dict) -> RunState:

@@ -61,7 +61,7 @@ set_paper_flags() {
         --lr 1e-6 --lr-decay-style constant --weight-decay 0.01 --adam-beta1 0.9 --adam-beta2 0.999
         --clip-grad 1.0 --eps-clip 0.2 --entropy-coef 0.001 --kl-coef 0.0 --loss-agg-mode token-mean
         --prompt-data "$DATA_DIR/$TRAIN_SET.jsonl"
-        --seq-length $((PROMPT_LEN + RESPONSE_LEN)) --micro-batch-size 1 --bf16
+        --micro-batch-size 1 --bf16
         --use-distributed-optimizer --recompute-activations --tensor-model-parallel-size "$TRAIN_TP"
         --eval-interval 5
     )

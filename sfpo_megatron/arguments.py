@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model-config", "--hf-config", dest="model_config", required=True,
                    help="HF model directory or config.json describing the architecture")
@@ -19,7 +19,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    default="delayed")
     g.add_argument("--bf16", action="store_true", help="bf16 model params, fp32 main params")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument("--seq-length", type=int, default=256)
+    if not rl:  # rl pads each batch to its longest prompt + response
+        g.add_argument("--seq-length", type=int, default=256)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -249,7 +250,7 @@ def add_async_args(p: argparse.ArgumentParser) -> None:
 
 def build_rl_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("sfpo-megatron rl", description="SFPO / GRPO RL training")
-    add_model_args(p)
+    add_model_args(p, rl=True)
     add_parallel_args(p)
     add_training_args(p, rl=True)
     add_checkpoint_args(p)

@@ -38,52 +38,22 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
 
 # (command, option) → what a case would have to show; options still without one.
 UNCOVERED: dict[tuple[str, str], str] = {
-    ("pretrain", "--model-config"):
-        "pretrain builds the architecture of the named config (layer count in the checkpoint)",
     ("rl", "--model-config"): "rl builds the architecture of the named config",
-    ("pretrain", "--bf16"): "pretrain's model params are bf16, main params fp32 (rl case: test_sfpo_update)",
-    ("pretrain", "--make-vocab-size-divisible-by"): "padded vocabulary rows in the saved embedding",
     ("rl", "--make-vocab-size-divisible-by"): "padded vocabulary rows in the saved embedding",
     ("pretrain", "--tensor-model-parallel-size"):
         "TP=2 shards (e.g. half-size local weights) in a pretrain run",
     ("pretrain", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
     ("rl", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
     ("rl", "--pipeline-model-parallel-size"): "PP=2 split of the layers in an rl run",
-    ("pretrain", "--overlap-grad-reduce"):
-        "pretrain run with DDP overlap equal to the plain one + overlap on",
     ("rl", "--overlap-grad-reduce"): "the DDP config carries it (the dp2_overlap update only shows equality)",
-    ("pretrain", "--overlap-param-gather"): "as --overlap-grad-reduce",
     ("rl", "--overlap-param-gather"): "as --overlap-grad-reduce",
-    ("pretrain", "--distributed-timeout-minutes"): "the process group's timeout",
     ("rl", "--distributed-timeout-minutes"): "the process group's timeout",
-    ("pretrain", "--seed"): "another seed gives other mock data / init; the same seed bitwise the same run",
-    ("pretrain", "--adam-beta1"):
-        "pretrain step vs torch AdamW with those betas (rl case: test_flag_cases_update)",
-    ("pretrain", "--adam-beta2"): "as --adam-beta1",
-    ("pretrain", "--adam-eps"): "as --adam-beta1",
-    ("pretrain", "--clip-grad"): "as --adam-beta1",
-    ("pretrain", "--recompute-activations"):
-        "bit-equal pretrain run with recompute (rl case: test_flag_cases_update)",
-    ("pretrain", "--finetune"):
-        "loading an RL/pretrain checkpoint restarts at iteration 0 with a fresh optimizer",
     ("rl", "--finetune"): "as pretrain's --finetune, for rl's --load",
-    ("pretrain", "--no-load-optim"):
-        "resume with a fresh optimizer (Adam state zero) but the checkpoint's weights",
     ("rl", "--no-load-optim"): "as pretrain's --no-load-optim",
-    ("pretrain", "--no-load-rng"): "resume keeps the process's RNG instead of the checkpoint's",
     ("rl", "--no-load-rng"): "as pretrain's --no-load-rng",
-    ("pretrain", "--dist-ckpt-optim-sharding"):
-        "dp_reshardable checkpoint loads only at the same DP; fully_reshardable at another",
     ("rl", "--dist-ckpt-optim-sharding"): "as pretrain's",
-    ("pretrain", "--log-interval"): "metrics.jsonl lines only every N iterations",
-    ("pretrain", "--num-workers"): "data loader worker processes",
-    ("pretrain", "--data-cache-path"):
-        "index cache files written there (test_pretrain_data's worker bypasses the parser)",
-    ("pretrain", "--tokenizer-type"): "sentencepiece vs hf tokenizer for --data-path",
-    ("pretrain", "--tokenizer-path"): "the tokenizer pretrain loads",
     ("rl", "--tokenizer-path"):
         "the tokenizer rl loads (test_rl_loop_improves passes it, asserts nothing about it)",
-    ("rl", "--seq-length"): "rl's padded sequence length",
     ("rl", "--reward-num-workers"): "reward worker processes",
     ("rl", "--reward-timeout"):
         "a hanging reward scores 0 after the timeout (RewardRunner tests bypass the parser)",

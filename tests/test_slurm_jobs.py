@@ -203,7 +203,7 @@ def _math_prompts(tmp_path: Path) -> Path:
 
 
 RL_FLAGS = ["--num-rollouts", "2", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
-            "--rollout-max-response-len", "8", "--seq-length", "128", "--no-chat-template",
+            "--rollout-max-response-len", "8", "--no-chat-template",
             "--reward-fn", "math", "--reward-num-workers", "1", "--sfpo-inner-steps", "2",
             "--save-interval", "1"]
 

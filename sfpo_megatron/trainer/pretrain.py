@@ -28,7 +28,12 @@ from sfpo_megatron.components.pretrain_data import (
     check_eval_flags,
     get_batch,
 )
-from sfpo_megatron.data.tokenizer import load_tokenizer
+from sfpo_megatron.data.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    TokenizerError,
+    load_tokenizer,
+)
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.distributed.platform import current_platform, setup_platform
 from sfpo_megatron.models.hf_config import load_hf_config
@@ -68,12 +73,24 @@ def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
 
 
 def build_tokenizer(args: argparse.Namespace, arch):
-    if args.tokenizer_type == "null" or args.tokenizer_path is None:
+    """The tokenizer of the data: ``--tokenizer-type null`` is the model's vocabulary and EOS;
+    ``hf`` / ``sentencepiece`` load ``--tokenizer-path``, which must be of that kind."""
+    if args.tokenizer_type == "null":
+        if args.tokenizer_path is not None:
+            raise TokenizerError(f"--tokenizer-path {args.tokenizer_path} needs --tokenizer-type hf or "
+                                 "sentencepiece (--tokenizer-type null uses the model's vocabulary and EOS)")
         eos = arch.raw.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) else eos
         return DatasetTokenizer(vocab_size=arch.vocab_size, eod=int(eos or 0), name="null")
-
-    return load_tokenizer(args.tokenizer_path)
+    if args.tokenizer_path is None:
+        raise TokenizerError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-path")
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    kind = {HFTokenizer: "hf", SentencePieceTokenizer: "sentencepiece"}[type(tokenizer)]
+    if kind != args.tokenizer_type:
+        what = {"hf": "an HF tokenizer", "sentencepiece": "a SentencePiece model"}[kind]
+        raise TokenizerError(f"--tokenizer-type {args.tokenizer_type}, but --tokenizer-path "
+                             f"{args.tokenizer_path} is {what}")
+    return tokenizer
 
 
 def lm_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -162,6 +179,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     env = parallel.read_dist_env()
     check_args(args, arch, env.world_size)
     check_eval_flags(args)  # pretraining's validation flags (rl's --eval-interval is its own)
+    tokenizer = build_tokenizer(args, arch)  # before any process group: a bad flag stops here
     parallel.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, seed=args.seed,
                         timeout_minutes=args.distributed_timeout_minutes)
@@ -189,7 +207,6 @@ def pretrain(args: argparse.Namespace) -> dict:
     # a resumed run's evaluations read on where the original's would have.
     consumed_valid = int(extra.get("consumed_valid_samples", 0))
 
-    tokenizer = build_tokenizer(args, arch)
     train_iter, valid_iter = build_pretrain_data_iterators(args, tokenizer, consumed, dp_rank, dp_size,
                                                            consumed_valid_samples=consumed_valid)
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)

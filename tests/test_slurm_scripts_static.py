@@ -111,7 +111,9 @@ def test_examples_encode_the_paper_settings(name: str, tmp_path: Path) -> None:
         assert args.rollout_batch_size // args.num_steps_per_rollout == 64  # PPO mini-batch: 64 prompts
         assert (args.eps_clip, args.entropy_coef, args.kl_coef) == (0.2, 0.001, 0.0)
         assert args.rollout_temperature == 1.0 and args.rollout_max_response_len == response_len
-        assert args.seq_length >= response_len + 1536
+        # The servers' context holds the longest prompt and response (rl pads to each batch).
+        context = envs["ROLLOUT_EXTRA_ARGS"].split("--context-length ")[1].split()[0]
+        assert int(context) >= response_len + 1536
         assert [spec.split("=")[0] for spec in args.eval_prompt_data] == EVAL_SETS
         assert (args.n_samples_per_eval_prompt, args.eval_temperature, args.eval_top_p) == (4, 1.0, 0.7)
         assert args.reward_fn == "math-reference"  # the reference's scorer, for its Table 1

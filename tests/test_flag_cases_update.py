@@ -7,7 +7,12 @@ args), against the plain-PyTorch reference (tests/reference_sfpo.py) given the f
   reference's parameters for that setting — and measurably not the default setting's, so the flag
   did something and a flag wired to the wrong field fails;
 * ``--sfpo-stop-step 1``: SFPO at step 1, GRPO (one pass) from step 2, as the reference;
-* ``--recompute-activations``: the same parameters bit for bit;
+* ``--recompute-activations``, ``--sfpo-snapshot-offload``: the same parameters bit for bit (the
+  θ0 snapshot of the main params in host memory, pinned when they live on a GPU);
+* ``--kl-type k3`` is ``low_var_kl`` (verl's alias; tests/test_sfpo_update.py checks low_var_kl
+  against the reference): the same parameters bit for bit, and not those without the KL term;
+* rl's model / DDP flags: the setup ``build_training_setup`` builds from them; rl's ``--load``
+  flags: what ``rl/state.py:init_policy`` restores from an RL checkpoint (step, Adam state, RNG);
 * ``--sfpo-zscore-two-sided``: with a window of 2 the z-score is exactly ±1, so a threshold of
   0.5 fires the two-sided trigger at step 2 whatever the entropy did, and the one-sided one only
   if the entropy rose.
@@ -31,7 +36,8 @@ sfpo_common = load_module(SCRIPTS / "sfpo_common.py")
 SETTINGS, make_samples = sfpo_common.SETTINGS, sfpo_common.make_samples
 
 SCENARIOS = ["dp1", "eps_high", "dual_clip", "agg_seq", "agg_norm", "no_clip", "recompute", "adam",
-             "stop_step", "one_sided", "two_sided"]
+             "stop_step", "one_sided", "two_sided", "eps_clip", "kl_k3", "kl_low_var", "offload", "rl_arch",
+             "rl_init"]
 STEPS = 2  # sfpo_worker.STEPS
 REL = 1e-5
 TEMP = float(SETTINGS["--rollout-temperature"])
@@ -94,6 +100,7 @@ def rel_error(params: dict, ref: dict) -> float:
 
 
 CASES = {  # scenario → (loss overrides, optimizer overrides)
+    "eps_clip": ((("eps_clip", 0.05),), ()),
     "eps_high": ((("eps_clip_high", 5.0),), ()),
     "dual_clip": ((("dual_clip_c", 1.02),), ()),
     "agg_seq": ((("agg_mode", "seq-mean-token-mean"),), ()),
@@ -103,7 +110,7 @@ CASES = {  # scenario → (loss overrides, optimizer overrides)
 }
 
 
-@pytest.mark.flags("--eps-clip-high", "--dual-clip-c", "--loss-agg-mode", "--no-ppo-clip",
+@pytest.mark.flags("--eps-clip", "--eps-clip-high", "--dual-clip-c", "--loss-agg-mode", "--no-ppo-clip",
                    "--adam-beta1", "--adam-beta2", "--adam-eps", "--weight-decay", "--clip-grad")
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_flag_gives_the_reference_update_of_its_setting(runs, name):
@@ -149,3 +156,56 @@ def test_two_sided_trigger_fires_on_a_falling_entropy(runs):
     assert e2 < e1, "the case needs the entropy to fall from step 1 to step 2"
     assert two[1]["sfpo/trigger_step"] == 2.0  # |z| = 1 >= 0.5
     assert one[1]["sfpo/trigger_step"] == -1.0  # z = -1 < 0.5
+
+
+@pytest.mark.flags("--kl-type")
+def test_kl_type_k3_is_low_var_kl(runs):
+    k3, low_var = runs["kl_k3"]["params"], runs["kl_low_var"]["params"]
+    for n, t in low_var.items():
+        assert torch.equal(k3[n], t), n
+    assert [m["actor/kl"] for m in runs["kl_k3"]["metrics"]] == [m["actor/kl"] for m in runs["kl_low_var"]["metrics"]]
+    assert runs["kl_k3"]["metrics"][1]["actor/kl"] > 0
+    # The KL term acts: without it the update lands elsewhere.
+    assert rel_error(k3, reference(runs["hf"])) > 100 * REL
+
+
+@pytest.mark.flags("--sfpo-snapshot-offload")
+def test_snapshot_offload_keeps_theta0_on_the_host(runs):
+    off, dp1 = runs["offload"], runs["dp1"]
+    for n, t in dp1["params"].items():
+        assert torch.equal(off["params"][n], t), n
+    assert (off["snapshot"]["offload"], dp1["snapshot"]["offload"]) == (True, False)
+    assert off["snapshot"]["devices"] == ["cpu"]
+    # With the main params on a GPU, the offloaded copy is pinned host memory and the plain one stays.
+    if off["snapshot"]["param_devices"] != ["cpu"]:
+        assert off["snapshot"]["pinned"] and dp1["snapshot"]["devices"] == dp1["snapshot"]["param_devices"]
+
+
+@pytest.mark.flags("--model-config", "--make-vocab-size-divisible-by", "--overlap-grad-reduce",
+                   "--overlap-param-gather")
+def test_rl_model_and_ddp_flags_shape_the_setup(runs):
+    import json
+
+    cfg = json.loads((runs["hf"] / "config.json").read_text())
+    got = runs["rl_arch"]
+    assert (got["num_layers"], got["hidden_size"]) == (cfg["num_hidden_layers"], cfg["hidden_size"])
+    assert cfg["vocab_size"] == 256 and got["embedding_rows"] == 288  # padded to a multiple of 96
+    assert got["overlap_grad_reduce"] and got["overlap_param_gather"]
+    assert got["no_sync_func"] and got["param_sync_func"]  # wired into megatron's schedules
+
+
+@pytest.mark.flags("--finetune", "--no-load-optim", "--no-load-rng")
+def test_rl_load_flags(runs):
+    r = runs["rl_init"]
+    saved = r["saved"]
+    assert saved["adam"] > 0
+    expected = {  # flag → (step, Adam state restored, RNG restored)
+        "resume": (1, True, True), "finetune": (0, False, False),
+        "no_optim": (1, False, True), "no_rng": (1, True, False)}
+    for name, (step, adam, rng) in expected.items():
+        got = r[name]
+        assert (got["step"], got["weight_version"]) == (step, step), name
+        assert got["adam"] == (saved["adam"] if adam else 0.0), name
+        assert (got["rng_is_saved"], got["rng_is_own"]) == (rng, not rng), name
+        for n, t in saved["params"].items():  # the checkpoint's weights in every case
+            assert torch.equal(got["params"][n], t), (name, n)

@@ -55,6 +55,14 @@ LAYOUTS = {  # scenario → (tp, pp, extra flags, setting overrides)
     "one_sided": (1, 1, (), {"--sfpo-zscore-window": "2", "--sfpo-zscore-threshold": "0.5"}),
     "two_sided": (1, 1, ("--sfpo-zscore-two-sided",),
                   {"--sfpo-zscore-window": "2", "--sfpo-zscore-threshold": "0.5"}),
+    "eps_clip": (1, 1, (), {"--eps-clip": "0.05"}),
+    "kl_k3": (1, 1, (), {"--kl-coef": "0.05", "--kl-type": "k3"}),
+    "kl_low_var": (1, 1, (), {"--kl-coef": "0.05", "--kl-type": "low_var_kl"}),
+    "offload": (1, 1, ("--sfpo-snapshot-offload",), {}),
+    # rl's model and DDP flags, and its --load flags (rl/state.py:init_policy).
+    "rl_arch": (1, 1, ("--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"),
+                {"--make-vocab-size-divisible-by": "96"}),
+    "rl_init": (1, 1, (), {}),
 }
 ONE_STEP = {"grpo", "alpha0", "k0a1", "dp2_grpo", "dp2_k0a1"}
 
@@ -179,10 +187,14 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
     result: dict = {"metrics": [], "checks": {}}
     if name == "errors":
         return errors(args, setup, arch, hf)
+    if name == "rl_arch":
+        return rl_arch(args, setup)
+    if name == "rl_init":
+        return rl_init(args, setup, hf, out)
     result["old_logprobs"] = to_rank0(
         old_logprobs_at_theta0(setup, args, arch, collate(make_samples(1), 0)))
     ref_model = None
-    if name == "kl":
+    if name.startswith("kl"):
         ref_model = reference_model_via_checkpoint(args, arch, setup, out)
     updater = PolicyUpdater(args, setup, ref_model=ref_model)
     if name.startswith("bf16"):
@@ -190,6 +202,8 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
         updater.stage_hook = bf16_recorder(args.sfpo_alpha, result["checks"]["bf16"])
     if name == "resume":
         return resume(args, setup, updater, hf, out, result)
+    if name in ("dp1", "offload"):  # where θ0's snapshot of the main params lives
+        updater.stage_hook = snapshot_recorder(result)
     # Transformer-layer forward calls: full activation recompute runs each one again in backward.
     layer_calls = [0]
     hooks = [m.register_forward_hook(lambda *_: layer_calls.__setitem__(0, layer_calls[0] + 1))
@@ -198,9 +212,85 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
     for h in hooks:
         h.remove()
     result["layer_forwards"] = layer_calls[0]
+
     result["passes"] = updater.last_passes
     result["entropy_history"] = updater.controller.state_dict()["history"]
     result["params"] = hf_params(setup, hf)
+    return result
+
+
+def snapshot_recorder(result: dict):
+    def hook(stage: str, updater) -> None:
+        if stage == "theta0":
+            copies = [c for _, _, cs in updater.snapshot.groups for c in cs]
+            params = [p for _, ps_, _ in updater.snapshot.groups for p in ps_]
+            result["snapshot"] = {"offload": updater.snapshot_offload,
+                                  "devices": sorted({str(c.device) for c in copies}),
+                                  "param_devices": sorted({str(p.device) for p in params}),
+                                  "pinned": all(c.is_pinned() for c in copies)}
+
+    return hook
+
+
+def rl_arch(args, setup) -> dict:
+    """What ``build_training_setup`` made of rl's model / DDP flags (as ``RLRun.setup``)."""
+    from sfpo_megatron.models.hf_config import load_hf_config
+    from sfpo_megatron.trainer.model_setup import build_training_setup, unwrap
+
+    setup = build_training_setup(args, load_hf_config(args.model_config), total_scheduler_steps=1)
+    chunk = setup.model[0]
+    gpt = unwrap(chunk)
+    return {"num_layers": len(gpt.decoder.layers), "hidden_size": gpt.config.hidden_size,
+            "embedding_rows": gpt.embedding.word_embeddings.weight.shape[0],
+            "overlap_grad_reduce": chunk.ddp_config.overlap_grad_reduce,
+            "overlap_param_gather": chunk.ddp_config.overlap_param_gather,
+            "param_sync_func": setup.config.param_sync_func is not None,
+            "no_sync_func": setup.config.no_sync_func is not None}
+
+
+def _adam_state(setup) -> float:
+    """Σ|exp_avg| over this rank's Adam state (0 for a fresh optimizer)."""
+    from sfpo_megatron.trainer.main_params import inner_optimizers
+
+    total = 0.0
+    for opt in inner_optimizers(setup.optimizer):
+        base = getattr(opt, "optimizer", opt)
+        for state in base.state.values():
+            if "exp_avg" in state:
+                total += float(state["exp_avg"].abs().sum())
+    return total
+
+
+def rl_init(args, setup, hf: Path, out: Path) -> dict:
+    """One update, an RL checkpoint (as ``RLRun.save`` writes it: extra_state["rl"]); then, for
+    each of rl's --load flags, a fresh setup with those flags parsed by rl's parser and
+    ``init_policy``: the run state, Adam state, weights and RNG it gives."""
+    from sfpo_megatron.components.checkpoint import save_checkpoint
+    from sfpo_megatron.rl.state import STATE_KEY, STATE_VERSION, init_policy
+    from sfpo_megatron.update.policy_update import PolicyUpdater
+
+    ckpt = out / "rl_init_ckpt"
+    updater = PolicyUpdater(args, setup)
+    updater.update(make_samples(1), 1)
+    rl_state = {"version": STATE_VERSION, "step": 1, "weight_version": 1, "sampler": None,
+                "updater": updater.state_dict(), "reward_errors": 0, "reward_timeouts": 0}
+    torch.manual_seed(1234567)  # the RNG state the checkpoint carries
+    saved_rng = torch.get_rng_state()
+    save_checkpoint(str(ckpt), 1, setup.model, setup.optimizer, setup.scheduler, {STATE_KEY: rl_state})
+    result = {"saved": {"params": hf_params(setup, hf), "adam": _adam_state(setup), "rng": saved_rng}}
+    for name, flags in (("resume", ()), ("finetune", ("--finetune",)), ("no_optim", ("--no-load-optim",)),
+                        ("no_rng", ("--no-load-rng",))):
+        load_args = rl_args(hf, {"--load": str(ckpt)}, flags)
+        fresh, arch = build_setup(load_args, hf)
+        torch.manual_seed(7)  # the process's own RNG state
+        own_rng = torch.get_rng_state()
+        state = init_policy(load_args, fresh, arch)
+        result[name] = {"step": state.step, "weight_version": state.weight_version,
+                        "adam": _adam_state(fresh), "params": hf_params(fresh, hf),
+                        "rng_is_saved": torch.equal(torch.get_rng_state(), saved_rng),
+                        "rng_is_own": torch.equal(torch.get_rng_state(), own_rng)}
+        del fresh
+        gc.collect()
     return result
 
 

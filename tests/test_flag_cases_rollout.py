@@ -10,13 +10,18 @@ consumes them with (``dataset_kwargs`` → ``load_prompt_dataset``, ``PromptSamp
   rewards the worker got;
 * the eval sampling flags map to the eval request's fields, and ``--eval-max-response-len``
   bounds the evaluated responses;
-* the rollout client / launcher flags reach the client, the transport and the launched servers.
+* the rollout client / launcher flags reach the client, the transport and the launched servers;
+* ``--max-resample-rounds``: with rewards that always agree, dynamic sampling refills exactly
+  that many times; the reward flags give the runner's worker processes (each reward is its
+  worker's pid) and time limit (a hanging reward scores 0, counted).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import time
 import statistics
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ from transformers import AutoTokenizer
 
 from sfpo_megatron.arguments import build_rl_parser
 from sfpo_megatron.data.prompts import PromptSampler, dataset_kwargs, load_eval_datasets, load_prompt_dataset
-from sfpo_megatron.data.rewards import RewardRunner
+from sfpo_megatron.data.rewards import RewardRunner, reward_runner_from_args
 from sfpo_megatron.data.tokenizer import TokenizerError, load_tokenizer
 from sfpo_megatron.rl.evaluate import eval_params, evaluate
 from sfpo_megatron.rollout.client import RolloutClient
@@ -45,6 +50,18 @@ PROMPT_FLAGS = ["--prompt-key", "question", "--answer-key", "solution", "--syste
 def letter_o(response: str, answer: str, metadata: dict[str, Any]) -> float:
     """1 when the response contains an "o": a mixed signal for a random tiny model."""
     return 1.0 if "o" in response else 0.0
+
+
+def always_one(response: str, answer: str, metadata: dict[str, Any]) -> float:
+    """Every group's rewards agree: dynamic sampling drops them all."""
+    return 1.0
+
+
+def pid_or_hang(response: str, answer: str, metadata: dict[str, Any]) -> float:
+    """The worker's pid (after a pause, so that concurrent samples spread over the workers);
+    the answer "hang" never returns."""
+    time.sleep(30 if answer == "hang" else 0.3)
+    return float(os.getpid())
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +229,34 @@ def test_launched_servers_follow_the_flags(env, tmp_path):
     finally:
         if engines.launcher is not None:
             engines.launcher.stop()
+
+
+@pytest.mark.flags("--max-resample-rounds")
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_max_resample_rounds_bounds_the_refills(env, rounds):
+    args = parse(env, "--dynamic-sampling", "--max-resample-rounds", str(rounds), "--rollout-batch-size", "1",
+                 "--n-samples-per-prompt", "2", "--rollout-max-response-len", "2")
+    tok = env["tokenizer"]
+    dataset = load_prompt_dataset(args.prompt_data, tok, **dataset_kwargs(args))
+    with RewardRunner(f"{__name__}:always_one", num_workers=1, timeout_s=30) as rewards:
+        worker = RolloutWorker(args, RolloutClient([env["url"]]), tok, dataset,
+                               PromptSampler(dataset, 1, seed=args.seed), rewards)
+        batch = worker.collect(1, None)
+    # The first round and `rounds` refills, every group dropped; one pads the batch back.
+    assert batch.metrics["rollout/dynamic_rounds"] == rounds + 1
+    assert batch.metrics["rollout/dynamic_dropped_groups"] == rounds + 1
+    assert batch.metrics["rollout/dynamic_padded_groups"] == 1 and len(batch.samples) == 2
+
+
+@pytest.mark.flags("--reward-num-workers", "--reward-timeout")
+def test_reward_flags_give_the_workers_and_the_time_limit(env, caplog):
+    args = parse(env, "--reward-fn", f"{__name__}:pid_or_hang", "--reward-num-workers", "3",
+                 "--reward-timeout", "2")
+    answers = ["a"] * 6 + ["hang"]
+    with reward_runner_from_args(args) as runner:
+        rewards, errors, timeouts = runner.score_counted(["x"] * 7, answers)
+    assert rewards[-1] == 0.0 and (errors, timeouts) == (0, 1)
+    assert len(set(rewards[:-1])) == 3  # three worker processes shared the six samples
+    assert os.getpid() not in rewards
+    # Given up after --reward-timeout (the default is 10 s); worker start-up does not count.
+    assert "reward pid_or_hang timed out after 2.0 s on sample 6" in caplog.text

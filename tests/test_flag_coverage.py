@@ -38,30 +38,15 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
 
 # (command, option) → what a case would have to show; options still without one.
 UNCOVERED: dict[tuple[str, str], str] = {
-    ("rl", "--model-config"): "rl builds the architecture of the named config",
-    ("rl", "--make-vocab-size-divisible-by"): "padded vocabulary rows in the saved embedding",
     ("pretrain", "--tensor-model-parallel-size"):
         "TP=2 shards (e.g. half-size local weights) in a pretrain run",
     ("pretrain", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
     ("rl", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
     ("rl", "--pipeline-model-parallel-size"): "PP=2 split of the layers in an rl run",
-    ("rl", "--overlap-grad-reduce"): "the DDP config carries it (the dp2_overlap update only shows equality)",
-    ("rl", "--overlap-param-gather"): "as --overlap-grad-reduce",
     ("rl", "--distributed-timeout-minutes"): "the process group's timeout",
-    ("rl", "--finetune"): "as pretrain's --finetune, for rl's --load",
-    ("rl", "--no-load-optim"): "as pretrain's --no-load-optim",
-    ("rl", "--no-load-rng"): "as pretrain's --no-load-rng",
     ("rl", "--dist-ckpt-optim-sharding"): "as pretrain's",
     ("rl", "--tokenizer-path"):
         "the tokenizer rl loads (test_rl_loop_improves passes it, asserts nothing about it)",
-    ("rl", "--reward-num-workers"): "reward worker processes",
-    ("rl", "--reward-timeout"):
-        "a hanging reward scores 0 after the timeout (RewardRunner tests bypass the parser)",
-    ("rl", "--max-resample-rounds"):
-        "refill rounds of dynamic sampling (test_rl_loop passes it, asserts no count)",
-    ("rl", "--sfpo-snapshot-offload"): "θ0 snapshot in host memory (GPU kit checks pinned memory)",
-    ("rl", "--eps-clip"): "another --eps-clip against the reference (only the default 0.2 is compared)",
-    ("rl", "--kl-type"): "k3 vs low_var_kl against the reference (only low_var_kl, the default, is run)",
     ("rl", "--tis-threshold"): "is_weight/truncated_frac and the loss for known weights in vcpo_worker",
 }
 

@@ -455,3 +455,8 @@ class RewardRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def reward_runner_from_args(args: Any) -> RewardRunner:
+    """The run's runner from ``--reward-fn``, ``--reward-num-workers``, ``--reward-timeout``."""
+    return RewardRunner(reward_fn_from_args(args), args.reward_num_workers, args.reward_timeout)

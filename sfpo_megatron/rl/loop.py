@@ -46,7 +46,7 @@ from sfpo_megatron.components.checkpoint import save_checkpoint
 from sfpo_megatron.components.metrics import MetricsLogger, memory_stats
 from sfpo_megatron.components.preemption import PreemptionHandler
 from sfpo_megatron.data.prompts import PromptSampler, dataset_kwargs, load_eval_datasets, load_prompt_dataset
-from sfpo_megatron.data.rewards import RewardRunner, reward_fn_from_args
+from sfpo_megatron.data.rewards import reward_runner_from_args
 from sfpo_megatron.data.tokenizer import load_tokenizer
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.distributed.platform import current_platform, setup_platform
@@ -202,7 +202,7 @@ class RLRun:
             elif self.state.sampler is not None:
                 restore_sampler(self.sampler, self.state.sampler, a)
             self.eval_datasets = load_eval_datasets(a.eval_prompt_data, self.tokenizer, **kwargs)
-            self.rewards = RewardRunner(reward_fn_from_args(a), a.reward_num_workers, a.reward_timeout)
+            self.rewards = reward_runner_from_args(a)
 
         on_rank0(build)
 

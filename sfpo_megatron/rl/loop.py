@@ -46,7 +46,7 @@ from sfpo_megatron.components.checkpoint import save_checkpoint
 from sfpo_megatron.components.metrics import MetricsLogger, memory_stats
 from sfpo_megatron.components.preemption import PreemptionHandler
 from sfpo_megatron.data.prompts import PromptSampler, dataset_kwargs, load_eval_datasets, load_prompt_dataset
-from sfpo_megatron.data.rewards import reward_runner_from_args
+from sfpo_megatron.data.rewards import reward_fn_from_args, reward_runner_from_args
 from sfpo_megatron.data.tokenizer import load_tokenizer
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.distributed.platform import current_platform, setup_platform

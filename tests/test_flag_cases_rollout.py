@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
-import time
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from transformers import AutoTokenizer
 from sfpo_megatron.arguments import build_rl_parser
 from sfpo_megatron.data.prompts import PromptSampler, dataset_kwargs, load_eval_datasets, load_prompt_dataset
 from sfpo_megatron.data.rewards import RewardRunner, reward_runner_from_args
-from sfpo_megatron.data.tokenizer import TokenizerError, load_tokenizer
+from sfpo_megatron.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_from_args
 from sfpo_megatron.rl.evaluate import eval_params, evaluate
 from sfpo_megatron.rollout.client import RolloutClient
 from sfpo_megatron.rollout.engines import RolloutEngines
@@ -122,6 +123,23 @@ def test_prompt_flags_change_the_ids_sent_to_the_server(env):
                                          str(env["data"]), *PROMPT_FLAGS])
     with pytest.raises(TokenizerError, match="has no chat template"):
         load_prompt_dataset(chat.prompt_data, env["tokenizer"], **dataset_kwargs(chat))[0]
+
+
+@pytest.mark.flags("--tokenizer-path")
+def test_tokenizer_path_names_the_tokenizer(env, tmp_path):
+    """A --model-config directory without a tokenizer: rl loads the one --tokenizer-path names,
+    and without the flag stops naming the directory it looked in."""
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(env["model"] / "config.json", config_only / "config.json")
+    flags = ["--prompt-data", str(env["data"])]
+    args = build_rl_parser().parse_args(["--model-config", str(config_only), "--tokenizer-path",
+                                         str(env["model"]), *flags])
+    text = "Q: what is one plus two? A:"
+    hf_tok = AutoTokenizer.from_pretrained(env["model"])
+    assert tokenizer_from_args(args).encode(text) == hf_tok.encode(text, add_special_tokens=False)
+    with pytest.raises(TokenizerError, match=f"no tokenizer in '{config_only}'"):
+        tokenizer_from_args(build_rl_parser().parse_args(["--model-config", str(config_only), *flags]))
 
 
 def _groups(batch) -> dict[int, list]:

@@ -88,6 +88,23 @@ def test_layout_matches_single_process(reference, layout_runs, name):
     assert rel < REL, f"{name}: parameters after {ITERS} steps differ, relative error {rel:.2e}"
 
 
+# Megatron's tensor-parallel weights: column-parallel (qkv, fc1) split their output rows, row-parallel
+# (proj, fc2) their input columns, the embedding its vocabulary; norms and the fused qkv's
+# layer-norm weight stay whole.
+_TP_SHARDED = (".linear_qkv.weight", ".linear_qkv.bias", ".linear_proj.weight", ".linear_fc1.weight",
+               ".linear_fc2.weight", "word_embeddings.weight")
+
+
+@pytest.mark.flags("--tensor-model-parallel-size", cmd="pretrain")
+def test_tensor_parallel_rank_holds_its_shard(base, layout_runs):
+    """TP=2: rank 0's fp32 main params are exactly its shard of every tensor (half of each
+    tensor-parallel weight, all of each replicated one)."""
+    tensors = _params(base, layout_runs["tp2"]["ckpt"])
+    assert any(k.endswith(_TP_SHARDED) for k in tensors)
+    expected = sum(t.numel() // 2 if k.endswith(_TP_SHARDED) else t.numel() for k, t in tensors.items())
+    assert layout_runs["tp2"]["metrics"][0]["optimizer/main_param_bytes"] == 4 * expected
+
+
 @pytest.mark.flags("--use-distributed-optimizer", cmd="pretrain")
 def test_distributed_optimizer_shards_state(reference, layout_runs):
     dp1 = reference["metrics"][0]

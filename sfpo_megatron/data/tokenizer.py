@@ -205,6 +205,11 @@ class SentencePieceTokenizer(Tokenizer):
         return self.chat_format.render(messages, add_generation_prompt)
 
 
+def tokenizer_from_args(args) -> "Tokenizer":
+    """The tokenizer `rl` / `eval` use: ``--tokenizer-path``, else the one beside ``--model-config``."""
+    return load_tokenizer(args.tokenizer_path or args.model_config)
+
+
 def load_tokenizer(
     path: str | os.PathLike,
     chat_template: str | None = None,

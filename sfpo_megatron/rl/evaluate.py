@@ -36,7 +36,7 @@ from sfpo_megatron.components.metrics import MetricsLogger
 from sfpo_megatron.conversion.hf_mapping import load_hf_weights
 from sfpo_megatron.data.prompts import dataset_kwargs, load_eval_datasets
 from sfpo_megatron.data.rewards import RewardRunner, eval_score_floor, reward_fn_from_args
-from sfpo_megatron.data.tokenizer import load_tokenizer
+from sfpo_megatron.data.tokenizer import tokenizer_from_args
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.distributed.platform import setup_platform
 from sfpo_megatron.distributed.rank0 import on_rank0
@@ -113,7 +113,7 @@ def run_eval(args: argparse.Namespace, sglang_args: Sequence[str] = ()) -> dict[
     else:
         load_hf_weights(model, arch, args.hf_checkpoint)
         version = 0
-    tokenizer = load_tokenizer(args.tokenizer_path or args.model_config)
+    tokenizer = tokenizer_from_args(args)
     rank0 = dist.get_rank() == 0
     # Only rank 0 writes the served export; a temporary one is removed at the end.
     tmpdir = tempfile.mkdtemp(prefix="sfpo_eval_") if rank0 and not args.save else None

@@ -47,7 +47,7 @@ from sfpo_megatron.components.metrics import MetricsLogger, memory_stats
 from sfpo_megatron.components.preemption import PreemptionHandler
 from sfpo_megatron.data.prompts import PromptSampler, dataset_kwargs, load_eval_datasets, load_prompt_dataset
 from sfpo_megatron.data.rewards import reward_fn_from_args, reward_runner_from_args
-from sfpo_megatron.data.tokenizer import load_tokenizer
+from sfpo_megatron.data.tokenizer import tokenizer_from_args
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.distributed.platform import current_platform, setup_platform
 from sfpo_megatron.distributed.rank0 import on_rank0
@@ -169,7 +169,7 @@ class RLRun:
         self.rank = dist.get_rank()
         a.calculate_per_token_loss = False  # the RL losses normalise over the mini-batch themselves
         self.setup_ = build_training_setup(a, self.arch, total_scheduler_steps=max(a.num_rollouts, 1))
-        self.tokenizer = load_tokenizer(a.tokenizer_path or a.model_config)
+        self.tokenizer = tokenizer_from_args(a)
         # The frozen reference policy of the KL term, same layout as the policy.
         ref_model = build_reference_model(a, self.arch, a.ref_load) if a.kl_coef > 0 else None
         self.updater = PolicyUpdater(a, self.setup_, ref_model=ref_model, pad_id=self.tokenizer.pad_id)

@@ -9,8 +9,8 @@ batch, so no communication):
 2. :func:`first_fit_decreasing`: each shard → micro-batches of at most N tokens;
 3. :func:`equalize`: every DP rank gets the same number of micro-batches (megatron's schedule
    runs the same count everywhere, and the loss is scaled by it): ranks with fewer split their
-   fullest multi-sequence micro-batch, or, when none is left to split, run an empty one (a single
-   padding token whose loss is zero).
+   fullest multi-sequence micro-batch (with equal sample counts there always is one), or, when
+   none is left to split, run an empty one (padding only, whose loss is zero).
 
 The tensors (:func:`pack_rows`): a micro-batch's sequences concatenated into one ``[1, T]`` row
 (megatron's THD layout) with ``cu_seqlens``; attention and RoPE restart at every sequence

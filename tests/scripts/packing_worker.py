@@ -95,6 +95,7 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
     setup, arch = build_setup(args, hf)
     result = {"theta0": to_rank0(theta0_logprobs(setup, args, arch, mode == "packed")),
               "metrics": [], "passes": []}
+    result["init"] = hf_params(setup, hf)
     updater = PolicyUpdater(args, setup, pad_id=0)
     for step in range(1, STEPS + 1):
         result["metrics"].append(updater.update(long_tailed_samples(step), step))

@@ -18,6 +18,11 @@ An update over a global batch of B samples (identical on every rank) is split as
     B  →  ``num_mini_batches`` contiguous mini-batches (one optimizer step each)
        →  each mini-batch into ``dp_size`` contiguous shards (this rank keeps shard ``dp_rank``)
        →  each shard into micro-batches of ``micro_batch_size`` rows.
+
+With ``--use-dynamic-batch-size`` the last two splits are token-based instead (balanced DP
+shards, packed micro-batches of at most ``--max-tokens-per-gpu`` tokens: ``trainer/packing.py``);
+these padded rows stay what the loss reads. ``lengths`` (prompt + response per row) is what the
+packing reads.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Real launches of tests/scripts/packing_worker.py (gloo): one process (DP=1) and 
 --nproc_per_node 2`` (DP=2 with the distributed optimizer; TP=2 and PP=2 in the slow tier, where
 each packed micro-batch is padded to the budget). Compared, packed against padded: the old
 log-probs and entropies at θ0 of the whole batch, every pass's summed micro-batch losses per
-mini-batch, and the parameters after 2 SFPO steps (K = 2, α = 0.8, 2 mini-batches per pass),
+mini-batch, and the parameters after 2 SFPO steps (also with VCPO's OPOB baseline, whose
+"logit" gradient norms come from the packed old-log-prob forward) (K = 2, α = 0.8, 2 mini-batches per pass),
 all to a relative error below 1e-6 in fp32.
 """
 
@@ -36,7 +37,7 @@ def launch(tmp_path_factory, nproc: int, scenarios: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def dp1(tmp_path_factory) -> dict:
-    return launch(tmp_path_factory, 1, ["padded_dp1", "packed_dp1"])
+    return launch(tmp_path_factory, 1, ["padded_dp1", "packed_dp1", "padded_opob", "packed_opob"])
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,17 @@ def test_packed_equals_padded_dp1(dp1):
         # 2 mini-batches of 8 samples: 4 padded micro-batches of 2 rows each, fewer packed.
         assert m["batch/micro_batches_per_rank"] == 8.0
         assert mp["batch/micro_batches_per_rank"] < 8.0
+
+
+@pytest.mark.flags("--use-dynamic-batch-size", "--off-policy-baseline", "--vcpo")
+def test_packed_equals_padded_vcpo_opob(dp1):
+    """OPOB's logit gradient norms and the importance weights come from the packed forward."""
+    packed, padded = dp1["packed_opob"], dp1["padded_opob"]
+    assert_same_update(packed, padded, "opob")
+    for mp, m in zip(packed["metrics"], padded["metrics"]):
+        assert m["vcpo/opob_advantage_shift"] > 0
+        for key in ("vcpo/opob_advantage_shift", "vcpo/ess", "is_weight/log_mean"):
+            assert mp[key] == pytest.approx(m[key], rel=REL), key
 
 
 @pytest.mark.flags("--use-dynamic-batch-size", "--max-tokens-per-gpu", "--use-distributed-optimizer")

@@ -2,7 +2,7 @@
 padded micro-batches and with packed token-budget micro-batches (--use-dynamic-batch-size).
 
 Each scenario ``<mode>_<layout>`` (mode ``padded`` or ``packed``; layout ``dp1``, ``dp2`` (with
-the distributed optimizer), ``tp2``, ``pp2``) writes, from global rank 0, ``<out>/<scenario>.pt``:
+the distributed optimizer), ``tp2``, ``pp2``, ``opob`` (DP=1, VCPO with the OPOB baseline)) writes, from global rank 0, ``<out>/<scenario>.pt``:
 the old log-probs and entropies of the whole step-1 batch at θ0, the per-step metrics, every
 pass's per-mini-batch statistics and the final parameters (HF names, full tensors).
 
@@ -27,6 +27,8 @@ LAYOUTS = {  # layout → (tp, pp, extra flags)
     "dp2": (1, 1, ("--use-distributed-optimizer",)),
     "tp2": (2, 1, ()),
     "pp2": (1, 2, ()),
+    # VCPO with OPOB: the "logit" gradient norms come out of the (packed) old-log-prob forward.
+    "opob": (1, 1, ("--vcpo", "--off-policy-baseline", "opob")),
 }
 SETTINGS = {"--micro-batch-size": "2", "--num-steps-per-rollout": "2",
             "--rollout-max-response-len": "80"}

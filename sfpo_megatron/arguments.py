@@ -23,10 +23,15 @@ def add_model_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
         g.add_argument("--seq-length", type=int, default=256)
 
 
-def add_parallel_args(p: argparse.ArgumentParser) -> None:
+def add_parallel_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    if rl:
+        g.add_argument("--context-parallel-size", type=int, default=1,
+                       help="split sequences over N ranks (megatron's CP lives in Transformer "
+                            "Engine's attention): GPUs with TE only, and not yet run by the "
+                            "policy update; refused with a clear error elsewhere")
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true",
                    help="needs Transformer Engine or apex norms (GPU)")
@@ -39,6 +44,15 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 def add_training_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
+    if rl:
+        g.add_argument("--use-dynamic-batch-size", action="store_true",
+                       help="pack each rank's share of a mini-batch into micro-batches of at most "
+                            "--max-tokens-per-gpu tokens (sequences concatenated, attention and "
+                            "RoPE restarting at each), balanced over the DP ranks, for every "
+                            "forward and backward of the update; --micro-batch-size is unused")
+        g.add_argument("--max-tokens-per-gpu", type=int, default=None, metavar="N",
+                       help="token budget of a packed micro-batch (with --use-dynamic-batch-size); "
+                            "a longer single sample is an error")
     if not rl:  # rl's steps are --num-rollouts, its optimizer batch the rollout batch's share
         g.add_argument("--global-batch-size", type=int, default=None)
         g.add_argument("--train-iters", type=int, default=10)
@@ -251,7 +265,7 @@ def add_async_args(p: argparse.ArgumentParser) -> None:
 def build_rl_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("sfpo-megatron rl", description="SFPO / GRPO RL training")
     add_model_args(p, rl=True)
-    add_parallel_args(p)
+    add_parallel_args(p, rl=True)
     add_training_args(p, rl=True)
     add_checkpoint_args(p)
     add_logging_args(p, rl=True)

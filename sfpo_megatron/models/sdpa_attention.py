@@ -112,6 +112,15 @@ class SDPAttention(MegatronModule):
         cu_kv = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None \
             else params.cu_seqlens_kv
         tq, tk = query.shape[0], key.shape[0]
+        if causal and tq == tk and torch.equal(cu_q.cpu(), cu_kv.cpu()):
+            # One causal SDPA per sequence: the cost of the real tokens (sum of L_i^2), not of a
+            # T x T block-diagonal mask over the whole pack.
+            bounds = cu_q.tolist()
+            outs = []
+            for a, b in zip(bounds, bounds[1:]):
+                q, k, v = (t[a:b].permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))
+                outs.append(self._attend(q, k, v, None, causal=True).squeeze(0).permute(1, 0, 2))
+            return torch.cat(outs).reshape(tq, -1)  # [t, h*d]
         seq_q = torch.bucketize(torch.arange(tq, device=query.device), cu_q[1:].to(query.device),
                                 right=True)
         seq_k = torch.bucketize(torch.arange(tk, device=key.device), cu_kv[1:].to(key.device),

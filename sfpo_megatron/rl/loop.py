@@ -49,7 +49,7 @@ from sfpo_megatron.data.prompts import PromptSampler, dataset_kwargs, load_eval_
 from sfpo_megatron.data.rewards import reward_fn_from_args, reward_runner_from_args
 from sfpo_megatron.data.tokenizer import tokenizer_from_args
 from sfpo_megatron.distributed import parallel
-from sfpo_megatron.distributed.platform import current_platform, setup_platform
+from sfpo_megatron.distributed.platform import current_platform, gpu_available, setup_platform
 from sfpo_megatron.distributed.rank0 import on_rank0
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.models.hf_config import load_hf_config
@@ -134,6 +134,29 @@ def check_rl_args(args: argparse.Namespace) -> None:
         raise RLConfigError(f"--rollout-temperature must be > 0 (the trainer's logprobs use it), "
                             f"got {args.rollout_temperature}")
     check_update_args(args)  # --ppo-epochs, --no-ppo-clip with several steps, ...
+    check_context_parallel(args)
+
+
+def check_context_parallel(args: argparse.Namespace) -> None:
+    """``--context-parallel-size``: megatron's CP lives in Transformer Engine's attention (GPU),
+    and the update does not split sequences over a CP group; refused before anything is built."""
+    cp = args.context_parallel_size
+    if cp == 1:
+        return
+    if cp < 1:
+        raise RLConfigError(f"--context-parallel-size must be >= 1, got {cp}")
+    if not gpu_available():
+        raise RLConfigError(f"--context-parallel-size {cp} needs GPUs with Transformer Engine "
+                            "(megatron's context parallelism lives in TE's attention); this "
+                            "machine has no GPU: use --context-parallel-size 1")
+    if args.transformer_impl != "transformer_engine":
+        raise RLConfigError(f"--context-parallel-size {cp} needs --transformer-impl "
+                            "transformer_engine (megatron's context parallelism lives in TE's "
+                            "attention)")
+    raise RLConfigError(f"--context-parallel-size {cp}: the policy update does not split "
+                        "sequences over a context-parallel group yet; use "
+                        "--context-parallel-size 1 (with --use-dynamic-batch-size for long "
+                        "sequences)")
 
 
 class RLRun:
@@ -162,7 +185,9 @@ class RLRun:
         batch = a.rollout_batch_size * a.n_samples_per_prompt
         a.global_batch_size = batch // a.num_steps_per_rollout  # one optimizer step's samples
         dp = check_args(a, self.arch, world)
-        check_update_layout(batch, a.num_steps_per_rollout, dp, a.micro_batch_size)
+        # Packed micro-batches are cut by tokens, not rows: only the DP split needs to divide.
+        check_update_layout(batch, a.num_steps_per_rollout, dp,
+                            1 if a.use_dynamic_batch_size else a.micro_batch_size)
         parallel.initialize(tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
                             vpp=a.virtual_pipeline_model_parallel_size, seed=a.seed,
                             timeout_minutes=a.distributed_timeout_minutes)

@@ -12,6 +12,12 @@ and with megatron's padded vocab columns dropped.
 averages gradients over DP, so a training loss must already be scaled by
 ``num_microbatches * dp_size`` (see ``rl/losses.py``); ``reported`` is collected per
 micro-batch in the returned list.
+
+Micro-batches are either padded rows (:class:`TrainBatch`, ``[b, S]``) or packed sequences
+(:class:`~sfpo_megatron.trainer.packing.PackedMicroBatch`, ``[1, T]`` with ``cu_seqlens``, run
+with megatron's ``PackedSeqParams(qkv_format="thd")``). For packed ones the log-probs and
+entropies are computed on the packed logits and handed to ``loss_fn`` in the rows' ``[n, S]``
+layout, so a loss never sees the difference.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sfpo_megatron.distributed.platform import current_platform
 from sfpo_megatron.errors import UserError
+from sfpo_megatron.trainer.packing import PackedMicroBatch, PackSpec, pack_rows
 from sfpo_megatron.trainer.train_batch import TrainBatch
 from sfpo_megatron.trainer.vocab_parallel import (
     vocab_parallel_logit_grad_sq,
@@ -35,7 +43,8 @@ from sfpo_megatron.trainer.vocab_parallel import (
 )
 
 LossFn = Callable[[TrainBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
-LogitsFn = Callable[[TrainBatch, torch.Tensor], tuple[torch.Tensor, Any]]
+MicroBatch = TrainBatch | PackedMicroBatch
+LogitsFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, Any]]
 
 
 class PolicyForwardError(UserError):
@@ -43,16 +52,22 @@ class PolicyForwardError(UserError):
 
 
 def _forward_step(logits_fn: LogitsFn, data_iterator, model):
-    mb: TrainBatch = next(data_iterator)
+    mb: MicroBatch = next(data_iterator)
     dev = current_platform().device()
     tokens = mb.tokens.to(dev, non_blocking=True)
+    if isinstance(mb, PackedMicroBatch):
+        cu = mb.cu_seqlens.to(dev)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
+        output = model(tokens, mb.position_ids.to(dev), None, packed_seq_params=params)
+        return output, partial(logits_fn, mb)
     position_ids = torch.arange(mb.seq_length, device=dev).unsqueeze(0).expand_as(tokens)
     # attention_mask=None: causal attention (right padding is never attended by real tokens).
     output = model(tokens, position_ids, None)
     return output, partial(logits_fn, mb)
 
 
-def run_schedule(model: Sequence[torch.nn.Module], micro_batches: Sequence[TrainBatch],
+def run_schedule(model: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch],
                  logits_fn: LogitsFn, *, forward_only: bool) -> list[Any]:
     """One megatron forward(-backward) over ``micro_batches``; ``logits_fn(mb, logits)`` gets the
     last stage's raw vocab-parallel logits ``[b, s, V/tp]`` and returns ``(loss, reported)``.
@@ -63,10 +78,13 @@ def run_schedule(model: Sequence[torch.nn.Module], micro_batches: Sequence[Train
     if not micro_batches:
         raise PolicyForwardError("no micro-batches to run")
     shapes = {tuple(mb.tokens.shape) for mb in micro_batches}
-    if len(shapes) > 1:
+    # Without pipeline parallelism nothing is sent between stages: packed micro-batches may
+    # differ in length (padded rows still share one, as they always have).
+    packed = all(isinstance(mb, PackedMicroBatch) for mb in micro_batches)
+    if len(shapes) > 1 and (not packed or ps.get_pipeline_model_parallel_world_size() > 1):
         raise PolicyForwardError(f"micro-batches of one schedule must share a shape (pipeline "
                                  f"p2p buffers are fixed), got {sorted(shapes)}")
-    mbs, seq = micro_batches[0].tokens.shape
+    mbs, seq = max(shapes, key=lambda sh: sh[1])
     if len(model) == 1:
         data: Any = iter(micro_batches)
         target: Any = model[0]
@@ -79,15 +97,23 @@ def run_schedule(model: Sequence[torch.nn.Module], micro_batches: Sequence[Train
               forward_only=forward_only)
 
 
-def _logprob_loss(temperature: float, vocab_size: int, loss_fn: LossFn, mb: TrainBatch,
-                  logits: torch.Tensor):
+def token_logprobs(mb: MicroBatch, logits: torch.Tensor, temperature: float, vocab_size: int
+                   ) -> tuple[TrainBatch, torch.Tensor, torch.Tensor]:
+    """(rows, log π(label), entropy) of a micro-batch's logits, in the rows' ``[n, S]`` layout."""
     labels = mb.labels.to(logits.device, non_blocking=True)
     logprobs, entropy = vocab_parallel_logprobs_and_entropy(
         logits, labels, temperature=temperature, vocab_size=vocab_size)
-    return loss_fn(mb, logprobs, entropy)
+    if isinstance(mb, PackedMicroBatch):
+        return mb.rows, mb.unpack(logprobs), mb.unpack(entropy)
+    return mb, logprobs, entropy
 
 
-def run_micro_batches(model: Sequence[torch.nn.Module], micro_batches: Sequence[TrainBatch],
+def _logprob_loss(temperature: float, vocab_size: int, loss_fn: LossFn, mb: MicroBatch,
+                  logits: torch.Tensor):
+    return loss_fn(*token_logprobs(mb, logits, temperature, vocab_size))
+
+
+def run_micro_batches(model: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch],
                       loss_fn: LossFn, *, forward_only: bool, temperature: float,
                       vocab_size: int) -> list[Any]:
     """One megatron forward(-backward) over ``micro_batches`` (this DP rank's share).
@@ -123,15 +149,16 @@ class TokenLogprobs:
     logit_grad_sq: torch.Tensor | None = None
 
 
-def _collect(temperature: float, vocab_size: int, grad_sq: bool, mb: TrainBatch, logits: torch.Tensor):
-    labels = mb.labels.to(logits.device, non_blocking=True)
-    mask = mb.loss_mask.to(logits.device)
-    logprobs, entropy = vocab_parallel_logprobs_and_entropy(
-        logits, labels, temperature=temperature, vocab_size=vocab_size)
+def _collect(temperature: float, vocab_size: int, grad_sq: bool, mb: MicroBatch, logits: torch.Tensor):
+    rows_batch, logprobs, entropy = token_logprobs(mb, logits, temperature, vocab_size)
+    mask = rows_batch.loss_mask.to(logits.device)
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     rows = None
     if grad_sq:  # the same logits, one more pair of vocab reductions: no extra forward
+        labels = mb.labels.to(logits.device, non_blocking=True)
         per_token = vocab_parallel_logit_grad_sq(logits, labels, temperature, vocab_size)
+        if isinstance(mb, PackedMicroBatch):
+            per_token = mb.unpack(per_token)
         rows = torch.where(mask, per_token.double(), 0.0).sum(dim=-1)
     return (torch.zeros((), device=logprobs.device),
             (torch.where(mask, logprobs, zero).detach(), torch.where(mask, entropy, zero).detach(), rows))
@@ -140,15 +167,42 @@ def _collect(temperature: float, vocab_size: int, grad_sq: bool, mb: TrainBatch,
 @torch.no_grad()
 def compute_logprobs(model: Sequence[torch.nn.Module], batch: TrainBatch, *,
                      micro_batch_size: int, temperature: float, vocab_size: int,
-                     logit_grad_sq: bool = False) -> TokenLogprobs | None:
+                     logit_grad_sq: bool = False, packing: Sequence[Sequence[int]] | None = None,
+                     pack: PackSpec | None = None) -> TokenLogprobs | None:
     """Forward-only log-probs and entropies of ``batch`` (this DP rank's rows) under ``model``
     (and the per-row logit gradient norms with ``logit_grad_sq``).
+
+    ``packing`` (with ``pack``): the rows of each packed micro-batch (indices into ``batch``,
+    every row once; ``[]`` an empty micro-batch) instead of ``micro_batch_size`` padded rows;
+    the results are in ``batch``'s row order either way.
 
     Used for the old log-probs at θ(s,0) (the policy) and for a frozen reference policy. Returns
     ``None`` on pipeline stages other than the last, which never need them.
     """
-    out = run_schedule(model, batch.micro_batches(micro_batch_size),
-                       partial(_collect, float(temperature), int(vocab_size), logit_grad_sq), forward_only=True)
+    collect = partial(_collect, float(temperature), int(vocab_size), logit_grad_sq)
+    if packing is not None:
+        if pack is None:
+            raise PolicyForwardError("packed micro-batches need a PackSpec")
+        micro = [pack_rows(batch, rows, pack) for rows in packing]
+        out = run_schedule(model, micro, collect, forward_only=True)
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        dev = out[0][0].device
+        res = TokenLogprobs(
+            logprobs=torch.zeros(batch.tokens.shape, dtype=torch.float32, device=dev),
+            entropy=torch.zeros(batch.tokens.shape, dtype=torch.float32, device=dev),
+            logit_grad_sq=torch.zeros(batch.size, dtype=torch.float64) if logit_grad_sq else None)
+        for mb, (lp, ent, g) in zip(micro, out):
+            if not mb.index:
+                continue
+            idx = torch.tensor(mb.index, dtype=torch.long, device=dev)
+            s = lp.shape[1]
+            res.logprobs[idx, :s] = lp.float()
+            res.entropy[idx, :s] = ent.float()
+            if logit_grad_sq:
+                res.logit_grad_sq[idx.cpu()] = g.cpu()
+        return res
+    out = run_schedule(model, batch.micro_batches(micro_batch_size), collect, forward_only=True)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return TokenLogprobs(logprobs=torch.cat([lp for lp, _, _ in out]).float(),

@@ -18,6 +18,11 @@ An update over a global batch of B samples (identical on every rank) is split as
     B  →  ``num_mini_batches`` contiguous mini-batches (one optimizer step each)
        →  each mini-batch into ``dp_size`` contiguous shards (this rank keeps shard ``dp_rank``)
        →  each shard into micro-batches of ``micro_batch_size`` rows.
+
+With ``--use-dynamic-batch-size`` the last two splits are token-based instead (balanced DP
+shards, packed micro-batches of at most ``--max-tokens-per-gpu`` tokens: ``trainer/packing.py``);
+these padded rows stay what the loss reads. ``lengths`` (prompt + response per row) is what the
+packing reads.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ class TrainBatchError(UserError):
 
 # Per-row tensors: [B] or [B, S]; ``None`` for log-probs not computed (yet / on this PP stage).
 _ROW_FIELDS = ("tokens", "labels", "loss_mask", "advantages", "rollout_logprobs", "group_ids",
-               "weight_versions", "old_logprobs", "ref_logprobs", "rewards", "log_weights")
+               "weight_versions", "old_logprobs", "ref_logprobs", "rewards", "log_weights", "lengths")
+_SEQ_FIELDS = ("tokens", "labels", "loss_mask", "rollout_logprobs", "old_logprobs", "ref_logprobs")
 
 
 @dataclass
@@ -54,16 +60,18 @@ class TrainBatch:
     ref_logprobs: torch.Tensor | None = None  # [B, S] of the frozen reference policy (KL)
     rewards: torch.Tensor | None = None  # [B] float32, the scored rewards (OPOB needs them)
     log_weights: torch.Tensor | None = None  # [B] float64 log w_i = sum_t (old - rollout) (VCPO)
+    lengths: torch.Tensor | None = None  # [B] long, prompt + response tokens (set by collate)
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:
             raise TrainBatchError(f"tokens must be [B, S], got {tuple(self.tokens.shape)}")
         b, s = self.tokens.shape
-        for name in ("labels", "loss_mask", "rollout_logprobs", "old_logprobs", "ref_logprobs"):
+        for name in _SEQ_FIELDS[1:]:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (b, s):
                 raise TrainBatchError(f"{name} must be [B={b}, S={s}], got {tuple(t.shape)}")
-        for name in ("advantages", "group_ids", "weight_versions", "rewards", "log_weights"):
+        for name in ("advantages", "group_ids", "weight_versions", "rewards", "log_weights",
+                     "lengths"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (b,):
                 raise TrainBatchError(f"{name} must be [B={b}], got {tuple(t.shape)}")
@@ -83,6 +91,20 @@ class TrainBatch:
     def slice(self, start: int, end: int) -> TrainBatch:
         return replace(self, **{f: None if getattr(self, f) is None else getattr(self, f)[start:end]
                                 for f in _ROW_FIELDS})
+
+    def index_select(self, index: Sequence[int], seq_length: int | None = None) -> TrainBatch:
+        """Rows ``index`` (in that order), their ``[., S]`` tensors cut to ``seq_length``."""
+        idx = torch.tensor(list(index), dtype=torch.long)
+        cut = self.seq_length if seq_length is None else seq_length
+        out = {}
+        for f in _ROW_FIELDS:
+            t = getattr(self, f)
+            if t is not None:
+                t = t.index_select(0, idx)
+                if f in _SEQ_FIELDS:
+                    t = t[:, :cut]
+            out[f] = t
+        return replace(self, **out)
 
     def split(self, parts: int, what: str = "parts") -> list[TrainBatch]:
         """``parts`` contiguous, equal slices (an error names the sizes when they do not divide)."""
@@ -197,4 +219,6 @@ def collate(samples: Sequence[Sample], pad_id: int, *, pad_to_multiple: int = 8,
         rollout_logprobs=rollout,
         group_ids=torch.tensor([s.group_id for s in samples], dtype=torch.long),
         weight_versions=torch.tensor([s.weight_version for s in samples], dtype=torch.long),
-        rewards=torch.tensor([float(s.reward) for s in samples], dtype=torch.float32))
+        rewards=torch.tensor([float(s.reward) for s in samples], dtype=torch.float32),
+        lengths=torch.tensor([len(s.prompt_ids) + len(s.response_ids) for s in samples],
+                             dtype=torch.long))

@@ -85,6 +85,15 @@ from sfpo_megatron.trainer.main_params import (
     scaled_lr,
 )
 from sfpo_megatron.trainer.model_setup import zero_grads
+from sfpo_megatron.trainer.packing import (
+    PackSpec,
+    balance_over_dp,
+    check_budget,
+    pack_rows,
+    pack_shards,
+    pack_spec,
+    row_lengths,
+)
 from sfpo_megatron.trainer.policy_forward import compute_logprobs, run_micro_batches
 from sfpo_megatron.trainer.train_batch import (
     TrainBatch,
@@ -144,6 +153,15 @@ def _pass_metrics(total: torch.Tensor) -> dict[str, float]:
             "dp0_micro_batches": float(total[_MB_COUNT])}
 
 
+def _token_metrics(real: float, forwarded: float, micro_batches: int) -> dict[str, float]:
+    """One training pass over the rollout batch, all DP ranks: real (prompt + response) and
+    padding tokens forwarded, and the micro-batches each rank runs."""
+    padding = forwarded - real
+    return {"batch/real_tokens": real, "batch/padding_tokens": padding,
+            "batch/padding_fraction": padding / forwarded if forwarded else 0.0,
+            "batch/micro_batches_per_rank": float(micro_batches)}
+
+
 # ---------------------------------------------------------------------------------------------
 # The updater
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +175,11 @@ class _Plan:
     denominators: list[LossDenominators]  # per mini-batch, over the whole (global) mini-batch
     lr_scales: list[float] | None = None  # VCPO: per mini-batch ESS learning-rate multiplier
     logit_grad_sq: torch.Tensor | None = None  # OPOB "logit" norms of the local rows (last stage)
+    # --use-dynamic-batch-size: this rank's packed micro-batches, as row indices into local[j]
+    # (per mini-batch) and into all local rows concatenated (the log-prob forwards)
+    micro: list[list[list[int]]] | None = None
+    logprob_micro: list[list[int]] | None = None
+    tokens: dict[str, float] | None = None  # real / padding tokens and micro-batches per pass
 
 
 def loss_config_from_args(args: argparse.Namespace) -> PolicyLossConfig:
@@ -193,6 +216,15 @@ def check_update_args(args: argparse.Namespace) -> None:
             f"sfpo makes its own (--sfpo-inner-steps {args.sfpo_inner_steps} fast passes + 1 slow "
             "pass, 1 pass once the entropy trigger fired): use --algorithm grpo --ppo-epochs E "
             "as SFPO's control, or --ppo-epochs 1")
+    if getattr(args, "use_dynamic_batch_size", False):
+        if args.max_tokens_per_gpu is None or args.max_tokens_per_gpu < 1:
+            raise PolicyUpdateError(f"--use-dynamic-batch-size needs --max-tokens-per-gpu N >= 1 "
+                                    f"(the token budget of a micro-batch), got "
+                                    f"{args.max_tokens_per_gpu}")
+    elif getattr(args, "max_tokens_per_gpu", None) is not None:
+        raise PolicyUpdateError(f"--max-tokens-per-gpu {args.max_tokens_per_gpu} is the budget of "
+                                "--use-dynamic-batch-size's packed micro-batches: add "
+                                "--use-dynamic-batch-size (or drop --max-tokens-per-gpu)")
     if args.no_ppo_clip and not args.allow_unclipped_multi_step:
         passes = passes_per_batch(args)
         steps = args.num_steps_per_rollout * passes
@@ -262,6 +294,13 @@ class PolicyUpdater:
         self.pad_id = int(pad_id if pad_id is not None else (setup.arch.raw.get("pad_token_id")
                                                              or 0))
         self.micro_batch_size = int(args.micro_batch_size)
+        self.pack: PackSpec | None = None
+        if getattr(args, "use_dynamic_batch_size", False):
+            # Under PP every packed micro-batch is padded to the budget (fixed p2p shapes); T is
+            # a multiple of the TP size (sequence parallelism splits it).
+            self.pack = pack_spec(int(args.max_tokens_per_gpu), self.pad_id,
+                                  ps.get_tensor_model_parallel_world_size(),
+                                  ps.get_pipeline_model_parallel_world_size())
         self.num_mini_batches = int(args.num_steps_per_rollout)
         self.ppo_epochs = int(args.ppo_epochs)
         self.loss_scale_factor = getattr(args, "rollout_max_response_len", None)
@@ -290,18 +329,52 @@ class PolicyUpdater:
 
     def _plan(self, batch: TrainBatch) -> _Plan:
         dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        check_update_layout(batch.size, self.num_mini_batches, dp_size, self.micro_batch_size)
+        check_update_layout(batch.size, self.num_mini_batches, dp_size,
+                            1 if self.pack else self.micro_batch_size)
         scale = self.loss_scale_factor or batch.seq_length
         # Every rank holds the whole batch: the mini-batch constants need no communication.
-        dens = [mini_batch_denominators(mb.loss_mask, scale)
-                for mb in batch.split(self.num_mini_batches, "mini-batches")]
-        return _Plan(local_mini_batches(batch, self.num_mini_batches, dp_rank, dp_size), dens)
+        minis = batch.split(self.num_mini_batches, "mini-batches")
+        dens = [mini_batch_denominators(mb.loss_mask, scale) for mb in minis]
+        lengths = row_lengths(batch)
+        real = float(sum(lengths))
+        if self.pack is None:
+            micro = len(minis) * (minis[0].size // dp_size // self.micro_batch_size)
+            plan = _Plan(local_mini_batches(batch, self.num_mini_batches, dp_rank, dp_size), dens)
+            plan.tokens = _token_metrics(real, float(batch.size * batch.seq_length), micro)
+            return plan
+        check_budget(lengths, self.pack.max_tokens)
+        # The plan is computed from the whole batch on every rank, so every rank knows every
+        # rank's micro-batches (equal counts) without communication.
+        per = minis[0].size
+        shards = [[[j * per + i for i in s]
+                   for s in balance_over_dp(lengths[j * per:(j + 1) * per], dp_size)]
+                  for j in range(len(minis))]  # [mini-batch][rank] -> batch rows
+        micro_per_mb = [pack_shards([[lengths[i] for i in s] for s in ranks], self.pack.max_tokens)
+                        for ranks in shards]  # [mini-batch][rank][micro] -> shard positions
+        # The log-prob forwards run over all of a rank's rows at once (no optimizer step between).
+        mine = [[i for ranks in shards for i in ranks[k]] for k in range(dp_size)]
+        logprob_micro = pack_shards([[lengths[i] for i in rows] for rows in mine],
+                                    self.pack.max_tokens)
+        forwarded = sum(self.pack.padded_length(sum(lengths[ranks[k][p]] for p in mb))
+                        for ranks, per_rank in zip(shards, micro_per_mb)
+                        for k in range(dp_size) for mb in per_rank[k])
+        plan = _Plan([batch.index_select(ranks[dp_rank]) for ranks in shards], dens,
+                     micro=[per_rank[dp_rank] for per_rank in micro_per_mb],
+                     logprob_micro=logprob_micro[dp_rank])
+        plan.tokens = _token_metrics(real, float(forwarded),
+                                     sum(len(per_rank[0]) for per_rank in micro_per_mb))
+        return plan
+
+    def _micro_batches(self, plan: _Plan, j: int, mb: TrainBatch) -> list:
+        if plan.micro is None:
+            return mb.micro_batches(self.micro_batch_size)
+        return [pack_rows(mb, rows, self.pack) for rows in plan.micro[j]]
 
     def _old_logprobs(self, plan: _Plan) -> dict[str, float]:
         """θ(s,0) (and reference-policy) log-probs of this rank's rows, once per update."""
         local = TrainBatch.concat(plan.local)
         kwargs = dict(micro_batch_size=self.micro_batch_size, temperature=self.temperature,
-                      vocab_size=self.vocab_size)
+                      vocab_size=self.vocab_size, packing=plan.logprob_micro, pack=self.pack)
         # OPOB's "logit" gradient norms come from this same forward (no extra pass).
         folded = self.off_policy.opob and self.off_policy.grad_norm == "logit"
         old = compute_logprobs(self.setup.model, local, logit_grad_sq=folded, **kwargs)
@@ -359,7 +432,7 @@ class PolicyUpdater:
         dp_size = ps.get_data_parallel_world_size()
         for j, (mb, den) in enumerate(zip(plan.local, plan.denominators)):
             zero_grads(setup)
-            micro = mb.micro_batches(self.micro_batch_size)
+            micro = self._micro_batches(plan, j, mb)
             out = run_micro_batches(
                 setup.model, micro, partial(self._train_loss, den, float(len(micro) * dp_size)),
                 forward_only=False, temperature=self.temperature, vocab_size=self.vocab_size)
@@ -386,6 +459,7 @@ class PolicyUpdater:
         inner = self.controller.inner_steps_for_step(step)
         lr = float(self.setup.optimizer.param_groups[0]["lr"])
         metrics: dict[str, float] = self._old_logprobs(plan)
+        metrics.update(plan.tokens or {})
         if self.off_policy.track:
             off_metrics, plan.lr_scales = off_policy_correction(
                 self.off_policy, plan.local, grad_sq=partial(self._grad_sq_norms, plan),

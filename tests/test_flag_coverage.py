@@ -40,7 +40,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
 UNCOVERED: dict[tuple[str, str], str] = {
     ("pretrain", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
     ("rl", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
-    ("rl", "--pipeline-model-parallel-size"): "PP=2 split of the layers in an rl run",
     ("rl", "--distributed-timeout-minutes"): "the process group's timeout",
     ("rl", "--dist-ckpt-optim-sharding"): "as pretrain's",
     ("rl", "--tis-threshold"): "is_weight/truncated_frac and the loss for known weights in vcpo_worker",

@@ -15,6 +15,7 @@ K = 3 (trigger off) bit for bit.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -196,6 +197,14 @@ def test_entropy_source_feeds_the_trigger_its_series(runs, name, source, dp):
     assert len(res["entropy_history"]) == 2
     if name == "dp2_entropy_reference":  # the trigger did not fire: the same training as dp2
         assert_same_params(res["params"], ref, name)
+
+
+@pytest.mark.flags("--pipeline-model-parallel-size", "--tensor-model-parallel-size")
+def test_pipeline_stage_holds_its_half_of_the_layers(runs):
+    layers = json.loads((runs["hf"] / "config.json").read_text())["num_hidden_layers"]
+    assert layers % 2 == 0 and layers >= 2
+    assert runs["pp2"]["local_layers"] == layers // 2
+    assert runs["tp2"]["local_layers"] == runs["dp1"]["local_layers"] == layers
 
 
 def test_inputs_advantages_are_grpos():

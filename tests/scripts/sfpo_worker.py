@@ -212,6 +212,8 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
     for h in hooks:
         h.remove()
     result["layer_forwards"] = layer_calls[0]
+    # Transformer layers in rank 0's model chunks: the pipeline split as built from the flags.
+    result["local_layers"] = len(hooks)
 
     result["passes"] = updater.last_passes
     result["entropy_history"] = updater.controller.state_dict()["history"]

@@ -42,7 +42,6 @@ UNCOVERED: dict[tuple[str, str], str] = {
     ("rl", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
     ("rl", "--distributed-timeout-minutes"): "the process group's timeout",
     ("rl", "--dist-ckpt-optim-sharding"): "as pretrain's",
-    ("rl", "--tis-threshold"): "is_weight/truncated_frac and the loss for known weights in vcpo_worker",
 }
 
 

@@ -76,6 +76,23 @@ def test_ess_and_lr_scale_are_exact_for_known_weights(results: dict, name: str) 
     assert set(r["scaled_lr_after"]) == {float(SETTINGS["--lr"])}
 
 
+@pytest.mark.flags("--tis-threshold")
+@pytest.mark.parametrize("name", ["known_w", "known_w_dp2"])
+def test_tis_threshold_sets_which_weights_are_truncated(results: dict, name: str) -> None:
+    r = results[name]
+    frac = {label: sum(d > math.log(c) for d in DELTAS) / len(DELTAS)
+            for label, c in (("scaled", 8.0), ("tis_low", 1.2))}
+    assert frac == {"scaled": 1 / 8, "tis_low": 3 / 8}
+    for label in frac:
+        assert r[f"{label}_metrics"]["is_weight/truncated_frac"] == frac[label]
+    # Same weights and LR scale, another truncation: another loss and gradient. (Not other
+    # parameters to the bit: Adam's first step is lr · g / (|g| + eps), about lr · sign(g).)
+    low, default = r["tis_low_metrics"], r["scaled_metrics"]
+    assert low["vcpo/lr_scale"] == default["vcpo/lr_scale"]
+    assert low["actor/pg_loss"] != default["actor/pg_loss"]
+    assert low["actor/grad_norm"] < default["actor/grad_norm"]
+
+
 def _rel(a: dict, b: dict) -> float:
     va = torch.cat([a[k].reshape(-1) for k in sorted(a)])
     vb = torch.cat([b[k].reshape(-1) for k in sorted(b)])

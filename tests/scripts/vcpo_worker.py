@@ -75,6 +75,9 @@ def expected_opob_shift(setup, args, arch, samples: list, label: str) -> float:
     return float((opob - grpo).abs().mean())
 
 
+TIS_LOW = 1.2  # below exp(0.5): also truncates sample 2 (delta 0.5), which has a nonzero advantage
+
+
 def scenario(name: str, hf: Path) -> dict:
     from sfpo_megatron.update.policy_update import PolicyUpdater
 
@@ -128,6 +131,13 @@ def scenario(name: str, hf: Path) -> dict:
         out[f"{label}_lr_after"] = [g["lr"] for g in setup.optimizer.param_groups]
         del updater, setup
         gc.collect()
+    # The same scaled update with a lower truncation threshold for the IS weights.
+    args = rl_args(hf, {**BASE, "--algorithm": "grpo", "--ess-rho-base": str(RHO_BASE),
+                        "--ess-lr-scaling": "sqrt", "--tis-threshold": str(TIS_LOW)}, ("--vcpo", *dp_flags))
+    setup, arch = build_setup(args, hf)
+    updater = PolicyUpdater(args, setup)
+    out["tis_low_metrics"] = updater.update(own_logprob_samples(setup, args, arch, 1, DELTAS), 1)
+    out["tis_low"] = hf_params(setup, hf)
     return out
 
 

@@ -177,6 +177,14 @@ def add_rollout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rollout-max-concurrency", type=int, default=64)
     g.add_argument("--rollout-timeout", type=float, default=600.0)
     g.add_argument("--rollout-retries", type=int, default=2)
+    g.add_argument("--refit-timeout", type=float, default=120.0,
+                   help="seconds one weight refit may wait on a server (each update call, a "
+                        "broadcast, forming the weight-update group); a server that fails or "
+                        "misses it is dropped and the run goes on with the others. Kept well "
+                        "under --rollout-timeout, which must cover the longest generation: a "
+                        "refit has no long tail (seconds for models that fit a node), so this "
+                        "bounds what a dead server mid-refit costs. Raise it for very large "
+                        "models loaded from slow disks")
     g.add_argument("--dynamic-sampling", action="store_true",
                    help="drop groups whose rewards all agree and refill the batch")
     g.add_argument("--max-resample-rounds", type=int, default=4)

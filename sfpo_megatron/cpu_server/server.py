@@ -543,7 +543,16 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
 
         try:
             message = await on_engine(update)
-        except (ValueError, RuntimeError) as e:
+        except ValueError as e:  # names or shapes: the broadcast itself completed, the group is fine
+            return JSONResponse({"success": False, "message": f"Failed to update parameter online: {e}"}, status_code=400)
+        except RuntimeError as e:
+            # The collective broke (a peer died, or --weight-update-timeout passed): leave the
+            # group, so the trainer can form a new one with this server at once.
+            with groups.lock:
+                if groups.groups.get(name) is pg:
+                    del groups.groups[name]
+            await asyncio.to_thread(destroy_weight_update_group, pg)
+            logger.warning("left weight-update group %r after a failed broadcast: %s", name, e)
             return JSONResponse({"success": False, "message": f"Failed to update parameter online: {e}"}, status_code=400)
         return {"success": True, "message": message}
 
@@ -644,7 +653,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the model and its KV cache live (cuda: the current GPU); sampling stays on the host")
     p.add_argument("--weight-update-timeout", type=float, default=600.0,
-                   help="seconds a weight-update group waits for its peers (rendezvous and each broadcast)")
+                   help="seconds a weight-update group waits for its peers (rendezvous and each broadcast); "
+                        "after a broken broadcast the server leaves the group (the trainer's launcher "
+                        "sets it to --refit-timeout)")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     for name, lo in (("port", 1), ("max_batch_size", 1), ("max_request_bytes", 1), ("max_sequences_per_request", 1)):

@@ -6,7 +6,9 @@ flight (or, with ``use_router=True``, through ``sglang_router``). Failure handli
 
 * a connection error, a timeout or a 5xx counts as a failure of that server and the request is
   retried on the least-loaded live server after a short backoff;
-* ``retries + 1`` consecutive failures take a server out of rotation with a logged error;
+* ``retries + 1`` consecutive failures take a server out of rotation with a logged error; a
+  refit takes out a server that fails its weight update (``drop``). A server out of rotation
+  never comes back: it would serve stale weights. ``dropped`` lists them with the reason;
 * with no live server left, every pending request raises ``NoLiveServerError``; every HTTP call has
   a timeout, so nothing waits forever;
 * 429 (the server's queue is full) is back-pressure, not a failure: the request is retried after
@@ -113,6 +115,7 @@ class RolloutClient:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._lock = threading.Lock()
         self._local = threading.local()
+        self.dropped: list[tuple[str, str]] = []  # (url, why), in the order servers left rotation
         self._router_proc: subprocess.Popen | None = None
         self._dispatch = self._workers
         if use_router or router_url:
@@ -161,11 +164,24 @@ class RolloutClient:
             server.failures += 1
             server.last_error = error
             if server.alive and server.failures > self.retries:
-                server.alive = False
-                logger.error(
-                    "taking rollout server %s out of rotation after %d consecutive failures: %s",
-                    server.url, server.failures, error,
-                )
+                self._take_out(server, f"{server.failures} consecutive /generate failures: {error}")
+
+    def _take_out(self, server: _Server, why: str) -> None:
+        """Under ``_lock``: out of rotation for good, logged and recorded in ``dropped``."""
+        server.alive = False
+        server.last_error = why
+        self.dropped.append((server.url, why))
+        logger.error("taking rollout server %s out of rotation (%d left): %s", server.url,
+                     sum(s.alive for s in self._workers), why)
+
+    def drop(self, url: str, why: str) -> None:
+        """Take ``url`` out of rotation for good (e.g. it failed a weight update: its weights are
+        stale). A dropped server is never used again, even if it answers later."""
+        url = _normalise_url(url)
+        with self._lock:
+            for s in self._workers + self._dispatch:
+                if s.url == url and s.alive:
+                    self._take_out(s, why)
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -305,13 +321,31 @@ class RolloutClient:
 
     def _broadcast(self, path: str, payload: dict | None = None, method: str = "POST", urls: Sequence[str] | None = None,
                    timeout: float | None = None) -> dict[str, Any]:
+        results = self.call_each(path, payload, method, urls, timeout)
+        for answer in results.values():
+            if isinstance(answer, RolloutServerError):
+                raise answer
+        return results
+
+    def call_each(self, path: str, payload: dict | None = None, method: str = "POST",
+                  urls: Sequence[str] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """The same admin call on every live server (or ``urls``) in parallel: {url: answer}, where
+        a server that could not be reached or failed (``call`` raised) maps to its
+        ``RolloutServerError`` instead of failing the others."""
         targets = list(urls) if urls is not None else self.live_urls()
         if not targets:
             raise NoLiveServerError(f"no live rollout server for {path}")
+
+        def one(url: str) -> Any:
+            try:
+                return self.call(url, path, payload, method, timeout)
+            except RolloutServerError as e:
+                return e
+
         if len(targets) == 1:
-            return {targets[0]: self.call(targets[0], path, payload, method, timeout)}
+            return {targets[0]: one(targets[0])}
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(targets)) as pool:
-            futs = {u: pool.submit(self.call, u, path, payload, method, timeout) for u in targets}
+            futs = {u: pool.submit(one, u) for u in targets}
             return {u: f.result() for u, f in futs.items()}
 
     def health(self, timeout: float = 5.0) -> dict[str, bool]:
@@ -339,8 +373,11 @@ class RolloutClient:
     def get_server_info(self) -> dict[str, dict]:
         return self._broadcast("/get_server_info", method="GET")
 
-    def get_weight_version(self) -> dict[str, str]:
-        return {u: r.get("weight_version") for u, r in self._broadcast("/get_weight_version", method="GET").items()}
+    def get_weight_version(self, urls: Sequence[str] | None = None, timeout: float | None = None,
+                           per_server: bool = False) -> dict[str, Any]:
+        """{url: version}; with ``per_server`` a server that failed maps to its ``RolloutServerError``."""
+        answers = self._admin("/get_weight_version", None, "GET", urls, timeout, per_server)
+        return {u: r if isinstance(r, RolloutServerError) else r.get("weight_version") for u, r in answers.items()}
 
     def update_weight_version(self, new_version: str, abort_all_requests: bool = False) -> dict[str, dict]:
         return self._broadcast("/update_weight_version", {"new_version": new_version, "abort_all_requests": abort_all_requests})
@@ -367,26 +404,28 @@ class RolloutClient:
 
     def update_weights_from_disk(self, model_path: str, weight_version: str | None = None, abort_all_requests: bool = False,
                                  flush_cache: bool = True, load_format: str | None = None,
-                                 urls: Sequence[str] | None = None) -> dict[str, dict]:
+                                 urls: Sequence[str] | None = None, timeout: float | None = None,
+                                 per_server: bool = False) -> dict[str, Any]:
         payload: dict[str, Any] = {"model_path": model_path, "abort_all_requests": abort_all_requests, "flush_cache": flush_cache}
         if weight_version is not None:
             payload["weight_version"] = weight_version
         if load_format is not None:
             payload["load_format"] = load_format
-        return self._broadcast("/update_weights_from_disk", payload, urls=urls)
+        return self._admin("/update_weights_from_disk", payload, "POST", urls, timeout, per_server)
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                                  group_name: str = "weight_update_group", backend: str = "gloo", *, url: str) -> dict:
+                                  group_name: str = "weight_update_group", backend: str = "gloo", *, url: str,
+                                  timeout: float | None = None) -> dict:
         """One server joins the group as rank ``rank_offset`` (blocks until the whole group has joined)."""
         return self.call(url, "/init_weights_update_group", {
             "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
             "world_size": world_size, "group_name": group_name, "backend": backend,
-        })
+        }, timeout=timeout)
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str = "weight_update_group", weight_version: str | None = None,
                                         flush_cache: bool = True, abort_all_requests: bool = False,
-                                        url: str | None = None) -> Any:
+                                        url: str | None = None, timeout: float | None = None) -> Any:
         """Announce one bucket; the server then receives each tensor from the group's rank 0.
         With ``url``: that server's answer; else {url: answer} over all live servers."""
         payload: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
@@ -394,22 +433,31 @@ class RolloutClient:
         if weight_version is not None:
             payload["weight_version"] = weight_version
         if url is not None:
-            return self.call(url, "/update_weights_from_distributed", payload)
-        return self._broadcast("/update_weights_from_distributed", payload)
+            return self.call(url, "/update_weights_from_distributed", payload, timeout=timeout)
+        return self._broadcast("/update_weights_from_distributed", payload, timeout=timeout)
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group",
-                                     urls: Sequence[str] | None = None) -> dict[str, dict]:
-        return self._broadcast("/destroy_weights_update_group", {"group_name": group_name}, urls=urls)
+                                     urls: Sequence[str] | None = None, timeout: float | None = None,
+                                     per_server: bool = False) -> dict[str, Any]:
+        return self._admin("/destroy_weights_update_group", {"group_name": group_name}, "POST", urls, timeout,
+                           per_server)
 
     def update_weights_from_tensor(self, serialized_named_tensors: list[str], weight_version: str | None = None,
                                    flush_cache: bool = True, load_format: str | None = None,
-                                   urls: Sequence[str] | None = None) -> dict[str, dict]:
+                                   urls: Sequence[str] | None = None, timeout: float | None = None,
+                                   per_server: bool = False) -> dict[str, Any]:
         payload: dict[str, Any] = {"serialized_named_tensors": serialized_named_tensors, "flush_cache": flush_cache}
         if weight_version is not None:
             payload["weight_version"] = weight_version
         if load_format is not None:
             payload["load_format"] = load_format
-        return self._broadcast("/update_weights_from_tensor", payload, urls=urls)
+        return self._admin("/update_weights_from_tensor", payload, "POST", urls, timeout, per_server)
+
+    def _admin(self, path: str, payload: dict | None, method: str, urls: Sequence[str] | None,
+               timeout: float | None, per_server: bool) -> dict[str, Any]:
+        if per_server:
+            return self.call_each(path, payload, method, urls, timeout)
+        return self._broadcast(path, payload, method, urls, timeout)
 
     # ---- sglang_router (GPU / cluster path) ---------------------------------------------
 

@@ -6,7 +6,10 @@ touch the model (``start``, ``refit``) are collectives every trainer rank makes:
 * **refit** (``rollout/refit.py``) through the run's transport (``distributed``: a gloo or NCCL
   broadcast group with SGLang's handshake — NCCL on a GPU trainer, except towards CPU rollout
   servers, which join gloo groups only; ``disk``: safetensors + ``/update_weights_from_disk``;
-  ``tensor``: CUDA IPC, colocated GPUs only).
+  ``tensor``: CUDA IPC, colocated GPUs only). Every server call of a refit is bounded by
+  ``--refit-timeout``; a server that fails it is dropped and the run goes on with the others
+  (launched CPU servers get the same bound for their side of a broadcast, so a survivor leaves
+  a broken one in time to join the next group).
 * **start**: for ``--rollout-backend cpu|sglang`` the current policy is exported as an HF
   directory (the same gather, written by the disk transport's writer, plus config and tokenizer
   files) and the launcher starts ``--rollout-num-servers`` engines from it at the current weight
@@ -106,6 +109,8 @@ class RolloutEngines:
                 # sample depends only on (weights, prompt, seed) and a resumed run regenerates it
                 # bit for bit.
                 extra += ["--max-batch-size", "1"]
+            # A survivor of a broken broadcast gives up within the trainer's bound and can rejoin.
+            extra += ["--weight-update-timeout", str(a.refit_timeout)]
         # Disaggregated SGLang engines start after this node's trainer GPUs; colocated share them.
         trainer_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         cfg = LaunchConfig(
@@ -127,11 +132,11 @@ class RolloutEngines:
         dead = [u for u, ok in self.client.health().items() if not ok]
         if dead:
             raise RefitError(f"rollout servers not healthy: {dead}")
-        kwargs: dict[str, Any] = {"bucket_bytes": a.update_weight_buffer_size}
+        kwargs: dict[str, Any] = {"bucket_bytes": a.update_weight_buffer_size, "timeout_s": a.refit_timeout}
         if a.weight_transport == "disk":
             kwargs.update(directory=str(self.workdir / "refit"), config_dir=config_dir(self.hf_config))
         elif a.weight_transport == "distributed":
-            kwargs.update(master_address=trainer_address(urls), timeout_s=a.rollout_timeout)
+            kwargs.update(master_address=trainer_address(urls))
             if a.rollout_backend == "cpu":
                 kwargs.update(backend="gloo")  # the CPU server's groups are gloo, whatever its device
         elif a.weight_transport == "tensor":
@@ -198,6 +203,8 @@ def check_rollout_args(args: argparse.Namespace) -> None:
                          f"{args.rollout_backend}: use --rollout-backend external to connect to them")
     if args.rollout_num_servers < 1:
         raise RolloutConfigError(f"--rollout-num-servers must be >= 1, got {args.rollout_num_servers}")
+    if not args.refit_timeout > 0:
+        raise RolloutConfigError(f"--refit-timeout must be positive, got {args.refit_timeout}")
     if args.update_weight_buffer_size <= 0:
         raise RolloutConfigError(f"--update-weight-buffer-size must be positive, got {args.update_weight_buffer_size}")
     device = getattr(args, "rollout_device", "cpu")

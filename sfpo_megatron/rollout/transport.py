@@ -16,6 +16,14 @@ The trainer (global rank 0 only) calls ``transport.push(named_tensors, version)`
 
 Every push carries a ``weight_version`` string. It is attached to the last bucket only, so a server
 reports the new version once the whole model has landed; ``push`` then checks every server reports it.
+
+Failures. Every call to a server is bounded by ``timeout_s`` (``--refit-timeout``). A server that
+cannot be reached, fails or does not answer in time is dropped (``RolloutClient.drop``: out of
+rotation for good, so it never serves stale weights) and the refit goes on with the others:
+``disk`` and ``tensor`` finish the push on the survivors; ``distributed`` tears its group down and
+raises ``ServersDropped``, and the caller pushes again (a fresh tensor stream) to a group re-formed
+with the survivors. A server answering ``success: false`` refused the weights (wrong names or
+shapes): that is a ``RefitError``, as is a refit with no server left.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from sfpo_megatron.distributed.weight_update_group import (
     init_weight_update_group,
 )
 from sfpo_megatron.errors import UserError
-from sfpo_megatron.rollout.client import RolloutClient
+from sfpo_megatron.rollout.client import RolloutClient, RolloutServerError
 from sfpo_megatron.rollout.sglang_launcher import find_free_port
 
 logger = logging.getLogger(__name__)
@@ -62,6 +70,19 @@ class RefitError(UserError, RuntimeError):
 
 class TransportUnavailableError(RefitError):
     """The requested transport cannot run on this machine (e.g. CUDA IPC without a GPU)."""
+
+
+class ServersDropped(RefitError):
+    """Servers failed in the middle of a push that cannot go on without them (the broadcast group
+    broke); they were dropped and the group torn down. Push again, with a fresh tensor stream, to
+    refit the survivors."""
+
+    def __init__(self, message: str, dropped: list[str]) -> None:
+        super().__init__(message)
+        self.dropped = dropped
+
+
+DEFAULT_REFIT_TIMEOUT_S = 120.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +141,7 @@ class PushStats:
     bytes: int
     seconds: float
     detail: dict[str, float] = field(default_factory=dict)  # per-phase seconds, transport specific
+    dropped: list[str] = field(default_factory=list)  # servers dropped during this push
 
     @property
     def gb_per_s(self) -> float:
@@ -136,25 +158,35 @@ class WeightTransport(ABC):
 
     name: str = ""
 
-    def __init__(self, client: RolloutClient, bucket_bytes: int = DEFAULT_BUCKET_BYTES, verify: bool = True):
+    def __init__(self, client: RolloutClient, bucket_bytes: int = DEFAULT_BUCKET_BYTES, verify: bool = True,
+                 timeout_s: float = DEFAULT_REFIT_TIMEOUT_S):
         if bucket_bytes <= 0:
             raise ValueError(f"--update-weight-buffer-size must be positive, got {bucket_bytes}")
+        if not timeout_s > 0:
+            raise ValueError(f"--refit-timeout must be positive, got {timeout_s}")
         self.client = client
         self.bucket_bytes = int(bucket_bytes)
         self.verify = verify
+        self.timeout_s = float(timeout_s)
+        self._dropped: list[str] = []
+        self._version: str | None = None  # of the push under way
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> PushStats:
         if not isinstance(weight_version, str) or not weight_version:
             raise ValueError(f"weight_version must be a non-empty string, got {weight_version!r}")
         start = time.perf_counter()
         self._detail: dict[str, float] = {}
+        self._dropped = []
+        self._version = weight_version
+        logger.info("refit via %s: pushing version %s to %d server(s)", self.name, weight_version,
+                    len(self.client.live_urls()))
         num_tensors, num_buckets, nbytes = self._push(named_tensors, weight_version)
         if num_tensors == 0:
             raise ValueError("push got no tensors")
         if self.verify:
             self._verify_version(weight_version)
         stats = PushStats(self.name, weight_version, num_tensors, num_buckets, nbytes, time.perf_counter() - start,
-                          dict(self._detail))
+                          dict(self._detail), list(self._dropped))
         logger.info(
             "refit via %s: version %s, %d tensors in %d buckets, %.3f GB in %.2fs (%.2f GB/s)",
             self.name, weight_version, num_tensors, num_buckets, nbytes / 1e9, stats.seconds, stats.gb_per_s,
@@ -175,10 +207,27 @@ class WeightTransport(ABC):
         self.close()
 
     def _verify_version(self, weight_version: str) -> None:
-        reported = self.client.get_weight_version()
+        reported = self._survivors(self.client.get_weight_version(timeout=self.timeout_s, per_server=True),
+                                   "/get_weight_version")
         wrong = {url: v for url, v in reported.items() if v != weight_version}
         if wrong:
             raise RefitError(f"after pushing weight_version {weight_version!r} these servers report {wrong}")
+
+    def _drop(self, url: str, why: str) -> None:
+        """Take a server that failed the refit out of rotation; a clear error when none is left."""
+        what = f"refit to weight_version {self._version}" if self._version else "weight refit"
+        self.client.drop(url, f"{what} failed: {why}")
+        self._dropped.append(url)
+        if not self.client.live_urls():
+            raise RefitError(f"no live rollout server left for the {what}: "
+                             + "; ".join(f"{u} ({w})" for u, w in self.client.dropped))
+
+    def _survivors(self, answers: dict[str, Any], what: str) -> dict[str, Any]:
+        """Drop the servers whose ``call_each`` answer is an error; the others' answers."""
+        for url, answer in answers.items():
+            if isinstance(answer, Exception):
+                self._drop(url, f"{what}: {answer}")
+        return {u: a for u, a in answers.items() if not isinstance(a, Exception)}
 
     @staticmethod
     def _check_results(results: dict[str, dict], what: str) -> None:
@@ -200,8 +249,9 @@ class DiskTransport(WeightTransport):
         keep_last: int = 1,
         config_dir: str | os.PathLike | None = None,
         verify: bool = True,
+        timeout_s: float = DEFAULT_REFIT_TIMEOUT_S,
     ):
-        super().__init__(client, bucket_bytes, verify)
+        super().__init__(client, bucket_bytes, verify, timeout_s)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         if keep_last < 1:
@@ -255,7 +305,9 @@ class DiskTransport(WeightTransport):
         t0 = time.perf_counter()
         path, num_tensors, num_buckets, nbytes = self.write(named_tensors, weight_version)
         t1 = time.perf_counter()
-        results = self.client.update_weights_from_disk(str(path), weight_version=weight_version)
+        results = self._survivors(self.client.update_weights_from_disk(
+            str(path), weight_version=weight_version, timeout=self.timeout_s, per_server=True),
+            "/update_weights_from_disk")
         self._check_results(results, f"/update_weights_from_disk of {path}")
         self._detail.update(write_s=t1 - t0, server_load_s=time.perf_counter() - t1)
         if path in self._written:
@@ -267,7 +319,12 @@ class DiskTransport(WeightTransport):
 
 
 class DistributedTransport(WeightTransport):
-    """torch.distributed broadcast from the trainer (rank 0) to every server (ranks 1..N)."""
+    """torch.distributed broadcast from the trainer (rank 0) to every server (ranks 1..N).
+
+    The group holds the servers that were live when it formed. When that set changes (a server
+    dropped by ``/generate`` failover or by a failed refit) the group is torn down and re-formed
+    with the live servers, under a new group name, before the next push.
+    """
 
     name = "distributed"
 
@@ -279,17 +336,18 @@ class DistributedTransport(WeightTransport):
         master_port: int | None = None,
         backend: str | None = None,
         group_name: str = DEFAULT_GROUP_NAME,
-        timeout_s: float = 600.0,
+        timeout_s: float = DEFAULT_REFIT_TIMEOUT_S,
         verify: bool = True,
     ):
-        super().__init__(client, bucket_bytes, verify)
+        super().__init__(client, bucket_bytes, verify, timeout_s)
         self.master_address = master_address
         self.master_port = master_port
         self.backend = backend or ("nccl" if gpu_available() else "gloo")
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
+        self.base_group_name = group_name
         self.group_name = group_name
-        self.timeout_s = timeout_s
+        self._formed = 0  # groups formed so far: a re-formed group gets a fresh name
         self._pg: dist.ProcessGroup | None = None
         self._urls: list[str] = []
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="refit-http")
@@ -298,13 +356,23 @@ class DistributedTransport(WeightTransport):
     def device(self) -> torch.device:
         return gpu_device() if self.backend == "nccl" else torch.device("cpu")
 
+    @property
+    def _probe_s(self) -> float:
+        return min(5.0, self.timeout_s / 4)
+
     def connect(self) -> None:
         """Form the group: servers join from their /init_weights_update_group handlers while we join here."""
         if self._pg is not None:
             return
+        # A server that died since it last served is dropped here, not after a rendezvous timeout.
+        for url, ok in self.client.health(timeout=min(self.timeout_s, 5.0)).items():
+            if not ok and url in self.client.live_urls():
+                self._drop(url, "GET /health failed before forming the weight-update group")
         self._urls = self.client.live_urls()
         if not self._urls:
             raise RefitError("no live rollout server to connect the weight-update group to")
+        # A fresh name per group: a survivor may still hold the last one (its destroy is best effort).
+        self.group_name = self.base_group_name if not self._formed else f"{self.base_group_name}_{self._formed}"
         port = self.master_port or find_free_port(self.master_address)
         world_size = 1 + len(self._urls)
         futures = {
@@ -317,6 +385,7 @@ class DistributedTransport(WeightTransport):
                 group_name=self.group_name,
                 backend=self.backend,
                 url=url,
+                timeout=self.timeout_s,
             )
             for i, url in enumerate(self._urls)
         }
@@ -327,26 +396,40 @@ class DistributedTransport(WeightTransport):
         except Exception as e:
             failures = {u: repr(f.exception()) for u, f in futures.items() if f.done() and f.exception()}
             raise RefitError(f"could not form the weight-update group on port {port}: {e}; server errors: {failures}") from e
-        results = {url: f.result() for url, f in futures.items()}
+        self._formed += 1
+        results = {}
+        for url, f in futures.items():
+            try:
+                results[url] = f.result(timeout=self.timeout_s)
+            except Exception as e:  # noqa: BLE001 - reported below with the server's name
+                results[url] = {"success": False, "message": repr(e)}
         self._check_results(results, "/init_weights_update_group")
         logger.info("weight-update group %r formed with %d server(s) on port %d", self.group_name, len(self._urls), port)
 
     def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
+        if self._pg is not None and self.client.live_urls() != self._urls:
+            logger.warning("live servers changed since the weight-update group formed (%s -> %s): re-forming it",
+                           self._urls, self.client.live_urls())
+            self._teardown()
         self.connect()
-        if self.client.live_urls() != self._urls:
-            raise RefitError(
-                f"the live servers changed since the group formed ({self._urls} -> {self.client.live_urls()}); "
-                "close() this transport and build a new one"
-            )
         num_tensors = num_buckets = nbytes = 0
         for bucket, last in _with_last_flag(iter_buckets(named_tensors, self.bucket_bytes)):
-            self._push_bucket(bucket, weight_version if last else None, last)
+            failed = self._push_bucket(bucket, weight_version if last else None, last)
+            if failed:
+                for url, why in failed.items():
+                    self._drop(url, why)  # raises RefitError when nobody is left
+                self._teardown()
+                raise ServersDropped(
+                    f"refit to weight_version {weight_version}: dropped {sorted(failed)} mid-broadcast; "
+                    f"{len(self.client.live_urls())} server(s) left", sorted(failed))
             num_tensors += len(bucket)
             num_buckets += 1
             nbytes += sum(tensor_bytes(t) for _, t in bucket)
         return num_tensors, num_buckets, nbytes
 
-    def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None, last: bool) -> None:
+    def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None,
+                     last: bool) -> dict[str, str]:
+        """Broadcast one bucket; {url: why} of the servers that failed it (empty: all received it)."""
         tensors = [t.detach().to(self.device).contiguous() for _, t in bucket]
         payload = {
             "names": [n for n, _ in bucket],
@@ -358,39 +441,84 @@ class DistributedTransport(WeightTransport):
         if weight_version is not None:
             payload["weight_version"] = weight_version
         posts = {
-            url: self._pool.submit(self.client.update_weights_from_distributed, url=url, **payload)
+            url: self._pool.submit(self.client.update_weights_from_distributed, url=url, timeout=self.timeout_s,
+                                   **payload)
             for url in self._urls
         }
         works = [dist.broadcast(t, src=0, group=self._pg, async_op=True) for t in tensors]
-        # Poll rather than wait(): a server that refused the request never receives, and waiting on
-        # the collective would then hang until the group timeout instead of reporting its answer.
-        deadline = time.monotonic() + self.timeout_s
-        while not all(w.is_completed() for w in works):
+        # Poll rather than wait(): a server that died or refused the request never receives, and
+        # waiting on the collective would then hang until the group's timeout instead of reporting it.
+        # The last part of the timeout is kept for telling a hung server from a waiting one.
+        deadline = time.monotonic() + self.timeout_s - self._probe_s
+        while True:
+            done = [w.is_completed() for w in works]
+            unreachable = {url: f"/update_weights_from_distributed: {f.exception()}" for url, f in posts.items()
+                           if f.done() and isinstance(f.exception(), RolloutServerError)}
+            if unreachable:
+                return unreachable
             for url, f in posts.items():
-                if f.done() and (f.exception() is not None or not f.result().get("success", False)):
-                    answer = f.exception() or f.result()
-                    raise RefitError(f"{url} refused /update_weights_from_distributed mid-broadcast: {answer}")
+                if f.done() and f.exception() is None and not f.result().get("success", False):
+                    raise RefitError(f"{url} refused /update_weights_from_distributed mid-broadcast: {f.result()}")
+            if all(done):
+                break
             if time.monotonic() > deadline:
-                raise RefitError(f"broadcast of {payload['names'][:3]}... timed out after {self.timeout_s}s")
+                return self._culprits([url for url, f in posts.items() if not f.done()], payload["names"])
             time.sleep(0.001)
-        for w in works:
-            w.wait()
-        results = {}
+        try:
+            for w in works:
+                w.wait()
+        except RuntimeError as e:  # a peer went away after all: whoever does not answer is it
+            logger.warning("weight broadcast failed: %s", e)
+        results, failed = {}, {}
         for url, f in posts.items():
             try:
-                results[url] = f.result(timeout=self.timeout_s)
-            except Exception as e:
-                raise RefitError(f"{url} failed /update_weights_from_distributed: {e}") from e
+                results[url] = f.result(timeout=max(1.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                failed[url] = f"no answer to /update_weights_from_distributed within --refit-timeout {self.timeout_s:g}s"
+            except RolloutServerError as e:
+                failed[url] = f"/update_weights_from_distributed: {e}"
+        if failed:
+            return failed
         self._check_results(results, "/update_weights_from_distributed")
+        return {}
+
+    def _culprits(self, silent: list[str], names: list[str]) -> dict[str, str]:
+        """The broadcast missed its deadline. A server stuck in it still answers ``/health`` (only
+        its engine waits for data, which a stalled peer can hold up); one that does not is hung."""
+        probe = self.client.call_each("/health", method="GET", urls=silent, timeout=self._probe_s)
+        hung = {url: f"no answer to /update_weights_from_distributed nor /health within --refit-timeout "
+                     f"{self.timeout_s:g}s" for url, answer in probe.items() if isinstance(answer, Exception)}
+        if not hung:
+            raise RefitError(f"broadcast of {names[:3]}... did not complete within --refit-timeout "
+                             f"{self.timeout_s:g}s, and every server still answers /health "
+                             f"(waiting: {silent or 'none'})")
+        return hung
+
+    def _teardown(self, wait: bool = False) -> None:
+        """Drop the group here and on its servers that are still live. Their destroy may wait
+        for a broadcast they are still stuck in (until their own group timeout), so it runs in
+        the background unless ``wait``: the next group has a new name and does not need it."""
+        if self._pg is None:
+            return
+        pg, name, urls, self._pg, self._urls = self._pg, self.group_name, self._urls, None, []
+        live = [u for u in urls if u in self.client.live_urls()]
+        if live:
+            done = self._pool.submit(self._destroy_on_servers, name, live)
+            if wait:
+                done.result()
+        destroy_weight_update_group(pg)
+
+    def _destroy_on_servers(self, name: str, urls: list[str]) -> None:
+        answers = self.client.destroy_weights_update_group(name, urls=urls, timeout=self.timeout_s, per_server=True)
+        failed = {u: a for u, a in answers.items() if isinstance(a, Exception) or not a.get("success", False)}
+        if failed:
+            logger.warning("could not destroy weight-update group %r on %s", name, failed)
 
     def close(self) -> None:
-        if self._pg is not None:
-            try:
-                self.client.destroy_weights_update_group(self.group_name, urls=self._urls)
-            except Exception as e:  # servers may already be gone; the local group must still go
-                logger.warning("could not destroy the servers' weight-update group: %s", e)
-            destroy_weight_update_group(self._pg)
-            self._pg = None
+        try:
+            self._teardown(wait=True)
+        except Exception as e:  # noqa: BLE001 - servers may already be gone; the local group must still go
+            logger.warning("could not tear down the weight-update group: %s", e)
         self._pool.shutdown(wait=False)
 
 
@@ -403,7 +531,8 @@ class TensorTransport(WeightTransport):
 
     name = "tensor"
 
-    def __init__(self, client: RolloutClient, bucket_bytes: int = DEFAULT_BUCKET_BYTES, tp_size: int = 1, verify: bool = True):
+    def __init__(self, client: RolloutClient, bucket_bytes: int = DEFAULT_BUCKET_BYTES, tp_size: int = 1, verify: bool = True,
+                 timeout_s: float = DEFAULT_REFIT_TIMEOUT_S):
         if not gpu_available():
             raise TransportUnavailableError(
                 "the 'tensor' refit transport sends CUDA IPC handles to servers on the same GPUs "
@@ -414,7 +543,7 @@ class TensorTransport(WeightTransport):
                 "the 'tensor' refit transport serialises with sglang's MultiprocessingSerializer, "
                 "and sglang is not importable in this Python; install sglang or use disk/distributed"
             )
-        super().__init__(client, bucket_bytes, verify)
+        super().__init__(client, bucket_bytes, verify, timeout_s)
         self.tp_size = tp_size
 
     def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
@@ -430,7 +559,10 @@ class TensorTransport(WeightTransport):
             payload: dict[str, Any] = {"serialized_named_tensors": [blob] * self.tp_size, "flush_cache": last}
             if last:
                 payload["weight_version"] = weight_version
-            self._check_results(self.client.update_weights_from_tensor(**payload), "/update_weights_from_tensor")
+            # A server that fails a bucket is dropped; the survivors get every bucket.
+            results = self._survivors(self.client.update_weights_from_tensor(
+                **payload, timeout=self.timeout_s, per_server=True), "/update_weights_from_tensor")
+            self._check_results(results, "/update_weights_from_tensor")
             num_tensors += len(bucket)
             num_buckets += 1
             nbytes += sum(tensor_bytes(t) for _, t in on_gpu)

@@ -1,0 +1,179 @@
+"""A dead or hung rollout server does not end the run: `sfpo-megatron rl` with two real CPU
+servers, one of them killed (SIGKILL) or frozen (SIGSTOP) at a chosen moment.
+
+* killed while it generates: `/generate` fails over to the other server, the next refit re-forms
+  the weight-update group (distributed) or refits the survivor alone (disk);
+* killed in the middle of a refit: the push is redone to the survivor at once (no wait for the
+  refit timeout);
+* frozen in the middle of a refit: dropped after `--refit-timeout`; once it runs again it is not
+  taken back (its weights are stale): it gets no request and no weights for the rest of the run.
+
+Every run must finish its steps on the survivor with the final weight version, and the metrics
+count what was dropped and when.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl
+from tiny_models import save_rollout_model
+
+ENV = child_env(PYTHONPATH=f"{REPO}:{SCRIPTS}", **SERVER_ENV)
+STEPS = 3
+REFIT_TIMEOUT = 4.0
+PROMPTS = ["one two three", "the quick brown", "jumps over the", "eight nine", "lazy dog", "four five six"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("refit_failover")
+    model = save_rollout_model(root / "model", seed=2)
+    data = root / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in PROMPTS))
+    return model, data
+
+
+class Run:
+    """One `sfpo-megatron rl` process with two launched CPU servers; its log goes to a file."""
+
+    def __init__(self, model: Path, data: Path, out: Path, transport: str) -> None:
+        self.out = out
+        out.mkdir(parents=True)
+        self.log_path = out / "trainer.log"
+        cmd = [PYTHON, "-m", "sfpo_megatron.cli", "rl", "--model-config", str(model), "--hf-checkpoint", str(model),
+               "--prompt-data", str(data), "--no-chat-template", "--reward-fn", "rl_test_rewards:has_letter_o",
+               "--reward-num-workers", "1", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2",
+               "--rollout-max-response-len", "24", "--num-rollouts", str(STEPS), "--micro-batch-size", "4",
+               "--lr", "1e-3", "--algorithm", "grpo", "--seed", "3", "--rollout-deterministic",
+               "--rollout-num-servers", "2", "--weight-transport", transport,
+               "--refit-timeout", str(REFIT_TIMEOUT), "--rollout-timeout", "60", "--rollout-retries", "0",
+               "--log-dir", str(out / "logs")]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        self.deadline = time.monotonic() + 240
+
+    def check(self, what: str) -> None:
+        assert self.proc.poll() is None, f"run ended (code {self.proc.returncode}) before {what}:\n{self.tail()}"
+        assert time.monotonic() < self.deadline, f"{what} did not happen in time:\n{self.tail()}"
+
+    def tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
+
+    def servers(self) -> list[tuple[psutil.Process, str]]:
+        """The two server processes and their urls, in launch order (the client's order)."""
+        while True:
+            found = []
+            for c in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    cmd = c.cmdline()
+                except psutil.NoSuchProcess:
+                    continue
+                if "sfpo_megatron.cpu_server.server" in cmd:
+                    found.append((c, f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"))
+            if len(found) == 2 and all(_healthy(url) for _, url in found):
+                return sorted(found, key=lambda pu: pu[0].create_time())
+            self.check("both servers were up")
+            time.sleep(0.1)
+
+    def wait_for(self, what: str, condition) -> None:
+        while not condition():
+            self.check(what)
+            time.sleep(0.01)
+
+    def batches(self) -> list[int]:
+        path = self.out / "logs" / "rollout_batches.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+
+    def logged(self, text: str) -> bool:
+        return text in self.log_path.read_text(errors="replace")
+
+    def finish(self) -> dict[int, dict]:
+        rc = self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        assert rc == 0, f"run failed with code {rc}:\n{self.tail()}"
+        return {r["iteration"]: r for r in read_jsonl(self.out / "logs" / "metrics.jsonl")}
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(url + "/health", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _server_info(url: str) -> dict:
+    info = requests.get(url + "/get_server_info", timeout=5).json()
+    return {"weight_version": info["weight_version"], **info["internal_states"][0]}
+
+
+def _assert_finished_on_the_survivor(metrics: dict[int, dict]) -> None:
+    # Every refit checks that each live server reports the version it pushed.
+    assert sorted(metrics) == list(range(1, STEPS + 1))
+    assert [metrics[i]["weight_version"] for i in metrics] == list(range(1, STEPS + 1))
+    assert metrics[STEPS]["rollout/live_servers"] == 1 and metrics[STEPS]["rollout/servers_dropped_total"] == 1
+
+
+@pytest.mark.parametrize("transport", ["distributed", pytest.param("disk", marks=pytest.mark.slow)])
+def test_server_killed_while_generating(setup: tuple[Path, Path], tmp_path: Path, transport: str) -> None:
+    run = Run(*setup, tmp_path / transport, transport)
+    (killed, url), _ = run.servers()
+    # Step 2's requests reach the server: kill it while it decodes them.
+    run.wait_for("step 1", lambda: 1 in run.batches())
+    served = _server_info(url)["requests"]
+    run.wait_for("step 2's requests", lambda: _server_info(url)["requests"] > served)
+    killed.kill()
+    metrics = run.finish()
+    _assert_finished_on_the_survivor(metrics)
+    # Dropped by /generate failover during step 2, so no refit had to drop it.
+    assert metrics[1]["rollout/live_servers"] == 2 and metrics[2]["rollout/live_servers"] == 1
+    assert all(m["refit/servers_dropped"] == 0 and m["refit/attempts"] == 1 for m in metrics.values())
+    assert run.logged("consecutive /generate failures")
+
+
+def test_server_killed_in_the_middle_of_a_refit(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    run = Run(*setup, tmp_path / "run", "distributed")
+    (victim, _), _ = run.servers()
+    # Frozen once step 1's rollout is done, the server cannot finish the step-1 refit: kill it
+    # while the trainer waits for it there.
+    run.wait_for("step 1's rollout", lambda: 1 in run.batches())
+    victim.suspend()
+    run.wait_for("the step-1 refit", lambda: run.logged("pushing version 1 to 2 server(s)"))
+    time.sleep(0.5)
+    victim.kill()
+    metrics = run.finish()
+    _assert_finished_on_the_survivor(metrics)
+    assert metrics[1]["refit/servers_dropped"] == 1 and metrics[1]["refit/attempts"] == 2
+    assert metrics[1]["rollout/live_servers"] == 1
+    # Noticed at once (connection reset), not after the refit timeout.
+    assert metrics[1]["refit/time_s"] < REFIT_TIMEOUT
+    assert all(m["refit/attempts"] == 1 for i, m in metrics.items() if i > 1)
+
+
+@pytest.mark.slow  # waits out the refit timeout: ~35 s, ~50 s on busy cores
+def test_frozen_server_is_dropped_after_the_refit_timeout_and_not_taken_back(setup: tuple[Path, Path],
+                                                                              tmp_path: Path) -> None:
+    run = Run(*setup, tmp_path / "run", "distributed")
+    (frozen, url), _ = run.servers()
+    run.wait_for("step 1's rollout", lambda: 1 in run.batches())
+    frozen.suspend()
+    run.wait_for("the frozen server was dropped", lambda: run.logged(f"taking rollout server {url} out of rotation"))
+    frozen.resume()
+    before = _server_info(url)
+    run.wait_for("the last step's rollout", lambda: STEPS in run.batches())
+    after = _server_info(url)  # the server stops with the run
+    metrics = run.finish()
+    _assert_finished_on_the_survivor(metrics)
+    # The refit gave up on it after --refit-timeout (not --rollout-timeout's 60 s) ...
+    assert 0.75 * REFIT_TIMEOUT <= metrics[1]["refit/time_s"] < REFIT_TIMEOUT + 3
+    assert metrics[1]["refit/servers_dropped"] == 1
+    # ... and, running again, it got no request and no later weights (at most the bucket of
+    # version 1 it was frozen in).
+    assert after["requests"] == before["requests"] and after["weight_version"] in ("0", "1")

@@ -27,6 +27,8 @@ reach the accuracy).
 `RewardRunner` scores a batch in worker processes (pebble's ProcessPool): a sample whose
 function raises, returns a non-finite or non-number value, or runs past `timeout_s` scores 0.0
 and is counted (`errors`, `timeouts`) and logged; a timed-out worker is killed and replaced.
+The workers leave the trainer's process group: a SIGTERM sent to the whole group (a Slurm time
+limit, `kill -TERM -PGID`) is the trainer's, which finishes its step and checkpoints with them.
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ import importlib
 import logging
 import math
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import os
 import pickle
 import re
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -333,6 +339,34 @@ def _call_reward(fn: RewardFn, response: str, answer: str, metadata: dict[str, A
     return float(value)
 
 
+# The signals the trainer turns into "checkpoint, then exit" (components/preemption.py).
+_GROUP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
+def _leave_process_group() -> None:
+    """Worker start (pebble initializer): a process group of its own, so that only the runner,
+    which kills workers one by one, stops it. The worker may start with the group signals
+    blocked (inherited from a forkserver started by ``_start_forkserver``): any that arrived
+    meanwhile were meant for the trainer's group and are discarded before unblocking."""
+    os.setpgid(0, 0)
+    for sig in signal.sigpending() & _GROUP_SIGNALS:
+        signal.sigtimedwait([sig], 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _GROUP_SIGNALS)
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver with the group signals blocked: it then survives a group-wide SIGTERM
+    (it leaves on its own when the trainer exits), and the workers it forks start blocked until
+    they have left the group."""
+    # First the resource tracker: starting it unblocks SIGTERM in the calling thread.
+    multiprocessing.resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _stop_pool(pool: Any) -> None:
     pool.stop()
     pool.join()
@@ -377,7 +411,10 @@ class RewardRunner:
         self.calls = 0
         self.errors = 0
         self.timeouts = 0
-        self._pool = ProcessPool(max_workers=num_workers, context=multiprocessing.get_context(mp_context))
+        if mp_context == "forkserver":
+            _start_forkserver()
+        self._pool = ProcessPool(max_workers=num_workers, context=multiprocessing.get_context(mp_context),
+                                 initializer=_leave_process_group)
         self._lock = threading.Lock()  # one batch at a time; the counters stay per call
         # Workers are stopped even if close() is never called.
         self._finalizer = weakref.finalize(self, _stop_pool, self._pool)

@@ -354,8 +354,10 @@ class RLRun:
 
         # The sampler lives on rank 0; every rank saves the same extra_state.
         extra = on_rank0(state)
-        save_checkpoint(self.args.save, st.step, self.setup_.model, self.setup_.optimizer,
-                        self.setup_.scheduler, extra, optim_sharding=self.args.dist_ckpt_optim_sharding)
+        # The save's helper processes must outlive a group-wide SIGTERM (see components/preemption.py).
+        with self.preemption.deferred():
+            save_checkpoint(self.args.save, st.step, self.setup_.model, self.setup_.optimizer,
+                            self.setup_.scheduler, extra, optim_sharding=self.args.dist_ckpt_optim_sharding)
 
     def close(self) -> None:
         if self.producer is not None:

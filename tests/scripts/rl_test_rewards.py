@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -21,3 +22,8 @@ def answer_value(response: str, answer: str, metadata: dict[str, Any]) -> float:
 
 # Evaluation counts scores below this as 0 (the convention math-reference follows).
 answer_value.eval_score_floor = 0.95
+
+
+def worker_pid(response: str, answer: str, metadata: dict[str, Any]) -> float:
+    """The scoring worker's process id: tells whether a reward worker was replaced."""
+    return float(os.getpid())

@@ -9,7 +9,9 @@ servers, one of them killed (SIGKILL) or frozen (SIGSTOP) at a chosen moment.
   taken back (its weights are stale): it gets no request and no weights for the rest of the run.
 
 Every run must finish its steps on the survivor with the final weight version, and the metrics
-count what was dropped and when.
+count what was dropped and when. Quick cases: a refit with no server left fails naming them, and
+a CPU server left in a broken broadcast gives up within its --weight-update-timeout and can join
+a new group at once.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl
+import torch
+from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, free_port, read_jsonl
 from tiny_models import save_rollout_model
+
+from sfpo_megatron.rollout.client import RolloutClient
+from sfpo_megatron.rollout.transport import DiskTransport, DistributedTransport, RefitError
 
 ENV = child_env(PYTHONPATH=f"{REPO}:{SCRIPTS}", **SERVER_ENV)
 STEPS = 3
@@ -177,3 +183,36 @@ def test_frozen_server_is_dropped_after_the_refit_timeout_and_not_taken_back(set
     # ... and, running again, it got no request and no later weights (at most the bucket of
     # version 1 it was frozen in).
     assert after["requests"] == before["requests"] and after["weight_version"] in ("0", "1")
+
+
+@pytest.fixture(scope="module")
+def rollout_server_options() -> dict:
+    return {"extra_args": ["--weight-update-timeout", "2"]}
+
+
+@pytest.mark.parametrize("transport", ["disk", "distributed"])
+def test_no_server_left_is_a_clear_error(tmp_path: Path, transport: str) -> None:
+    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]  # nothing listens there
+    client = RolloutClient(urls, timeout=30)
+    push = (DiskTransport(client, tmp_path, timeout_s=5) if transport == "disk"
+            else DistributedTransport(client, timeout_s=5))
+    with push, pytest.raises(RefitError) as e:
+        push.push([("w", torch.zeros(3))], "1")
+    assert str(e.value).startswith(f"no live rollout server left for the refit to weight_version 1: {urls[0]} "
+                                   f"(refit to weight_version 1 failed: ")
+    assert f"; {urls[1]} (refit to weight_version 1 failed: " in str(e.value)
+    assert "Connection refused" in str(e.value) and client.live_urls() == []
+
+
+def test_server_leaves_a_broken_broadcast_within_its_timeout(rollout_server) -> None:
+    url, param = rollout_server.urls[0], "model.layers.0.input_layernorm.weight"
+    out = subprocess.run([PYTHON, str(SCRIPTS / "broken_broadcast.py"), url, param], capture_output=True,
+                         text=True, env=ENV, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    # Announced, never sent: the server gives up after its 2 s, not the default 600 s ...
+    assert result["broken_status"] == 400 and not result["broken"]["success"]
+    assert result["broken"]["message"].startswith("Failed to update parameter online")
+    assert 1.5 < result["waited"] < 15
+    # ... and left the group: one of the same name forms again and a broadcast lands.
+    assert result["fixed"]["success"] and result["after"] == [0.25] * 64

@@ -19,7 +19,9 @@ Checkpoints are written atomically (components/checkpoint.py), so a run killed a
 SIGKILL included, restarts with the same command from the last complete checkpoint (``rl/state.py``).
 With ``--rollout-deterministic`` every rollout is a function of (weights, prompt, seed) and the
 restarted run's metrics equal an uninterrupted run's bit for bit (CPU, fixed thread counts).
-SIGTERM / SIGUSR1 checkpoint at the end of the current step and exit with 143.
+SIGTERM / SIGUSR1 checkpoint at the end of the current step and exit with 143, also when sent to
+the whole process group (the save's helper processes start with them blocked). A rollout server
+that dies or hangs is dropped and the run goes on with the others (rollout/transport.py).
 
 ``--async-rollout --max-staleness k``: rank 0's ``AsyncRolloutProducer`` (rollout/async_producer.py)
 generates batch s as soon as the servers hold version ≥ s − 1 − k, in a thread, while the

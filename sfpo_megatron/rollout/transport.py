@@ -365,9 +365,8 @@ class DistributedTransport(WeightTransport):
         if self._pg is not None:
             return
         # A server that died since it last served is dropped here, not after a rendezvous timeout.
-        for url, ok in self.client.health(timeout=min(self.timeout_s, 5.0)).items():
-            if not ok and url in self.client.live_urls():
-                self._drop(url, "GET /health failed before forming the weight-update group")
+        self._survivors(self.client.call_each("/health", method="GET", timeout=self._probe_s),
+                        "GET /health before forming the weight-update group")
         self._urls = self.client.live_urls()
         if not self._urls:
             raise RefitError("no live rollout server to connect the weight-update group to")

@@ -216,3 +216,14 @@ def test_server_leaves_a_broken_broadcast_within_its_timeout(rollout_server) -> 
     assert 1.5 < result["waited"] < 15
     # ... and left the group: one of the same name forms again and a broadcast lands.
     assert result["fixed"]["success"] and result["after"] == [0.25] * 64
+
+
+def test_refit_timeout_must_be_positive() -> None:
+    from sfpo_megatron.arguments import build_rl_parser
+    from sfpo_megatron.rollout.engines import RolloutConfigError, check_rollout_args
+
+    args = build_rl_parser().parse_args(["--model-config", "unused"])
+    assert args.refit_timeout == 120.0 < args.rollout_timeout
+    args.refit_timeout = 0.0
+    with pytest.raises(RolloutConfigError, match=r"^--refit-timeout must be positive, got 0.0$"):
+        check_rollout_args(args)

@@ -144,6 +144,7 @@ def test_server_killed_while_generating(setup: tuple[Path, Path], tmp_path: Path
     assert run.logged("consecutive /generate failures")
 
 
+@pytest.mark.flags("--rollout-num-servers")
 def test_server_killed_in_the_middle_of_a_refit(setup: tuple[Path, Path], tmp_path: Path) -> None:
     run = Run(*setup, tmp_path / "run", "distributed")
     (victim, _), _ = run.servers()
@@ -164,6 +165,7 @@ def test_server_killed_in_the_middle_of_a_refit(setup: tuple[Path, Path], tmp_pa
 
 
 @pytest.mark.slow  # waits out the refit timeout: ~35 s, ~50 s on busy cores
+@pytest.mark.flags("--refit-timeout", "--rollout-num-servers")
 def test_frozen_server_is_dropped_after_the_refit_timeout_and_not_taken_back(setup: tuple[Path, Path],
                                                                               tmp_path: Path) -> None:
     run = Run(*setup, tmp_path / "run", "distributed")

@@ -450,7 +450,8 @@ class DistributedTransport(WeightTransport):
         # The last part of the timeout is kept for telling a hung server from a waiting one.
         deadline = time.monotonic() + self.timeout_s - self._probe_s
         while True:
-            done = [w.is_completed() for w in works]
+            # A server that cannot be reached (it died) is the culprit, whatever the broadcast did:
+            # the others may wait for data that the broken broadcast never sends them.
             unreachable = {url: f"/update_weights_from_distributed: {f.exception()}" for url, f in posts.items()
                            if f.done() and isinstance(f.exception(), RolloutServerError)}
             if unreachable:
@@ -458,26 +459,14 @@ class DistributedTransport(WeightTransport):
             for url, f in posts.items():
                 if f.done() and f.exception() is None and not f.result().get("success", False):
                     raise RefitError(f"{url} refused /update_weights_from_distributed mid-broadcast: {f.result()}")
-            if all(done):
+            if all(w.is_completed() for w in works) and all(f.done() for f in posts.values()):
                 break
             if time.monotonic() > deadline:
                 return self._culprits([url for url, f in posts.items() if not f.done()], payload["names"])
             time.sleep(0.001)
-        try:
-            for w in works:
-                w.wait()
-        except RuntimeError as e:  # a peer went away after all: whoever does not answer is it
-            logger.warning("weight broadcast failed: %s", e)
-        results, failed = {}, {}
-        for url, f in posts.items():
-            try:
-                results[url] = f.result(timeout=max(1.0, deadline - time.monotonic()))
-            except concurrent.futures.TimeoutError:
-                failed[url] = f"no answer to /update_weights_from_distributed within --refit-timeout {self.timeout_s:g}s"
-            except RolloutServerError as e:
-                failed[url] = f"/update_weights_from_distributed: {e}"
-        if failed:
-            return failed
+        for w in works:
+            w.wait()
+        results = {url: f.result() for url, f in posts.items()}
         self._check_results(results, "/update_weights_from_distributed")
         return {}
 

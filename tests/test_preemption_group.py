@@ -90,3 +90,39 @@ def test_helpers_outlive_a_group_wide_sigterm() -> None:
     assert result["worker_after"] == result["worker_before"] and result["errors"] == 0
     assert result["shielded_manager"] is True
     assert result["bare_manager"] is False  # the signal did reach the group's helpers
+
+
+@pytest.mark.slow  # two short pretraining runs
+def test_pretrain_group_wide_sigterm_checkpoints_and_resumes(tmp_path: Path) -> None:
+    """`pretrain` saves under the same deferral: the group's SIGTERM after its first checkpoint
+    (megatron's save helper now lives) ends in a second checkpoint, exit 143, and a resume."""
+    from sfpo_megatron.components.checkpoint import read_tracker, validate_checkpoint_dir
+    from tiny_models import write_tiny_config
+
+    cfg = write_tiny_config(tmp_path / "model")
+    out = tmp_path / "run"
+    cmd = [PYTHON, "-m", "sfpo_megatron.cli", "pretrain", "--model-config", str(cfg), "--mock-data",
+           "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "100000",
+           "--save", str(out / "ckpt"), "--save-interval", "1", "--log-dir", str(out / "logs")]
+    log = tmp_path / "trainer.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    try:
+        tracker = out / "ckpt" / "latest_checkpointed_iteration.txt"
+        deadline = time.monotonic() + 300
+        while not (tracker.exists() and int(tracker.read_text() or 0) >= 2):
+            assert proc.poll() is None, f"run ended ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no second checkpoint within 5 minutes"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 143, log.read_text()[-6000:]
+    stopped = read_tracker(str(out / "ckpt"))
+    validate_checkpoint_dir(str(out / "ckpt" / f"iter_{stopped:07d}"))
+    cmd[cmd.index("100000")] = str(stopped + 1)
+    run(cmd, timeout=300, env=ENV)
+    assert read_tracker(str(out / "ckpt")) == stopped + 1
+    assert [r["iteration"] for r in read_jsonl(out / "logs" / "metrics.jsonl")][-1] == stopped + 1

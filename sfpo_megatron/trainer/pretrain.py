@@ -255,15 +255,18 @@ def pretrain(args: argparse.Namespace) -> dict:
                     log.info("iter %d loss %.6f grad_norm %.4f", iteration, loss, grad_norm)
             run_state = {"consumed_samples": consumed, "consumed_valid_samples": consumed_valid}
             if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
-                save_checkpoint(args.save, iteration, setup.model, setup.optimizer,
-                                setup.scheduler, run_state,
-                                optim_sharding=args.dist_ckpt_optim_sharding)
+                # The save's helper processes must outlive a group-wide SIGTERM (preemption.py).
+                with preemption.deferred():
+                    save_checkpoint(args.save, iteration, setup.model, setup.optimizer,
+                                    setup.scheduler, run_state,
+                                    optim_sharding=args.dist_ckpt_optim_sharding)
             if stop:
                 raise Preempted(iteration)
         if args.save and (not args.save_interval or iteration % args.save_interval != 0):
-            save_checkpoint(args.save, iteration, setup.model, setup.optimizer, setup.scheduler,
-                            {"consumed_samples": consumed, "consumed_valid_samples": consumed_valid},
-                            optim_sharding=args.dist_ckpt_optim_sharding)
+            with preemption.deferred():
+                save_checkpoint(args.save, iteration, setup.model, setup.optimizer, setup.scheduler,
+                                {"consumed_samples": consumed, "consumed_valid_samples": consumed_valid},
+                                optim_sharding=args.dist_ckpt_optim_sharding)
     finally:
         metrics.close()
         preemption.uninstall()

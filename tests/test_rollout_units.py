@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_reference import hf_log_softmax, load_hf, make_prompts, perturbed_state
+from launch import SERVER_ENV, child_env
 from tiny_models import EOS, ROLLOUT_VOCAB
 
 from sfpo_megatron.cpu_server.server import RequestError, parse_generate_request
@@ -160,41 +161,30 @@ def test_engine_return_original_logprob_reports_the_raw_distribution(rollout_mod
         assert (lps - expected).abs().max().item() < 1e-4
 
 
-STUB_LAUNCH = '''
+LAUNCH = '''
 import sys, time
 from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
 
-HEALTHY = ("import http.server, sys\\n"
-           "class H(http.server.BaseHTTPRequestHandler):\\n"
-           "    def do_GET(self):\\n"
-           "        self.send_response(200); self.end_headers()\\n"
-           "    def log_message(self, *a): pass\\n"
-           "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\\n")
-
-
-class StubLauncher(RolloutLauncher):  # same start / health / stop path, a stand-in engine process
-    def build_command(self, index, port):
-        return [sys.executable, "-c", HEALTHY, str(port)]
-
-
-launcher = StubLauncher(LaunchConfig(model_path="unused", num_engines=2, log_dir=sys.argv[1], health_timeout_s=60))
+# Two real CPU rollout servers through the launcher's start / health / stop path.
+launcher = RolloutLauncher(LaunchConfig(model_path=sys.argv[3], num_engines=2, log_dir=sys.argv[1],
+                                        health_timeout_s=300))
 launcher.start()
 print(" ".join(str(p.pid) for p in launcher.processes), flush=True)
 if sys.argv[2] == "wait":
-    time.sleep(120)
+    time.sleep(300)
 '''
 
 
 @pytest.mark.parametrize("ending", ["sigterm", "normal-exit"])
-def test_launcher_stops_engines_on_signal_and_at_exit(tmp_path: Path, ending: str) -> None:
+def test_launcher_stops_engines_on_signal_and_at_exit(tmp_path: Path, rollout_model: Path, ending: str) -> None:
     import signal
     import subprocess
     import time
 
     script = tmp_path / "launch.py"
-    script.write_text(STUB_LAUNCH)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs"), "wait" if ending == "sigterm" else "exit"],
-                            stdout=subprocess.PIPE, text=True)
+    script.write_text(LAUNCH)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs"), "wait" if ending == "sigterm" else "exit",
+                             str(rollout_model)], stdout=subprocess.PIPE, text=True, env=child_env(**SERVER_ENV))
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 2
     if ending == "sigterm":

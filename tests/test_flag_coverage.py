@@ -40,8 +40,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
 UNCOVERED: dict[tuple[str, str], str] = {
     ("pretrain", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
     ("rl", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
-    ("rl", "--distributed-timeout-minutes"): "the process group's timeout",
-    ("rl", "--dist-ckpt-optim-sharding"): "as pretrain's",
 }
 
 

@@ -61,10 +61,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "--n-samples-per-prompt", str(N), "--dynamic-sampling", "--max-resample-rounds", "3",
         "--num-rollouts", str(STEPS), "--lr", "1e-3", "--sfpo-inner-steps", "2",
         "--eval-interval", "2", "--colocate", "--weight-transport", "distributed",
-        "--save", str(root / "ckpt"), "--save-interval", "2",
+        "--save", str(root / "ckpt"), "--save-interval", "2", "--dist-ckpt-optim-sharding", "dp_reshardable",
+        "--distributed-timeout-minutes", "7",
         "--log-dir", str(root / "logs"), "--tensorboard-dir", str(root / "tb")]
-    sfpo(2, "rl", flags, timeout=900, env=ENV)
-    return {"root": root, "model": model, "metrics": read_jsonl(root / "logs" / "metrics.jsonl")}
+    proc = sfpo(2, "rl", flags, timeout=900, env=ENV)
+    return {"root": root, "model": model, "metrics": read_jsonl(root / "logs" / "metrics.jsonl"),
+            "output": proc.stdout + proc.stderr}
+
+
+@pytest.mark.flags("--distributed-timeout-minutes")
+def test_process_group_takes_the_timeout(run: dict) -> None:
+    assert "process group: gloo, world size 2, TP 2, PP 1, collective timeout 0:07:00" in run["output"]
 
 
 def by_iteration(run: dict) -> dict[int, dict]:
@@ -128,12 +135,14 @@ def test_evaluation_at_start_and_interval(run: dict) -> None:
     assert list((run["root"] / "tb").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.flags("--save", "--save-interval")
+@pytest.mark.flags("--save", "--save-interval", "--dist-ckpt-optim-sharding")
 def test_checkpoint_holds_the_rl_state(run: dict) -> None:
     from megatron.core import dist_checkpointing
 
     ckpt = run["root"] / "ckpt"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(STEPS)
+    meta = json.loads((ckpt / "iter_0000002" / "sfpo_meta.json").read_text())
+    assert meta["optim_sharding"] == "dp_reshardable"
     state = dist_checkpointing.load_common_state_dict(str(ckpt / "iter_0000002"))["extra_state"]["rl"]
     assert state["step"] == STEPS and state["weight_version"] == STEPS
     assert state["sampler"]["dataset_size"] == len(PROMPTS)  # the malformed row is not in it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import random
 import socket
@@ -15,6 +16,8 @@ from megatron.core import parallel_state, tensor_parallel
 
 from sfpo_megatron.distributed.platform import setup_platform
 from sfpo_megatron.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class LayoutError(UserError):
@@ -106,10 +109,13 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 123
     platform = setup_platform()
     env = read_dist_env()
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
             backend=platform.backend, rank=env.rank, world_size=env.world_size,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            timeout=datetime.timedelta(minutes=timeout_minutes))
+            init_method=f"tcp://{env.master_addr}:{env.master_port}", timeout=timeout)
+        if env.rank == 0:
+            log.info("process group: %s, world size %d, TP %d, PP %d, collective timeout %s",
+                     platform.backend, env.world_size, tp, pp, timeout)
     if env.world_size % (tp * pp) != 0:
         raise LayoutError(
             f"world size {env.world_size} is not a multiple of tensor-model-parallel-size {tp} x "

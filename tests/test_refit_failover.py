@@ -17,6 +17,7 @@ a new group at once.
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -142,6 +143,30 @@ def test_server_killed_while_generating(setup: tuple[Path, Path], tmp_path: Path
     assert metrics[1]["rollout/live_servers"] == 2 and metrics[2]["rollout/live_servers"] == 1
     assert all(m["refit/servers_dropped"] == 0 and m["refit/attempts"] == 1 for m in metrics.values())
     assert run.logged("consecutive /generate failures")
+
+
+@pytest.mark.slow  # five runs: ~3 min
+@pytest.mark.parametrize("seed", range(5))
+def test_server_killed_at_a_random_moment(setup: tuple[Path, Path], tmp_path: Path, seed: int) -> None:
+    """A server SIGKILLed at a seeded random moment of the run (generating, refitting, idle):
+    the run still ends with every step trained on the survivor, none of it waiting longer than
+    the refit timeout on the dead server."""
+    rng = random.Random(seed)
+    transport = rng.choice(["distributed", "disk"])
+    run = Run(*setup, tmp_path / "run", transport)
+    servers = run.servers()
+    victim, _ = servers[rng.randrange(2)]
+    # After step 0 (the start) or step 1 has its rollout, plus up to 1.5 s: the kill lands in
+    # that step's update or refit or in a later step's rollout, and always before the run ends.
+    after = rng.choice([0, 1])
+    run.wait_for(f"step {after}", lambda: after == 0 or after in run.batches())
+    delay = rng.uniform(0.0, 1.5)
+    time.sleep(delay)
+    victim.kill()
+    metrics = run.finish()
+    _assert_finished_on_the_survivor(metrics)
+    assert metrics[STEPS]["rollout/live_servers"] == 1, (transport, after, delay)
+    assert all(m["refit/time_s"] < REFIT_TIMEOUT + 5 for m in metrics.values()), (transport, after, delay)
 
 
 @pytest.mark.flags("--rollout-num-servers")

@@ -225,3 +225,80 @@ def test_producer_error_reaches_the_trainer() -> None:
     prod.close()
     prod.join()
     assert not any(t.name == "async-rollout" and t.is_alive() for t in threading.enumerate())
+
+
+class GatedRecorder(Recorder):
+    """Also remembers the servers' version when each batch finished; batches in ``gates`` wait
+    for their event first (a batch still in flight, as long as the test needs)."""
+
+    def __init__(self, producer_ref: list, gates: dict[int, threading.Event]) -> None:
+        super().__init__(producer_ref)
+        self.finished: dict[int, int] = {}
+        self.gates = gates
+
+    def __call__(self, step: int):
+        result = super().__call__(step)
+        if step in self.gates:
+            assert self.gates[step].wait(timeout=30)
+        time.sleep(0.002)  # room for a refit to land mid-batch, were the trainer not waiting
+        self.finished[step] = self.ref[0]._version
+        return result
+
+
+@pytest.mark.flags("--async-exact-staleness")
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_exact_schedule_generates_batch_s_with_version_s_minus_1_minus_k(k: int) -> None:
+    from sfpo_megatron.data.prompts import PromptSampler
+    from sfpo_megatron.rollout.async_producer import AsyncRolloutProducer
+
+    last = 8
+    ref: list = []
+    gate = threading.Event()
+    rec = GatedRecorder(ref, {k + 2: gate} if k else {})  # with k = 0 the trainer takes each batch itself
+    rec.sampler = PromptSampler(list(range(5)), 2, seed=0)
+    prod = AsyncRolloutProducer(rec, rec.sampler, max_staleness=k, weight_version=0, next_step=1, last_step=last)
+    ref.append(prod)
+    prod.start()
+    try:
+        for step in range(1, last + 1):  # the trainer: take, update, wait, refit
+            assert prod.get(step).step == step
+            if step == 2 and k:
+                # Batch k + 2 (version 1) is held in flight: the refit to version 2 must wait for it.
+                assert prod.wait_until_produced(step + k, timeout=0.3) is False
+                gate.set()
+            assert prod.wait_until_produced(step + k, timeout=30) is True
+            prod.weights_updated(step)
+        expected = {s: max(0, s - 1 - k) for s in range(1, last + 1)}
+        assert rec.started == expected and rec.finished == expected
+        assert prod.wait_until_produced(last + k, timeout=0) is True  # the run's last batch bounds it
+    finally:
+        prod.close()
+        prod.join()
+
+
+def test_exact_wait_ends_when_the_producer_fails_or_stops() -> None:
+    from sfpo_megatron.rollout.async_producer import AsyncRolloutProducer
+
+    def broken(step: int):
+        raise ConnectionError(f"server gone at batch {step}")
+
+    sampler = type("S", (), {"state_dict": lambda self: {}})()
+    prod = AsyncRolloutProducer(broken, sampler, max_staleness=1, weight_version=0, next_step=1,
+                                last_step=4).start()
+    assert prod.wait_until_produced(2, timeout=30) is False  # returns (the error reaches get())
+    with pytest.raises(ConnectionError, match="server gone at batch 1"):
+        prod.get(1)
+    prod.close()
+    prod.join()
+
+    gate = threading.Event()
+    stuck = AsyncRolloutProducer(lambda step: gate.wait(30), sampler, max_staleness=1, weight_version=0,
+                                 next_step=1, last_step=4).start()
+    out: list = []
+    waiter = threading.Thread(target=lambda: out.append(stuck.wait_until_produced(1)))
+    waiter.start()
+    stuck.close()  # a closed producer releases the waiting trainer with its batch unfinished
+    waiter.join(timeout=30)
+    assert out == [False]
+    gate.set()
+    stuck.join()

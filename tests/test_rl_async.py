@@ -14,7 +14,8 @@ prompt, weight version and reward of every trained sample; the last record of a 
   not regenerated.
 
 Plus the producer's scheduling rules in-process (real threads, a collect function that records
-when it ran).
+when it ran), the exact schedule's wait (``--async-exact-staleness``) included; its end-to-end
+kill-and-resume equality is tests/test_rl_async_exact.py.
 """
 
 from __future__ import annotations
@@ -302,3 +303,17 @@ def test_exact_wait_ends_when_the_producer_fails_or_stops() -> None:
     assert out == [False]
     gate.set()
     stuck.join()
+
+
+@pytest.mark.flags("--async-exact-staleness")
+def test_exact_schedule_without_async_rollout_is_refused(capsys: pytest.CaptureFixture) -> None:
+    from sfpo_megatron.arguments import build_rl_parser
+    from sfpo_megatron.cli import main
+    from sfpo_megatron.rl.loop import check_rl_args
+
+    flags = ["rl", "--model-config", "unused", "--prompt-data", "p.jsonl", "--async-exact-staleness"]
+    assert main(flags) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sfpo-megatron rl: error: --async-exact-staleness fixes the asynchronous schedule: add "
+        "--async-rollout (synchronous rollouts always use the current weights)")
+    check_rl_args(build_rl_parser().parse_args([*flags[1:], "--async-rollout"]))  # passes

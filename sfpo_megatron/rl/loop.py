@@ -27,9 +27,10 @@ that dies or hangs is dropped and the run goes on with the others (rollout/trans
 generates batch s as soon as the servers hold version ≥ s − 1 − k, in a thread, while the
 trainer trains earlier batches (``--async-exact-staleness``: each refit to version v first waits
 for batch v + k, so batch s is generated with exactly version max(0, s − 1 − k)); each sample
-keeps the version it was generated with, the step checks the bound, logs the staleness histogram and ``rollout_batches.jsonl``, and the update
-computes importance weights / ESS (update/off_policy.py; corrected with ``--vcpo``). Checkpoints
-carry the finished, untrained batches: a restart (async or not) trains every prompt once.
+keeps the version it was generated with, the step checks the bound, logs the staleness
+histogram and ``rollout_batches.jsonl``, and the update computes importance weights / ESS
+(update/off_policy.py; corrected with ``--vcpo``). Checkpoints carry the finished, untrained
+batches: a restart (async or not) trains every prompt once.
 """
 
 from __future__ import annotations

@@ -31,7 +31,10 @@ KILL_AFTER = 2
 # Timings, and the queue length when a batch is taken (how far generation had got: timing).
 VOLATILE = ("time/", "memory/", "refit/time_s", "refit/gb_per_s", "async/queued_batches")
 
-PROMPTS = [{"prompt": p, "answer": "x"} for p in (
+# Scoring a sample takes 0.3 s (one reward worker): generating a batch is slower than training on
+# one, so the default schedule would refit in the middle of batches and start them at versions
+# that depend on timing; the exact one must not.
+PROMPTS = [{"prompt": p, "answer": "x", "sleep_s": 0.3} for p in (
     "one two three", "the quick brown", "jumps over the", "eight nine", "lazy dog", "four five six",
     "seven eight", "brown fox", "nine ten")]
 

@@ -38,7 +38,7 @@ PROMPTS = [{"prompt": p, "answer": "x", "sleep_s": 0.3} for p in (
     "one two three", "the quick brown", "jumps over the", "eight nine", "lazy dog", "four five six",
     "seven eight", "brown fox", "nine ten")]
 
-pytestmark = pytest.mark.slow  # three trainer runs: 2-4 min wall on 2 shared cores
+pytestmark = pytest.mark.slow  # three trainer runs (two at once): about 4 min wall on 2 shared cores
 
 
 def command(model: Path, data: Path, out: Path) -> list[str]:

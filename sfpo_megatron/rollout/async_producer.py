@@ -22,8 +22,8 @@ finished batch v + k (or the run's last batch, or the producer failed or was clo
 lands inside a batch, and batch v + k + 1, which needs version v, starts once v is there and
 finishes before v + 1 can be: every batch s is generated entirely with version max(0, s − 1 − k).
 With deterministic rollouts a run is then a function of its seeds, and a killed-and-resumed run
-equals an uninterrupted one (the checkpoint's state after step c holds versions c; batches up to
-c + k are in its queue, a partial batch c + k + 1 is regenerated at version c). The cost: no
+equals an uninterrupted one (a checkpoint after step c is written at version c with batches
+c + 1 .. c + k queued; a partial batch c + k + 1 is regenerated at version c). The cost: no
 generation overlaps a refit, and the trainer idles whenever generating k + 1 batches ahead is
 slower than training, where the default schedule would refit early and let batches run fresher.
 

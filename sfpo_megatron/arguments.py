@@ -255,6 +255,13 @@ def add_async_args(p: argparse.ArgumentParser) -> None:
                    help="generate the next rollout batches while training on the current one")
     g.add_argument("--max-staleness", type=int, default=1,
                    help="k: no sample generated more than k weight versions ago is trained on")
+    g.add_argument("--async-exact-staleness", action="store_true",
+                   help="reproducible schedule (with --async-rollout): batch s is generated entirely "
+                        "with weight version max(0, s-1-k), so with --rollout-deterministic a run "
+                        "(killed and resumed or not) is a function of its seeds. Costs speed: each "
+                        "refit waits until the batch k steps ahead is finished (the trainer idles "
+                        "when generation is slower, no generation overlaps a refit) and every batch "
+                        "is the full k versions stale")
     g.add_argument("--vcpo", action="store_true",
                    help="variance-controlled off-policy update: sequence-level truncated IS in the "
                         "loss, ESS-scaled learning rate, optional off-policy optimal baseline")

@@ -14,7 +14,8 @@ prompt, weight version and reward of every trained sample; the last record of a 
   not regenerated.
 
 Plus the producer's scheduling rules in-process (real threads, a collect function that records
-when it ran).
+when it ran), the exact schedule's wait (``--async-exact-staleness``) included; its end-to-end
+kill-and-resume equality is tests/test_rl_async_exact.py.
 """
 
 from __future__ import annotations
@@ -225,3 +226,94 @@ def test_producer_error_reaches_the_trainer() -> None:
     prod.close()
     prod.join()
     assert not any(t.name == "async-rollout" and t.is_alive() for t in threading.enumerate())
+
+
+class GatedRecorder(Recorder):
+    """Also remembers the servers' version when each batch finished; batches in ``gates`` wait
+    for their event first (a batch still in flight, as long as the test needs)."""
+
+    def __init__(self, producer_ref: list, gates: dict[int, threading.Event]) -> None:
+        super().__init__(producer_ref)
+        self.finished: dict[int, int] = {}
+        self.gates = gates
+
+    def __call__(self, step: int):
+        result = super().__call__(step)
+        if step in self.gates:
+            assert self.gates[step].wait(timeout=30)
+        time.sleep(0.002)  # room for a refit to land mid-batch, were the trainer not waiting
+        self.finished[step] = self.ref[0]._version
+        return result
+
+
+@pytest.mark.flags("--async-exact-staleness")
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_exact_schedule_generates_batch_s_with_version_s_minus_1_minus_k(k: int) -> None:
+    from sfpo_megatron.data.prompts import PromptSampler
+    from sfpo_megatron.rollout.async_producer import AsyncRolloutProducer
+
+    last = 8
+    ref: list = []
+    gate = threading.Event()
+    rec = GatedRecorder(ref, {k + 2: gate} if k else {})  # with k = 0 the trainer takes each batch itself
+    rec.sampler = PromptSampler(list(range(5)), 2, seed=0)
+    prod = AsyncRolloutProducer(rec, rec.sampler, max_staleness=k, weight_version=0, next_step=1, last_step=last)
+    ref.append(prod)
+    prod.start()
+    try:
+        for step in range(1, last + 1):  # the trainer: take, update, wait, refit
+            assert prod.get(step).step == step
+            if step == 2 and k:
+                # Batch k + 2 (version 1) is held in flight: the refit to version 2 must wait for it.
+                assert prod.wait_until_produced(step + k, timeout=0.3) is False
+                gate.set()
+            assert prod.wait_until_produced(step + k, timeout=30) is True
+            prod.weights_updated(step)
+        expected = {s: max(0, s - 1 - k) for s in range(1, last + 1)}
+        assert rec.started == expected and rec.finished == expected
+        assert prod.wait_until_produced(last + k, timeout=0) is True  # the run's last batch bounds it
+    finally:
+        prod.close()
+        prod.join()
+
+
+def test_exact_wait_ends_when_the_producer_fails_or_stops() -> None:
+    from sfpo_megatron.rollout.async_producer import AsyncRolloutProducer
+
+    def broken(step: int):
+        raise ConnectionError(f"server gone at batch {step}")
+
+    sampler = type("S", (), {"state_dict": lambda self: {}})()
+    prod = AsyncRolloutProducer(broken, sampler, max_staleness=1, weight_version=0, next_step=1,
+                                last_step=4).start()
+    assert prod.wait_until_produced(2, timeout=30) is False  # returns (the error reaches get())
+    with pytest.raises(ConnectionError, match="server gone at batch 1"):
+        prod.get(1)
+    prod.close()
+    prod.join()
+
+    gate = threading.Event()
+    stuck = AsyncRolloutProducer(lambda step: gate.wait(30), sampler, max_staleness=1, weight_version=0,
+                                 next_step=1, last_step=4).start()
+    out: list = []
+    waiter = threading.Thread(target=lambda: out.append(stuck.wait_until_produced(1)))
+    waiter.start()
+    stuck.close()  # a closed producer releases the waiting trainer with its batch unfinished
+    waiter.join(timeout=30)
+    assert out == [False]
+    gate.set()
+    stuck.join()
+
+
+@pytest.mark.flags("--async-exact-staleness")
+def test_exact_schedule_without_async_rollout_is_refused(capsys: pytest.CaptureFixture) -> None:
+    from sfpo_megatron.arguments import build_rl_parser
+    from sfpo_megatron.cli import main
+    from sfpo_megatron.rl.loop import check_rl_args
+
+    flags = ["rl", "--model-config", "unused", "--prompt-data", "p.jsonl", "--async-exact-staleness"]
+    assert main(flags) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sfpo-megatron rl: error: --async-exact-staleness fixes the asynchronous schedule: add "
+        "--async-rollout (synchronous rollouts always use the current weights)")
+    check_rl_args(build_rl_parser().parse_args([*flags[1:], "--async-rollout"]))  # passes

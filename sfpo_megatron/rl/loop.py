@@ -25,10 +25,12 @@ that dies or hangs is dropped and the run goes on with the others (rollout/trans
 
 ``--async-rollout --max-staleness k``: rank 0's ``AsyncRolloutProducer`` (rollout/async_producer.py)
 generates batch s as soon as the servers hold version ≥ s − 1 − k, in a thread, while the
-trainer trains earlier batches; each sample keeps the version it was generated with, the step
-checks the bound, logs the staleness histogram and ``rollout_batches.jsonl``, and the update
-computes importance weights / ESS (update/off_policy.py; corrected with ``--vcpo``). Checkpoints
-carry the finished, untrained batches: a restart (async or not) trains every prompt once.
+trainer trains earlier batches (``--async-exact-staleness``: each refit to version v first waits
+for batch v + k, so batch s is generated with exactly version max(0, s − 1 − k)); each sample
+keeps the version it was generated with, the step checks the bound, logs the staleness
+histogram and ``rollout_batches.jsonl``, and the update computes importance weights / ESS
+(update/off_policy.py; corrected with ``--vcpo``). Checkpoints carry the finished, untrained
+batches: a restart (async or not) trains every prompt once.
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ def check_rl_args(args: argparse.Namespace) -> None:
         raise RLConfigError("sfpo-megatron rl needs --prompt-data (JSONL / Parquet file or rg:TASK?size=N&seed=S)")
     if args.max_staleness < 0:
         raise RLConfigError(f"--max-staleness must be >= 0, got {args.max_staleness}")
+    if args.async_exact_staleness and not args.async_rollout:
+        raise RLConfigError("--async-exact-staleness fixes the asynchronous schedule: add --async-rollout "
+                            "(synchronous rollouts always use the current weights)")
     if args.async_rollout and args.colocate:
         raise RLConfigError("--async-rollout overlaps generation with training, --colocate time-shares "
                             "the devices between them: use one of the two")
@@ -241,8 +246,8 @@ class RLRun:
             lambda step: worker.collect(step, None), self.sampler, max_staleness=a.max_staleness,
             weight_version=st.weight_version, next_step=st.step + 1, last_step=a.num_rollouts,
             pending=pending).start()
-        log.info("asynchronous rollouts: max staleness %d, %d finished batches restored", a.max_staleness,
-                 len(pending))
+        log.info("asynchronous rollouts: max staleness %d%s, %d finished batches restored", a.max_staleness,
+                 " (exact)" if a.async_exact_staleness else "", len(pending))
 
     # ---- steps -----------------------------------------------------------------------------------
 
@@ -286,6 +291,13 @@ class RLRun:
             self._log_batch(step, rollout)
         self.engines.release_memory()  # colocated: the servers give the devices to training
         update = self.updater.update(rollout.samples, step)
+        refit_wait_s = 0.0
+        if a.async_exact_staleness:
+            # Refit to version `step` only after batch step + k: no batch sees two versions.
+            # Every rank waits in the broadcast, so all take the same path to the refit.
+            t_wait = time.perf_counter()
+            on_rank0(lambda: self.producer.wait_until_produced(step + a.max_staleness))
+            refit_wait_s = time.perf_counter() - t_wait
         refit = self.engines.refit(self.setup_.model, st.weight_version + 1)
         st.weight_version += 1
         st.step = step
@@ -299,6 +311,8 @@ class RLRun:
         metrics["rollout/train_inference_logprob_gap"] = update["rollout/train_logprob_abs_diff"]
         if a.eval_interval and step % a.eval_interval == 0:
             metrics.update(on_rank0(lambda: self._evaluate(step)))
+        if a.async_exact_staleness:
+            metrics["time/exact_staleness_wait_s"] = refit_wait_s
         metrics["time/step_s"] = time.perf_counter() - t0
         metrics["weight_version"] = float(st.weight_version)
         self._log(step, metrics)

@@ -14,6 +14,19 @@ So the producer runs at most k + 1 batches ahead of the trainer (k finished and 
 flight): PipelineRL's maximum sampler–learner lag k. With k = 0 it waits for every refit: the
 synchronous schedule through the asynchronous code path.
 
+Which version a batch gets depends on timing, though: batch s starts at whatever version ≥ s − 1 − k
+the servers hold when the producer gets to it, and a refit may land in the middle of it. The exact
+schedule (``--async-exact-staleness``) removes the timing: before the trainer refits to version v
+(after step v) it waits (:meth:`AsyncRolloutProducer.wait_until_produced`) until the producer has
+finished batch v + k (or the run's last batch, or the producer failed or was closed). No refit then
+lands inside a batch, and batch v + k + 1, which needs version v, starts once v is there and
+finishes before v + 1 can be: every batch s is generated entirely with version max(0, s − 1 − k).
+With deterministic rollouts a run is then a function of its seeds, and a killed-and-resumed run
+equals an uninterrupted one (a checkpoint after step c is written at version c with batches
+c + 1 .. c + k queued; a partial batch c + k + 1 is regenerated at version c). The cost: no
+generation overlaps a refit, and the trainer idles whenever generating k + 1 batches ahead is
+slower than training, where the default schedule would refit early and let batches run fresher.
+
 Checkpoints. :meth:`AsyncRolloutProducer.state_dict` holds the finished batches that were not
 trained yet (plain lists: token ids, logprobs, versions, rewards, advantages) and the sampler
 position from which the producer must continue (the start of the batch in flight, whose partial
@@ -183,6 +196,15 @@ class AsyncRolloutProducer:
         with self._cond:
             self._cond.wait_for(lambda: self._waiting_for is not None or self._error is not None, timeout)
             return self._waiting_for
+
+    def wait_until_produced(self, step: int, timeout: float | None = None) -> bool:
+        """Wait until batch ``min(step, last_step)`` is finished (queued or already taken), or the
+        producer failed or was closed; returns whether the batch is finished. The exact schedule
+        calls it before every refit (see the module doc)."""
+        with self._cond:
+            target = min(step, self._last)
+            return self._cond.wait_for(lambda: self._next > target or self._error is not None or self._stop,
+                                       timeout) and self._next > target
 
     def queued(self) -> int:
         with self._cond:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 
 def has_letter_o(response: str, answer: str, metadata: dict[str, Any]) -> float:
     """1 when the response contains an "o": a mixed, learnable signal for a random tiny model.
-    Rows marked ``explode`` raise, to exercise the loop's reward-error accounting."""
+    Rows marked ``explode`` raise, to exercise the loop's reward-error accounting; rows with
+    ``sleep_s`` take that long (rollout batches slower than training, without using CPU)."""
     if metadata.get("explode"):
         raise RuntimeError("reward function failure requested by the test row")
+    time.sleep(float(metadata.get("sleep_s", 0.0)))
     return 1.0 if "o" in response else 0.0
 
 

@@ -18,6 +18,8 @@ and the ``rl`` flags after the trainer's own layout checks. The model (docs/memo
   sequence length), per layer (Korthikanti et al. 2022, adapted: GQA, SwiGLU, RMSNorm, no dropout,
   fused/flash attention that stores no s x s scores), times the micro-batches a 1F1B pipeline
   stage keeps in flight; the last stage adds the fp32 vocab-parallel log-prob/entropy path.
+  With ``--recompute-activations`` a layer keeps only its input, plus one recomputed layer or the
+  head, whichever is larger.
 * **refit buffers**: ``--update-weight-buffer-size`` on global rank 0 (it pushes the buckets),
   plus the largest full HF tensor gathered from the TP/PP shards (the embedding) on every rank.
 
@@ -189,20 +191,28 @@ def shard_numel(ranges: list[tuple[int, int]], buckets: list[tuple[int, int]], d
 
 def layer_activation_bytes(s: ModelShape, tp: int, tokens: int, elem: int) -> int:
     """Bytes one layer keeps for its backward, per micro-batch of ``tokens`` tokens on a TP rank
-    (no sequence parallelism): Korthikanti et al.'s per-layer count re-derived for this layer.
+    (no sequence parallelism): Korthikanti et al.'s per-layer count re-derived for this layer
+    (a query heads, g KV heads of size d, hidden h, FFN f, all per TP rank where sharded), as
+    megatron's local layer spec saves it (counted with saved-tensor hooks):
 
-    Stored at ``elem`` bytes: the two norms' inputs and outputs (4h: the outputs are the QKV and
-    FC1 inputs); q, k, v after RoPE ((a + 2g)d/tp, GQA: g KV heads) and the attention output
-    (ad/tp), which flash / fused attention keeps instead of the s x s scores; SwiGLU's FC1 output
-    (2f/tp), silu(gate) (f/tp) and the product that enters FC2 (f/tp); with QK-norm, q and k before
-    the norm ((a + g)d/tp). In fp32: the attention's log-sum-exp (a/tp) and the norms' 1/rms (2).
-    No dropout masks (dropout is 0 in these models).
+    at ``elem`` bytes (the model's dtype) per token --
+      6h        each RMSNorm's input, normalised input and output (the output is the next
+                linear's input), two norms;
+      (a+2g)d   the fused QKV output, kept whole because v is a view of it;
+      (a+g)d    q and k after RoPE;
+      ad        the attention output (linear_proj's input); flash / fused attention stores no
+                s x s scores;
+      5f        SwiGLU: FC1's output (2f), silu(gate), its product with up (FC2's input) and
+                one more f-sized intermediate;
+      2(a+g)d   with QK-norm: q and k before and after their norm;
+    in fp32 per token -- the attention's log-sum-exp (a), the norms' 1/rms (2), RoPE's cos and
+    sin for q and k (4d). No dropout masks (dropout is 0 in these models).
     """
     a, g, d = s.heads // tp, s.kv_heads // tp, s.head_dim
-    per_token = 4 * s.hidden + (a + 2 * g) * d + a * d + 4 * s.ffn // tp
+    per_token = 6 * s.hidden + (a + 2 * g) * d + (a + g) * d + a * d + 5 * s.ffn // tp
     if s.qk_norm:
-        per_token += (a + g) * d
-    return tokens * (per_token * elem + FP32 * (a + 2))
+        per_token += 2 * (a + g) * d
+    return tokens * (per_token * elem + FP32 * (a + 2 + 4 * d))
 
 
 def logits_bytes(s: ModelShape, tp: int, tokens: int, elem: int) -> int:
@@ -222,15 +232,16 @@ def activation_bytes(s: ModelShape, lay: Layout, pp_rank: int) -> int:
     in_flight = lay.pp - pp_rank
     if lay.vpp:
         in_flight *= 1 + (lay.pp - 1) / (lay.pp * lay.vpp)
+    last = pp_rank == lay.pp - 1
+    # Final norm (input, normalised, output), then the vocabulary: live while the logits are.
+    head = 3 * t * s.hidden * elem + logits_bytes(s, lay.tp, t, elem) if last else 0
     if lay.recompute:
-        # Each layer keeps only its input; one layer is recomputed at a time during backward.
+        # Each layer keeps only its input; in backward one layer is recomputed at a time, after
+        # the head's tensors are freed: the peak is the larger of the two.
         stored = layers * t * s.hidden * elem
-        total = in_flight * stored + one_layer
+        total = in_flight * stored + max(one_layer, head)
     else:
-        total = in_flight * layers * one_layer
-    if pp_rank == lay.pp - 1:
-        # Final norm's input and output, then the vocabulary.
-        total += 2 * t * s.hidden * elem + logits_bytes(s, lay.tp, t, elem)
+        total = in_flight * layers * one_layer + head
     return int(total)
 
 

@@ -202,3 +202,17 @@ def test_activation_estimate_against_the_cpu_profiler(tmp_path: Path, capsys) ->
                              "--use-dynamic-batch-size", "--max-tokens-per-gpu", str(t), *flags)
             planned = plan["ranks"][0]["activations"]
             assert planned == pytest.approx(measured[str(t)], rel=0.25), (name, t)
+
+
+def test_rl_and_plan_refuse_a_layout_alike(capsys, tmp_path: Path) -> None:
+    """The same layout check runs at rl's start-up (a real process) and in the planner."""
+    job = ["--model-config", str(QWEN7B), "--rollout-batch-size", "1", "--n-samples-per-prompt",
+           "3", "--micro-batch-size", "2"]
+    proc = run([PYTHON, "-m", "sfpo_megatron.cli", "rl", *job, "--prompt-data",
+                str(tmp_path / "prompts.jsonl")], check=False, timeout=120)
+    assert proc.returncode == 2
+    message = ("global-batch-size 3 is not divisible by micro-batch-size 2 x data-parallel-size "
+               "1 = 2")
+    assert proc.stderr.strip().splitlines()[-1] == f"sfpo-megatron rl: error: {message}"
+    assert plan_error(capsys, *job, "--gpus", "1", "--seq-length", "64") == (
+        f"sfpo-megatron plan: error: {message}")

@@ -347,7 +347,7 @@ def gib(n: int) -> str:
 
 def format_table(lay: Layout, plans: list[RankPlan], v: Verdict) -> str:
     cols = [p.stage for p in plans]
-    width = max(10, *(len(c) for c in cols))
+    width = max(10, *(len(c) for c in cols), *(len(f"{p.params:,}") for p in plans))
     head = f"{'GiB per rank':<16}" + "".join(f"{c:>{width + 2}}" for c in cols)
     lines = [f"layout: TP={lay.tp} PP={lay.pp}" + (f" VPP={lay.vpp}" if lay.vpp else "")
              + f" DP={lay.dp}, {lay.tokens} tokens per micro-batch"

@@ -29,6 +29,11 @@ DUAL = {"dp2_bf16": ["--bf16", "--use-distributed-optimizer"],
         "dp2_fp32_offload": ["--use-distributed-optimizer", "--sfpo-snapshot-offload"],
         "tp2": ["--bf16", "--tensor-model-parallel-size", "2"],
         "pp2": ["--bf16", "--pipeline-model-parallel-size", "2"]}
+# A Qwen2 whose sizes are not multiples of 64 (qkv bias, untied): the distributed optimizer's
+# padding and uneven DP shards.
+ODD_MODEL = dict(vocab_size=300, hidden_size=48, intermediate_size=80, tie_word_embeddings=False)
+ODD = {"odd_dp2_bf16": ["--bf16", "--use-distributed-optimizer"],
+       "odd_dp2_fp32": ["--use-distributed-optimizer"]}
 ROWS = ("weights", "grad_buffers", "main_params", "adam_moments")
 
 
@@ -52,16 +57,21 @@ def live(tmp_path_factory) -> dict:
     with_update = lambda d: json.dumps({k: v + UPDATE for k, v in d.items()})  # noqa: E731
     run([PYTHON, WORKER, *common, "--scenarios", with_update(SINGLE)], timeout=300)
     torchrun(2, [WORKER, *common, "--scenarios", with_update(DUAL)], timeout=300)
-    results = {n: json.loads((out / f"{n}.json").read_text()) for n in {**SINGLE, **DUAL}}
-    results["hf"] = hf
+    odd = write_tiny_config(root / "odd", "qwen2", **ODD_MODEL)
+    torchrun(2, [WORKER, "--hf", str(odd), "--out", str(out), "--scenarios", with_update(ODD)],
+             timeout=300)
+    results = {n: json.loads((out / f"{n}.json").read_text()) for n in {**SINGLE, **DUAL, **ODD}}
+    results["hf"], results["odd"] = hf, odd
     return results
 
 
 @pytest.mark.flags("--gpus", "--json", cmd="plan")
-@pytest.mark.parametrize("name,gpus", [*((n, 1) for n in SINGLE), *((n, 2) for n in DUAL)])
+@pytest.mark.parametrize("name,gpus", [*((n, 1) for n in SINGLE), *((n, 2) for n in DUAL),
+                                       *((n, 2) for n in ODD)])
 def test_planner_bytes_equal_live_tensors(live, capsys, name: str, gpus: int) -> None:
-    flags = {**SINGLE, **DUAL}[name]
-    plan = plan_json(capsys, "--model-config", str(live["hf"]), "--gpus", str(gpus),
+    flags = {**SINGLE, **DUAL, **ODD}[name]
+    model = live["odd" if name in ODD else "hf"]
+    plan = plan_json(capsys, "--model-config", str(model), "--gpus", str(gpus),
                      "--seq-length", "16", *UPDATE, *flags)
     offload = "--sfpo-snapshot-offload" in flags
     by_stage = {r["pp_rank"]: r for r in plan["ranks"]}
@@ -73,12 +83,13 @@ def test_planner_bytes_equal_live_tensors(live, capsys, name: str, gpus: int) ->
         for key in ROWS:
             # The planner gives the most loaded DP rank of the stage.
             real = max(r[key] for r in stage)
-            assert row[key] == pytest.approx(real, rel=0.01), (name, pp_rank, key, row[key], real)
+            # Asked: within 1 %; the planner replays megatron's buffer layout, so it is exact.
+            assert row[key] == real, (name, pp_rank, key, row[key], real)
         real_snapshot = max(r["sfpo_snapshot"] for r in stage)
         assert real_snapshot > 0
         # On the CPU the offloaded snapshot is host memory anyway: compare it to the host row.
         planned = row["sfpo_snapshot_host"] if offload else row["sfpo_snapshot"]
-        assert planned == pytest.approx(real_snapshot, rel=0.01)
+        assert planned == real_snapshot
         assert row["sfpo_snapshot"] == 0 if offload else row["sfpo_snapshot_host"] == 0
 
 

@@ -34,7 +34,7 @@ from sfpo_common import make_samples
 
 from sfpo_megatron.arguments import build_rl_parser
 from sfpo_megatron.distributed import parallel
-from sfpo_megatron.distributed.platform import setup_platform
+from sfpo_megatron.distributed.platform import gpu_available, setup_platform
 from sfpo_megatron.models.hf_config import load_hf_config
 from sfpo_megatron.records import Sample
 from sfpo_megatron.trainer.main_params import inner_optimizers
@@ -127,10 +127,18 @@ def long_samples(tokens: int, n: int, step: int) -> list:
 
 
 def peak_of_update(updater, samples, step: int) -> int:
-    """Peak of live CPU bytes above the start during the update: the profiler's allocation
-    records (``[memory]`` events, + bytes allocated / - bytes freed), summed in time order."""
+    """Peak of live bytes above the start during the update: on the CPU the profiler's
+    allocation records (``[memory]`` events, + bytes allocated / - bytes freed) summed in time
+    order; on a GPU ``torch.cuda.max_memory_allocated``."""
     from torch.profiler import ProfilerActivity, profile
 
+    if gpu_available():  # on a GPU: the caching allocator's own peak
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        updater.update(samples, step)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         updater.update(samples, step)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]

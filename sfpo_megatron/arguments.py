@@ -290,3 +290,32 @@ def build_rl_parser() -> argparse.ArgumentParser:
     # attributes because the shared trainer setup reads them.
     p.set_defaults(lr=1e-6, lr_decay_style="constant", train_iters=None, global_batch_size=None)
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory planner (`sfpo-megatron plan`)
+# ---------------------------------------------------------------------------------------------
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("memory plan")
+    g.add_argument("--gpus", type=int, required=True,
+                   help="GPUs of the job (the world size): DP = N / (TP x PP)")
+    g.add_argument("--gpu-memory", default="80GB",
+                   help="memory of one GPU (80GB, 141GiB, 81920MB; GB = GiB)")
+    g.add_argument("--seq-length", type=int, default=None,
+                   help="tokens of one sample (prompt + response) without "
+                        "--use-dynamic-batch-size: a micro-batch holds --micro-batch-size of them")
+    g.add_argument("--json", action="store_true", help="print the plan as JSON")
+    g.add_argument("--search", action="store_true",
+                   help="list the layouts (TP x PP x DP on --gpus GPUs) that fit, fewest "
+                        "model-parallel ranks first")
+
+
+def build_plan_parser() -> argparse.ArgumentParser:
+    """``rl``'s flags (the job being planned) and the planner's own."""
+    p = build_rl_parser()
+    p.prog = "sfpo-megatron plan"
+    p.description = "per-rank GPU memory of an rl job before it is submitted (docs/memory.md)"
+    add_plan_args(p)
+    return p

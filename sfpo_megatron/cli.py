@@ -1,4 +1,4 @@
-"""``sfpo-megatron`` console script: ``pretrain``, ``rl``, ``eval`` subcommands.
+"""``sfpo-megatron`` console script: ``pretrain``, ``rl``, ``eval``, ``plan`` subcommands.
 
 Works as a plain command (one process), under ``torchrun`` and under ``srun`` (rank and world
 from the environment). Bad input of any subcommand (a ``UserError``) ends here: one line naming
@@ -7,21 +7,28 @@ the problem, exit code 2.
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
 import logging
 import os
 import sys
 
-from sfpo_megatron.arguments import build_pretrain_parser, build_rl_parser
+from sfpo_megatron.arguments import build_plan_parser, build_pretrain_parser, build_rl_parser
+from sfpo_megatron.components import memory_plan
 from sfpo_megatron.components.preemption import EXIT_CODE
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.errors import UserError
+from sfpo_megatron.models.hf_config import load_hf_config, padded_vocab_size
 from sfpo_megatron.rl.evaluate import run_eval
-from sfpo_megatron.rl.loop import Preempted
+from sfpo_megatron.rl.loop import Preempted, check_context_parallel, check_rl_layout
 from sfpo_megatron.rl.loop import run as run_rl
+from sfpo_megatron.rollout.engines import check_rollout_args
 from sfpo_megatron.rollout.sglang_launcher import split_sglang_args
 from sfpo_megatron.trainer.pretrain import pretrain
+from sfpo_megatron.update.policy_update import check_update_args
 
-SUBCOMMANDS = ("pretrain", "rl", "eval")
+SUBCOMMANDS = ("pretrain", "rl", "eval", "plan")
 log = logging.getLogger("sfpo_megatron")
 
 
@@ -56,6 +63,8 @@ def _run(cmd: str, rest: list[str]) -> int:
     if cmd == "pretrain":
         pretrain(build_pretrain_parser().parse_args(rest))
         return 0
+    if cmd == "plan":
+        return run_plan(build_plan_parser().parse_args(rest))
     # `--sglang-*` flags go to the SGLang servers (as `--*`).
     rest, sglang_args = split_sglang_args(rest)
     parser = build_rl_parser()
@@ -64,6 +73,91 @@ def _run(cmd: str, rest: list[str]) -> int:
         run_eval(parser.parse_args(rest), sglang_args)
     else:
         run_rl(parser.parse_args(rest), sglang_args)
+    return 0
+
+
+# ---- sfpo-megatron plan -----------------------------------------------------------------------
+
+
+def plan_layout(args: argparse.Namespace, arch) -> tuple[memory_plan.ModelShape, memory_plan.Layout]:
+    """The job ``args`` describes on ``--gpus`` GPUs, after ``rl``'s own start-up checks (their
+    errors, word for word)."""
+    args = copy.copy(args)
+    if args.gpus < 1:
+        raise UserError(f"--gpus must be >= 1, got {args.gpus}")
+    check_update_args(args)
+    check_rollout_args(args)
+    check_context_parallel(args)
+    dp = check_rl_layout(args, arch, args.gpus)
+    if args.use_dynamic_batch_size:
+        tokens = args.max_tokens_per_gpu
+    elif args.seq_length is None or args.seq_length < 1:
+        raise UserError("the plan needs a micro-batch's tokens: --use-dynamic-batch-size "
+                        "--max-tokens-per-gpu N, or --seq-length N (prompt + response tokens, "
+                        "times --micro-batch-size)")
+    else:
+        tokens = args.micro_batch_size * args.seq_length
+    tp = args.tensor_model_parallel_size
+    shape = memory_plan.ModelShape.from_arch(
+        arch, padded_vocab_size(arch.vocab_size, args.make_vocab_size_divisible_by, tp))
+    layout = memory_plan.Layout(
+        tp=tp, pp=args.pipeline_model_parallel_size, dp=dp,
+        vpp=args.virtual_pipeline_model_parallel_size,
+        distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16,
+        recompute=args.recompute_activations, tokens=tokens,
+        sfpo=args.algorithm == "sfpo" and args.sfpo_alpha > 0,
+        snapshot_offload=args.sfpo_snapshot_offload,
+        refit_buffer=args.update_weight_buffer_size)
+    return shape, layout
+
+
+def search_layouts(args: argparse.Namespace, arch, gpu_memory: int) -> list[dict]:
+    """Every TP x PP (no virtual stages) on ``--gpus`` GPUs that ``rl`` accepts and that fits,
+    fewest model-parallel ranks first."""
+    found = []
+    n = args.gpus
+    for tp in (d for d in range(1, n + 1) if n % d == 0):
+        for pp in (d for d in range(1, n // tp + 1) if (n // tp) % d == 0):
+            trial = copy.copy(args)
+            trial.tensor_model_parallel_size, trial.pipeline_model_parallel_size = tp, pp
+            trial.virtual_pipeline_model_parallel_size = None
+            try:
+                shape, layout = plan_layout(trial, arch)
+            except UserError:
+                continue  # a layout rl refuses
+            v = memory_plan.verdict(memory_plan.plan(shape, layout), gpu_memory)
+            if v.fits:
+                found.append({"tp": tp, "pp": pp, "dp": layout.dp, "worst_stage": v.worst_stage,
+                              "worst_total": v.worst_total, "margin": v.margin})
+    return sorted(found, key=lambda r: (r["tp"] * r["pp"], r["tp"], r["pp"]))
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    try:
+        gpu_memory = memory_plan.parse_bytes(args.gpu_memory)
+    except ValueError as e:
+        raise UserError(f"--gpu-memory: {e}") from None
+    arch = load_hf_config(args.model_config)  # refuses MoE and other unsupported model types
+    if args.search:
+        rows = search_layouts(args, arch, gpu_memory)
+        if args.json:
+            print(json.dumps({"gpus": args.gpus, "gpu_memory": gpu_memory, "layouts": rows}))
+        elif not rows:
+            print(f"no TP x PP x DP layout on {args.gpus} GPUs fits in "
+                  f"{memory_plan.gib(gpu_memory)} GiB")
+        else:
+            print(f"{'TP':>3} {'PP':>3} {'DP':>3}  {'worst rank GiB':>14}  {'left GiB':>9}")
+            for r in rows:
+                print(f"{r['tp']:>3} {r['pp']:>3} {r['dp']:>3}  "
+                      f"{memory_plan.gib(r['worst_total']):>14}  {memory_plan.gib(r['margin']):>9}")
+        return 0
+    shape, layout = plan_layout(args, arch)
+    plans = memory_plan.plan(shape, layout)
+    v = memory_plan.verdict(plans, gpu_memory)
+    if args.json:
+        print(json.dumps(memory_plan.to_json(shape, layout, plans, v)))
+    else:
+        print(memory_plan.format_table(layout, plans, v))
     return 0
 
 

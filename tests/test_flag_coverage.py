@@ -1,4 +1,4 @@
-"""Every option that ``sfpo-megatron {pretrain,rl,eval} --help`` shows has a flag-to-behaviour case.
+"""Every option that ``sfpo-megatron {pretrain,rl,eval,plan} --help`` shows has a flag-to-behaviour case.
 
 Tests declare the options whose effect they assert with ``@pytest.mark.flags("--a", "--b",
 cmd="rl")`` (``cmd``: ``"pretrain"``, ``"rl"`` (the default) or ``"eval"``, or a tuple of them,
@@ -6,7 +6,9 @@ for a test that proves the effect under each). The declarations are read statica
 tests/*.py), so this check costs nothing. It fails when a declared option does not exist (a typo,
 a removed flag) and when an option of a parser has neither a case nor an entry in ``EXCEPTIONS``
 (with the reason). ``eval`` is built from ``rl``'s parser (cli.py), so a case for one covers the
-other: the check asserts they still show the same options.
+other: the check asserts they still show the same options. ``plan`` is ``rl``'s parser plus its
+own group (the job it plans is an ``rl`` job): ``rl``'s options keep ``rl``'s cases, ``plan``'s
+own options need cases with ``cmd="plan"``.
 
 ``UNCOVERED`` names the options that still lack a case: the list only shrinks (an entry that
 gains a case fails the check until it is removed).
@@ -21,11 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from sfpo_megatron.arguments import build_pretrain_parser, build_rl_parser
+from sfpo_megatron.arguments import build_plan_parser, build_pretrain_parser, build_rl_parser
 
 TESTS = Path(__file__).resolve().parent
 # Commands whose parser is another's (cli.py builds `eval` from `rl`'s parser).
 SAME_PARSER = {"eval": "rl"}
+# Commands whose parser is another's plus options of their own: the base's options are the base's.
+EXTENDS = {"plan": "rl"}
 GPU_DOC = "GPU-only (Transformer Engine / SGLang / CUDA): validated per docs/gpu-validation.md"
 
 # (command, option) → why it has no case in this test suite.
@@ -54,7 +58,8 @@ def cli_parsers() -> dict[str, argparse.ArgumentParser]:
     """The parsers cli.py builds for each subcommand (the ones `--help` prints)."""
     eval_parser = build_rl_parser()
     eval_parser.prog = "sfpo-megatron eval"
-    return {"pretrain": build_pretrain_parser(), "rl": build_rl_parser(), "eval": eval_parser}
+    return {"pretrain": build_pretrain_parser(), "rl": build_rl_parser(), "eval": eval_parser,
+            "plan": build_plan_parser()}
 
 
 def parser_options(parser: argparse.ArgumentParser) -> dict[str, tuple[str, ...]]:
@@ -112,6 +117,16 @@ def coverage_problems(parsers: dict[str, argparse.ArgumentParser],
     for cmd, base in owner.items():
         if base != cmd and set(options[cmd]) != set(options.get(base, ())):
             problems.append(f"{cmd} no longer shows {base}'s options: give it its own cases")
+    for cmd, base in EXTENDS.items():
+        if cmd in options and not set(options.get(base, ())) <= set(options[cmd]):
+            problems.append(f"{cmd} no longer shows all of {base}'s options: give it its own cases")
+
+    def owner_of(cmd: str, action: tuple[str, ...]) -> str:
+        base = EXTENDS.get(cmd)
+        if base is not None and action[0] in options.get(base, {}):
+            return base
+        return owner[cmd]
+
     # Coverage is per (command, action): an alias covers its action.
     covered: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     for d in declarations:
@@ -124,7 +139,7 @@ def coverage_problems(parsers: dict[str, argparse.ArgumentParser],
                 if action is None:
                     problems.append(f"{d.where}: {flag} is not an option of `sfpo-megatron {cmd}`")
                     continue
-                covered.setdefault((owner[cmd], action), []).append(d.where)
+                covered.setdefault((owner_of(cmd, action), action), []).append(d.where)
     listed = {**exceptions, **uncovered}
     for key in listed:
         cmd, opt = key
@@ -134,6 +149,8 @@ def coverage_problems(parsers: dict[str, argparse.ArgumentParser],
         if owner[cmd] != cmd:
             continue
         for action in dict.fromkeys(opts.values()):
+            if owner_of(cmd, action) != cmd:
+                continue
             keys = [(cmd, s) for s in action if (cmd, s) in listed]
             has_case = (cmd, action) in covered
             name = "/".join(action)
@@ -165,6 +182,7 @@ def _parsers_with(extra: str) -> dict[str, argparse.ArgumentParser]:
     parsers = cli_parsers()
     parsers["rl"].add_argument(extra, type=int, default=0)
     parsers["eval"].add_argument(extra, type=int, default=0)
+    parsers["plan"].add_argument(extra, type=int, default=0)  # plan is built from rl's parser
     return parsers
 
 
@@ -196,6 +214,11 @@ def test_stale_entries_and_eval_drift_are_reported() -> None:
     parsers["eval"].add_argument("--eval-only", action="store_true")
     problems = coverage_problems(parsers, declarations, EXCEPTIONS, UNCOVERED)
     assert "eval no longer shows rl's options: give it its own cases" in problems
+    # plan's own options need plan cases: a new one without is reported under plan.
+    parsers = cli_parsers()
+    parsers["plan"].add_argument("--plan-only", action="store_true")
+    problems = coverage_problems(parsers, declarations, EXCEPTIONS, UNCOVERED)
+    assert "--plan-only (`sfpo-megatron plan`) has no flag-to-behaviour case" in problems
 
 
 @pytest.mark.parametrize("source, message", [

@@ -21,7 +21,7 @@ def lint(root: Path) -> subprocess.CompletedProcess:
 def test_the_package_keeps_its_layers() -> None:
     proc = lint(REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "Contracts: 3 kept, 0 broken." in proc.stdout
+    assert "Contracts: 4 kept, 0 broken." in proc.stdout
 
 
 def test_a_planted_upward_import_breaks_the_contract(tmp_path: Path) -> None:
@@ -31,9 +31,14 @@ def test_a_planted_upward_import_breaks_the_contract(tmp_path: Path) -> None:
     train_batch = tmp_path / "sfpo_megatron" / "trainer" / "train_batch.py"
     # The trainer layer reaching up into the run's orchestration.
     train_batch.write_text(train_batch.read_text() + "\nfrom sfpo_megatron.rl import state  # noqa: E402,F401\n")
+    # The memory planner reaching for torch (it is arithmetic on the model's shape).
+    plan = tmp_path / "sfpo_megatron" / "components" / "memory_plan.py"
+    plan.write_text(plan.read_text() + "\nimport torch  # noqa: E402,F401\n")
     proc = lint(tmp_path)
     assert proc.returncode != 0
-    assert "Contracts: 2 kept, 1 broken." in proc.stdout
+    assert "Contracts: 2 kept, 2 broken." in proc.stdout
     report = " ".join(proc.stdout.split())
     assert "update | rollout > trainer > building blocks BROKEN" in report
     assert "sfpo_megatron.trainer.train_batch -> sfpo_megatron.rl.state" in report
+    assert "The memory planner is arithmetic: no megatron, no torch BROKEN" in report
+    assert "sfpo_megatron.components.memory_plan -> torch" in report

@@ -166,6 +166,18 @@ def check_context_parallel(args: argparse.Namespace) -> None:
                         "sequences)")
 
 
+def check_rl_layout(args: argparse.Namespace, arch, world_size: int) -> int:
+    """The layout and batch checks of ``rl`` on ``world_size`` ranks (also ``sfpo-megatron
+    plan``'s); sets ``args.global_batch_size`` and returns the data-parallel size."""
+    batch = args.rollout_batch_size * args.n_samples_per_prompt
+    args.global_batch_size = batch // args.num_steps_per_rollout  # one optimizer step's samples
+    dp = check_args(args, arch, world_size)
+    # Packed micro-batches are cut by tokens, not rows: only the DP split needs to divide.
+    check_update_layout(batch, args.num_steps_per_rollout, dp,
+                        1 if args.use_dynamic_batch_size else args.micro_batch_size)
+    return dp
+
+
 class RLRun:
     """Everything one ``sfpo-megatron rl`` process holds; ``run()`` drives the steps."""
 
@@ -188,13 +200,7 @@ class RLRun:
         check_rollout_args(a)
         setup_platform()
         self.arch = load_hf_config(a.model_config)
-        world = parallel.read_dist_env().world_size
-        batch = a.rollout_batch_size * a.n_samples_per_prompt
-        a.global_batch_size = batch // a.num_steps_per_rollout  # one optimizer step's samples
-        dp = check_args(a, self.arch, world)
-        # Packed micro-batches are cut by tokens, not rows: only the DP split needs to divide.
-        check_update_layout(batch, a.num_steps_per_rollout, dp,
-                            1 if a.use_dynamic_batch_size else a.micro_batch_size)
+        check_rl_layout(a, self.arch, parallel.read_dist_env().world_size)
         parallel.initialize(tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
                             vpp=a.virtual_pipeline_model_parallel_size, seed=a.seed,
                             timeout_minutes=a.distributed_timeout_minutes)

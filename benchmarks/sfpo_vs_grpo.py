@@ -1,25 +1,35 @@
-"""SFPO vs GRPO at tiny scale: rollouts and wall-clock SFPO needs to reach GRPO's best accuracy.
+"""SFPO vs GRPO and vs GRPO with SFPO's optimizer steps, at tiny scale: best validation accuracy,
+and the rollouts and wall-clock SFPO needs to reach each control's best.
 
     python benchmarks/sfpo_vs_grpo.py --seeds 3 --task basic_arithmetic [--rl-steps 40]
 
 One SFT warm start (the demo's pipeline: SentencePiece tokenizer, `sfpo-megatron pretrain` under
-torchrun, HF export), then per seed a GRPO and an SFPO run from it with that seed (the two side
-by side, one core each). Per seed and in aggregate: both methods' best validation accuracy, the
-rollouts and training wall-clock (evaluation excluded) each needs to reach GRPO's best, and the
-step at which SFPO's entropy switch-off fired. Aggregate ratios are ratios of means over the seeds
-where SFPO reached GRPO's best, with percentile-bootstrap 95 % CIs (seeds resampled).
+torchrun, HF export), then per seed three runs from it with that seed, side by side: GRPO (one
+optimizer pass over each rollout batch), GRPO with `--ppo-epochs K+1` ("grpo-e4" for K = 3: as
+many optimizer steps per rollout batch as SFPO, no reposition) and SFPO (K fast passes, the
+reposition, one slow pass). Settings are the demo's (`DemoConfig`), fixed in advance: the paper's
+K = 3, alpha = 0.8, omega = 30, tau = 1 and the demo's documented learning rate.
+
+Per seed and in aggregate, against each control: best validation accuracy (SFPO minus the
+control, mean and bootstrap 95 % CI), the rollouts and training wall-clock (evaluation excluded)
+each needs to reach the control's best, and the step at which SFPO's entropy switch-off fired.
+Aggregate ratios are ratios of means over the seeds where SFPO reached the control's best, with
+percentile-bootstrap 95 % CIs (seeds resampled), and say in words when a CI includes 1. The arms
+of a seed share the machine's cores, so an arm's wall-clock includes waiting for the others:
+rollouts are the primary measure.
 
 Validation: `--eval-prompts` prompts x `--eval-samples` samples (avg@k at temperature 1,
 top-p 0.7); the largest standard error of any single evaluation is reported and must stay below
 1.5 points (the defaults, 1000 x 2, give about 1.2).
 
-Writes benchmarks/results/sfpo_vs_grpo.json and .png; work files under demo_out/bench_TASK/.
+Writes benchmarks/results/NAME.json and .png; work files under demo_out/bench_TASK/.
+`--report-only` rebuilds them from the runs already in the work directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,14 +37,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sfpo_megatron.demo.pipeline import DemoConfig, Paths, Timer, run_rl_pair, warm_start  # noqa: E402
+from sfpo_megatron.demo.pipeline import (  # noqa: E402
+    DemoConfig,
+    Paths,
+    Timer,
+    rl_metrics,
+    run_rl_arms,
+    warm_start,
+)
 from sfpo_megatron.demo.report import (  # noqa: E402
-    bootstrap_ratio_ci,
     compare,
     curve_from_metrics,
     eval_standard_error,
+    format_summary,
     plot_curves,
     read_metrics,
+    summarize_seeds,
     write_json_atomic,
 )
 from sfpo_megatron.demo.task import TASKS  # noqa: E402
@@ -52,7 +70,7 @@ def repo_relative(path: str | Path) -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=3, help="RL seeds (runs per method)")
+    p.add_argument("--seeds", type=int, default=3, help="RL seeds (runs per arm)")
     p.add_argument("--task", default="basic_arithmetic", choices=sorted(TASKS))
     p.add_argument("--rl-steps", type=int, default=40)
     p.add_argument("--eval-prompts", type=int, default=1000)
@@ -62,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse-warm-start", action="store_true",
                    help="skip the SFT warm start when WORK already holds one")
     p.add_argument("--name", default="sfpo_vs_grpo", help="results file stem")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the results from the runs in WORK")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.seeds < 1:
@@ -74,47 +94,16 @@ def max_standard_error(curve, n_prompts: int, k: int) -> float:
     return max(eval_standard_error(acc, n_prompts, k, pk) for acc, pk in zip(curve.accuracy, passes))
 
 
-def aggregate(per_seed: list[dict]) -> dict:
-    reached = [s for s in per_seed if s["sfpo_rollouts"] is not None and s["sfpo_rollouts"] > 0]
-    out: dict = {
-        "seeds": len(per_seed),
-        "seeds_sfpo_reached_grpo_best": len(reached),
-        "grpo_best_mean": statistics.fmean(s["grpo_best"] for s in per_seed),
-        "sfpo_best_mean": statistics.fmean(s["sfpo_best"] for s in per_seed),
-        "sfpo_trigger_steps": [s["sfpo_trigger_step"] for s in per_seed],
-    }
-    if reached:
-        for key, num, den in (("rollout_ratio", "grpo_rollouts", "sfpo_rollouts"),
-                              ("time_ratio", "grpo_wall_s", "sfpo_wall_s")):
-            point, lo, hi = bootstrap_ratio_ci([s[num] for s in reached], [s[den] for s in reached])
-            out[key] = {"ratio_of_means": point, "ci95": [lo, hi]}
-    return out
-
-
-def format_report(per_seed: list[dict], agg: dict, max_se: float) -> str:
-    def r(x) -> str:
-        return "-" if x is None else f"{x:.2f}x"
-
-    def n(x) -> str:
-        return "never" if x is None else f"{x:,.0f}"
-
-    lines = [f"{'seed':>4} {'GRPO best':>9} {'SFPO best':>9} {'GRPO roll.':>10} {'SFPO roll.':>10} "
-             f"{'ratio':>6} {'GRPO s':>7} {'SFPO s':>7} {'ratio':>6} {'trigger':>7}"]
-    for s in per_seed:
-        lines.append(f"{s['seed']:>4} {100 * s['grpo_best']:>8.1f}% {100 * s['sfpo_best']:>8.1f}% "
-                     f"{n(s['grpo_rollouts']):>10} {n(s['sfpo_rollouts']):>10} {r(s['rollout_ratio']):>6} "
-                     f"{s['grpo_wall_s']:>7.0f} {n(s['sfpo_wall_s']):>7} {r(s['time_ratio']):>6} "
-                     f"{'-' if s['sfpo_trigger_step'] is None else s['sfpo_trigger_step']:>7}")
-    lines.append(f"\nmean best accuracy: GRPO {100 * agg['grpo_best_mean']:.1f} %, "
-                 f"SFPO {100 * agg['sfpo_best_mean']:.1f} %")
-    lines.append(f"SFPO reached GRPO's best in {agg['seeds_sfpo_reached_grpo_best']} of {agg['seeds']} seeds")
-    for key, what in (("rollout_ratio", "rollouts"), ("time_ratio", "wall-clock")):
-        if key in agg:
-            lo, hi = agg[key]["ci95"]
-            lines.append(f"GRPO/SFPO {what} to GRPO's best: {agg[key]['ratio_of_means']:.2f}x "
-                         f"(95% bootstrap CI {lo:.2f}-{hi:.2f}, over those seeds)")
-    lines.append(f"largest standard error of one evaluation: {100 * max_se:.2f} points")
-    return "\n".join(lines)
+def seed_result(cfg: DemoConfig, metrics: dict[str, Path], seed: int) -> tuple[dict, list]:
+    """One seed's curves and SFPO's comparison with each control."""
+    curves = {arm: curve_from_metrics(read_metrics(path), f"{arm.upper()} seed {seed}")
+              for arm, path in metrics.items()}
+    controls = [arm for arm in cfg.arms if arm != "sfpo"]
+    vs = {arm: compare(curves[arm], curves["sfpo"]) for arm in controls}
+    result = {"seed": seed, "best": {arm: c.best for arm, c in curves.items()},
+              "vs": {arm: c.as_dict() for arm, c in vs.items()},
+              "curves": {arm: vars(c) for arm, c in curves.items()}}
+    return result, list(curves.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,35 +112,49 @@ def main(argv: list[str] | None = None) -> int:
                      rl_steps=a.rl_steps, eval_prompts=a.eval_prompts, eval_samples=a.eval_samples,
                      eval_interval=a.eval_interval)
     paths, timer = Paths(cfg.out), Timer()
+    timings_file = paths.root / "timings.json"
     t0 = time.perf_counter()
     show = not a.no_progress
-    if not (a.reuse_warm_start and (paths.hf / "config.json").exists()):
-        warm_start(cfg, paths, timer, show)
+    if (a.report_only or a.reuse_warm_start) and timings_file.exists():
+        timer.phases = json.loads(timings_file.read_text())  # the earlier phases' times
+    warm_file = paths.root / "warm_start.json"
+    if not a.report_only and not (a.reuse_warm_start and (paths.hf / "config.json").exists()):
+        write_json_atomic(warm_file, {"task": warm_start(cfg, paths, timer, show), "timings": dict(timer.phases)})
+    task = json.loads(warm_file.read_text())["task"] if warm_file.exists() else None
     per_seed, curves = [], []
     for seed in range(a.seeds):
-        metrics = run_rl_pair(cfg, paths, seed, timer, tag=f"_s{seed}", show_progress=show)
-        grpo = curve_from_metrics(read_metrics(metrics["grpo"]), f"GRPO seed {seed}")
-        sfpo = curve_from_metrics(read_metrics(metrics["sfpo"]), f"SFPO seed {seed}")
-        curves += [grpo, sfpo]
-        c = compare(grpo, sfpo)
-        per_seed.append({"seed": seed, **c.as_dict(),
-                         "grpo": vars(grpo), "sfpo": vars(sfpo)})
-        print(f"seed {seed}: GRPO best {100 * c.grpo_best:.1f} %, SFPO best {100 * c.sfpo_best:.1f} %, "
-              f"rollouts to GRPO's best {c.grpo_rollouts} vs {c.sfpo_rollouts}", flush=True)
+        tag = f"_s{seed}"
+        if a.report_only:
+            metrics = rl_metrics(cfg, paths, tag)
+        else:
+            metrics = run_rl_arms(cfg, paths, seed, timer, tag=tag, show_progress=show)
+            write_json_atomic(timings_file, timer.phases)
+        result, seed_curves = seed_result(cfg, metrics, seed)
+        per_seed.append(result)
+        curves += seed_curves
+        print(f"seed {seed}: best " + ", ".join(f"{arm.upper()} {100 * b:.1f} %"
+                                                for arm, b in result["best"].items()), flush=True)
     max_se = max(max_standard_error(c, cfg.eval_prompts, cfg.eval_samples) for c in curves)
-    agg = aggregate(per_seed)
-    report = format_report(per_seed, agg, max_se)
+    agg = summarize_seeds(per_seed)
+    passes = cfg.passes_per_batch
+    report = format_summary(per_seed, agg, passes)
+    report += (f"\nlargest standard error of one evaluation: {100 * max_se:.2f} points"
+               "\nwall-clock: the arms of a seed ran side by side on shared cores (each arm's seconds "
+               "include waiting for the others)")
     print("\n" + report)
     if max_se >= SE_LIMIT:
         print(f"WARNING: an evaluation's standard error is {100 * max_se:.2f} points (limit 1.5): "
               "use more --eval-prompts / --eval-samples")
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = plot_curves(curves, RESULTS / f"{a.name}.png",
-                      title=f"{a.task}: validation accuracy, {a.seeds} seeds per method")
+                      title=f"{a.task}: validation accuracy, {a.seeds} seeds per arm")
     config = cfg.as_dict() | {"out": repo_relative(cfg.out)}  # no absolute paths in results
-    out = {"config": config, "seeds": per_seed, "aggregate": agg,
+    out = {"config": config, "task": task, "arms": {arm: {"algorithm": m, "ppo_epochs": e, "passes_per_batch": passes[arm]}
+                                      for arm, (m, e) in cfg.arms.items()},
+           "seeds": per_seed, "aggregate": agg, "report": report.splitlines(),
            "max_eval_standard_error": max_se, "timings": timer.phases,
-           "total_wall_s": time.perf_counter() - t0, "plot": str(png.relative_to(REPO))}
+           "total_wall_s": sum(t["wall_s"] for t in timer.phases.values()) if a.report_only
+           else time.perf_counter() - t0, "plot": str(png.relative_to(REPO))}
     path = write_json_atomic(RESULTS / f"{a.name}.json", out)
     print(f"wrote {path.relative_to(REPO)} and {png.relative_to(REPO)}")
     return 0

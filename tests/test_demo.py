@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -14,12 +15,16 @@ from sfpo_megatron.data.tokenizer import load_tokenizer
 from sfpo_megatron.demo.report import (
     Curve,
     ReportError,
+    bootstrap_mean_ci,
     bootstrap_ratio_ci,
     compare,
     curve_from_metrics,
+    describe_ci,
     eval_standard_error,
+    format_summary,
     format_table,
     plot_curves,
+    summarize_seeds,
 )
 from sfpo_megatron.demo.task import (
     TASKS,
@@ -138,26 +143,38 @@ def test_curve_needs_evaluations() -> None:
         curve_from_metrics([{"iteration": 1, "rollout/num_samples": 8}], "GRPO", eval_name="val")
 
 
-def test_rollouts_to_reach_grpos_best() -> None:
+PASSES = {"grpo": 1, "grpo-e4": 4, "sfpo": 4}
+
+
+def test_rollouts_to_reach_each_controls_best() -> None:
     grpo = curve_from_metrics(_records([0.40, 0.45, 0.52, 0.50, 0.52], "g"), "GRPO")
+    e4 = curve_from_metrics(_records([0.40, 0.50, 0.55, 0.58, 0.57], "e"), "GRPO-E4")
     sfpo = curve_from_metrics(_records([0.40, 0.53, 0.51, 0.60, 0.55], "s", trigger=5), "SFPO")
     c = compare(grpo, sfpo)
-    assert c.grpo_best == 0.52 and c.sfpo_best == 0.60
-    assert c.grpo_rollouts == 2048  # GRPO's first evaluation at its best (step 4)
+    assert (c.control, c.control_best, c.sfpo_best) == ("grpo", 0.52, 0.60)
+    assert c.control_rollouts == 2048  # GRPO's first evaluation at its best (step 4)
     assert c.sfpo_rollouts == 1024  # SFPO's first at >= 0.52 (step 2)
     assert c.rollout_ratio == 2.0
-    assert (c.grpo_wall_s, c.sfpo_wall_s, c.time_ratio) == (8.0, 4.0, 2.0)
+    assert (c.control_wall_s, c.sfpo_wall_s, c.time_ratio) == (8.0, 4.0, 2.0)
     assert c.sfpo_trigger_step == 5
+    d = compare(e4, sfpo)
+    assert (d.control, d.control_best, d.control_rollouts, d.sfpo_rollouts) == ("grpo-e4", 0.58, 3072, 3072)
+    assert d.rollout_ratio == 1.0
 
-    table = format_table(grpo, sfpo, c)
+    table = format_table({"grpo": grpo, "grpo-e4": e4, "sfpo": sfpo}, [c, d], PASSES, ["one seed"])
     lines = table.splitlines()
-    assert lines[0].split() == ["step", "rollouts", "GRPO", "acc", "%", "SFPO", "acc", "%"]
-    assert lines[1].split() == ["0", "0", "40.0", "40.0"]
-    assert lines[3].split() == ["4", "2,048", "52.0", "51.0"]
-    assert "best validation accuracy: GRPO 52.0 %, SFPO 60.0 %" in table
-    assert "rollouts to reach GRPO's best (52.0 %): GRPO 2,048, SFPO 1,024  (GRPO/SFPO = 2.00x)" in table
-    assert "training wall-clock to reach it: GRPO 8 s, SFPO 4 s  (GRPO/SFPO = 2.00x)" in table
-    assert "SFPO entropy switch-off: step 5" in table
+    assert lines[0].split() == ["step", "rollouts", "GRPO", "acc", "%", "GRPO-E4", "acc", "%", "SFPO", "acc", "%"]
+    assert lines[1].split() == ["0", "0", "40.0", "40.0", "40.0"]
+    assert lines[3].split() == ["4", "2,048", "52.0", "55.0", "51.0"]
+    assert "best validation accuracy: GRPO 52.0 %, GRPO-E4 58.0 %, SFPO 60.0 %" in lines
+    assert "SFPO vs GRPO (1 vs 4 optimizer passes per rollout batch):" in lines
+    assert "  rollouts to reach GRPO's best (52.0 %): GRPO 2,048, SFPO 1,024  (GRPO/SFPO = 2.00x)" in lines
+    assert "  training wall-clock to reach it: GRPO 8 s, SFPO 4 s  (GRPO/SFPO = 2.00x)" in lines
+    assert ("SFPO vs GRPO-E4 (4 vs 4 optimizer passes per rollout batch, the same optimizer steps):"
+            in lines)
+    assert ("  rollouts to reach GRPO-E4's best (58.0 %): GRPO-E4 3,072, SFPO 3,072  (GRPO-E4/SFPO = 1.00x)"
+            in lines)
+    assert lines[-2:] == ["SFPO entropy switch-off: step 5", "one seed"]
 
 
 def test_sfpo_that_never_reaches_and_a_warm_start_best() -> None:
@@ -165,11 +182,11 @@ def test_sfpo_that_never_reaches_and_a_warm_start_best() -> None:
     low = curve_from_metrics(_records([0.40, 0.41, 0.50], "s"), "SFPO")
     c = compare(grpo, low)
     assert c.sfpo_rollouts is None and c.rollout_ratio is None and c.time_ratio is None
-    assert "SFPO never" in format_table(grpo, low, c)
-    flat = curve_from_metrics(_records([0.40, 0.30, 0.35], "g"), "GRPO")
+    assert "GRPO 2,048, SFPO never  (GRPO/SFPO = -)" in format_table({"grpo": grpo, "sfpo": low}, [c])
+    flat = curve_from_metrics(_records([0.40, 0.30, 0.35], "g"), "GRPO-E4")
     c = compare(flat, low)
-    assert (c.grpo_rollouts, c.sfpo_rollouts, c.rollout_ratio) == (0, 0, None)
-    assert "n/a: GRPO never beat the warm start" in format_table(flat, low, c)
+    assert (c.control_rollouts, c.sfpo_rollouts, c.rollout_ratio) == (0, 0, None)
+    assert "n/a: GRPO-E4 never beat the warm start" in format_table({"grpo-e4": flat, "sfpo": low}, [c])
 
 
 def test_curve_rejects_mismatched_lengths() -> None:
@@ -179,8 +196,10 @@ def test_curve_rejects_mismatched_lengths() -> None:
 
 def test_plot_is_written(tmp_path: Path) -> None:
     grpo = curve_from_metrics(_records([0.40, 0.45, 0.52], "g"), "GRPO")
+    e4 = curve_from_metrics(_records([0.40, 0.48, 0.53], "e"), "GRPO-E4 seed 0")
     sfpo = curve_from_metrics(_records([0.40, 0.50, 0.55], "s"), "SFPO")
-    path = plot_curves([grpo, sfpo], tmp_path / "sub" / "plot.png", title="t", target=0.52)
+    path = plot_curves([grpo, e4, sfpo], tmp_path / "sub" / "plot.png", title="t",
+                       targets={"GRPO best": 0.52, "GRPO-E4 best": 0.53})
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
@@ -201,15 +220,104 @@ def test_eval_standard_error_matches_the_per_prompt_variance() -> None:
         eval_standard_error(0.5, 0, 2)
 
 
-def test_bootstrap_ratio_ci() -> None:
-    num, den = [4.0, 5.0, 6.0, 5.0], [2.0, 2.0, 3.0, 2.5]
-    point, lo, hi = bootstrap_ratio_ci(num, den, n_boot=2000)
-    assert point == pytest.approx(20.0 / 9.5)
-    assert lo <= point <= hi and 1.8 < lo and hi < 2.4
-    assert bootstrap_ratio_ci(num, den, n_boot=2000) == (point, lo, hi)  # seeded
+def _exact_bootstrap(stat, values: list[tuple[float, ...]]) -> np.ndarray:
+    """The statistic over every one of the n^n equally likely resamples of n seeds."""
+    n = len(values)
+    return np.array([stat([values[i] for i in idx]) for idx in itertools.product(range(n), repeat=n)])
+
+
+def _check_percentile(draws: np.ndarray, q: float, level: float, tol: float = 0.004) -> None:
+    """``q`` is a ``level`` quantile of the exact distribution ``draws`` (up to Monte Carlo error)."""
+    assert np.mean(draws < q - 1e-12) <= level + tol
+    assert np.mean(draws <= q + 1e-12) >= level - tol
+
+
+def test_bootstrap_ratio_ci_matches_the_exact_bootstrap_distribution() -> None:
+    num, den = [4.0, 5.0, 7.5, 5.0, 3.0], [2.0, 2.2, 3.0, 2.5, 1.9]
+    point, lo, hi = bootstrap_ratio_ci(num, den, n_boot=100_000)
+    assert point == pytest.approx(sum(num) / sum(den))
+    exact = _exact_bootstrap(lambda rows: sum(r[0] for r in rows) / sum(r[1] for r in rows),
+                             list(zip(num, den)))
+    _check_percentile(exact, lo, 0.025)
+    _check_percentile(exact, hi, 0.975)
+    assert bootstrap_ratio_ci(num, den, n_boot=2000) == bootstrap_ratio_ci(num, den, n_boot=2000)  # seeded
     assert bootstrap_ratio_ci([3.0], [1.5]) == (2.0, 2.0, 2.0)
     with pytest.raises(ReportError, match="matching, non-empty"):
         bootstrap_ratio_ci([1.0], [1.0, 2.0])
+
+
+def test_bootstrap_mean_ci_matches_the_exact_bootstrap_distribution() -> None:
+    diffs = [0.02, -0.01, 0.05, 0.00, 0.11]
+    mean, lo, hi = bootstrap_mean_ci(diffs, n_boot=100_000)
+    assert mean == pytest.approx(0.034)
+    exact = _exact_bootstrap(lambda rows: sum(r[0] for r in rows) / len(rows), [(d,) for d in diffs])
+    _check_percentile(exact, lo, 0.025)
+    _check_percentile(exact, hi, 0.975)
+
+
+def test_describe_ci_says_when_the_interval_includes_no_difference() -> None:
+    more, fewer = "SFPO needs less rollouts than GRPO", "SFPO needs more rollouts than GRPO"
+    assert describe_ci(0.8, 1.6, 1.0, more, fewer) == "the 95 % CI includes 1: no difference shown"
+    assert describe_ci(1.0, 1.6, 1.0, more, fewer) == "the 95 % CI includes 1: no difference shown"
+    assert describe_ci(0.5, 1.0, 1.0, more, fewer) == "the 95 % CI includes 1: no difference shown"
+    assert describe_ci(1.01, 1.6, 1.0, more, fewer) == more
+    assert describe_ci(0.5, 0.99, 1.0, more, fewer) == fewer
+    assert describe_ci(-0.02, 0.03, 0.0, "higher", "lower") == "the 95 % CI includes 0: no difference shown"
+    assert describe_ci(0.01, 0.03, 0.0, "higher", "lower") == "higher"
+
+
+def _seed(seed: int, best: dict[str, float], vs: dict[str, tuple]) -> dict:
+    """One seed's results; vs: {control: (control rollouts, SFPO rollouts or None, control s, SFPO s)}."""
+    rows = {}
+    for control, (cr, sr, cs, ss) in vs.items():
+        rows[control] = {"control": control, "control_best": best[control], "sfpo_best": best["sfpo"],
+                         "control_rollouts": cr, "control_wall_s": cs, "sfpo_rollouts": sr,
+                         "sfpo_wall_s": ss, "sfpo_trigger_step": None,
+                         "rollout_ratio": None if not sr else cr / sr,
+                         "time_ratio": None if not sr else cs / ss}
+    return {"seed": seed, "best": best, "vs": rows}
+
+
+def test_summarize_seeds_gives_ratios_of_means_with_cis_in_words() -> None:
+    per_seed = [
+        _seed(0, {"grpo": 0.66, "grpo-e4": 0.80, "sfpo": 0.81},
+              {"grpo": (20480, 7680, 160.0, 80.0), "grpo-e4": (10240, 12800, 90.0, 100.0)}),
+        _seed(1, {"grpo": 0.67, "grpo-e4": 0.79, "sfpo": 0.80},
+              {"grpo": (17920, 7680, 150.0, 70.0), "grpo-e4": (12800, 10240, 100.0, 85.0)}),
+        _seed(2, {"grpo": 0.65, "grpo-e4": 0.82, "sfpo": 0.79},
+              {"grpo": (20480, 5120, 170.0, 50.0), "grpo-e4": (15360, None, 120.0, None)}),
+    ]
+    agg = summarize_seeds(per_seed)
+    assert agg["seeds"] == 3
+    assert agg["best_mean"] == pytest.approx({"grpo": 0.66, "grpo-e4": 0.80333333, "sfpo": 0.8})
+    g, e = agg["vs"]["grpo"], agg["vs"]["grpo-e4"]
+    # every resample's GRPO/SFPO ratio is above 1: the CI is, and the words say so
+    assert g["rollout_ratio"]["ratio_of_means"] == pytest.approx((20480 + 17920 + 20480) / (7680 * 2 + 5120))
+    assert g["rollout_ratio"]["ci95"][0] > 1.0
+    assert g["rollout_ratio"]["words"] == "SFPO needs less rollouts than GRPO"
+    assert g["best_diff"]["words"] == "SFPO's best is higher than GRPO's"
+    assert (g["seeds_sfpo_reached"], g["seeds_in_ratios"]) == (3, 3)
+    # against GRPO-E4: seed 2 never reached, the two others' ratios straddle 1
+    assert (e["seeds_sfpo_reached"], e["seeds_in_ratios"]) == (2, 2)
+    assert e["rollout_ratio"]["ratio_of_means"] == pytest.approx((10240 + 12800) / (12800 + 10240))
+    lo, hi = e["rollout_ratio"]["ci95"]
+    assert lo < 1.0 < hi
+    assert e["rollout_ratio"]["words"] == "the 95 % CI includes 1: no difference shown"
+    assert e["best_diff"]["mean"] == pytest.approx((0.01 + 0.01 - 0.03) / 3)
+    assert e["best_diff"]["words"] == "the 95 % CI includes 0: no difference shown"
+
+    text = format_summary(per_seed, agg, PASSES)
+    lines = text.splitlines()
+    assert lines[1].split() == ["seed", "GRPO", "GRPO-E4", "SFPO"]
+    assert lines[5].split() == ["mean", "66.0", "80.3", "80.0"]
+    assert "SFPO vs GRPO-E4 (4 vs 4 optimizer passes per rollout batch, the same optimizer steps):" in lines
+    assert "  SFPO reached GRPO-E4's best in 2 of 3 seeds" in lines
+    assert any(line.startswith("  GRPO-E4/SFPO rollouts to GRPO-E4's best: 1.00x (95 % CI ")
+               and line.endswith(", 2 seeds): the 95 % CI includes 1: no difference shown") for line in lines)
+    assert any(line.startswith("  best accuracy, SFPO - GRPO-E4: -0.3 points (95 % CI ")
+               and line.endswith("the 95 % CI includes 0: no difference shown") for line in lines)
+    with pytest.raises(ReportError, match="no seeds"):
+        summarize_seeds([])
 
 
 # ----------------------------------------------------------------------------------------- flags
@@ -220,18 +328,31 @@ def test_rl_flags_parse_and_fit_the_update_layout(tmp_path: Path) -> None:
     from sfpo_megatron.demo.pipeline import DemoConfig, Paths, rl_flags
     from sfpo_megatron.rl.loop import check_rl_args
     from sfpo_megatron.trainer.train_batch import check_update_layout
+    from sfpo_megatron.update.policy_update import passes_per_batch
 
     for cfg in (DemoConfig(), DemoConfig.quick()):
-        args = build_rl_parser().parse_args(rl_flags(cfg, Paths(tmp_path), "sfpo", 3, tmp_path / "rl"))
-        check_rl_args(args)
+        assert list(cfg.arms) == ["grpo", "grpo-e4", "sfpo"]
+        assert cfg.passes_per_batch == {"grpo": 1, "grpo-e4": 4, "sfpo": 4}
+        parsed = {arm: build_rl_parser().parse_args(rl_flags(cfg, Paths(tmp_path), arm, 3, tmp_path / "rl"))
+                  for arm in cfg.arms}
+        for arm, args in parsed.items():
+            check_rl_args(args)
+            assert passes_per_batch(args) == cfg.passes_per_batch[arm]
+        assert [(a.algorithm, a.ppo_epochs) for a in parsed.values()] == [("grpo", 1), ("grpo", 4), ("sfpo", 1)]
+        # the arms differ in those two flags only
+        common = [{k: v for k, v in vars(a).items() if k not in ("algorithm", "ppo_epochs")}
+                  for a in parsed.values()]
+        assert common[0] == common[1] == common[2]
+        args = parsed["sfpo"]
         assert (args.algorithm, args.seed, args.sfpo_alpha, args.sfpo_inner_steps) == ("sfpo", 3, 0.8, 3)
         assert args.reward_fn == "sfpo_megatron.demo.task:exact_match_reward"
         assert parse_rg_spec(args.prompt_data)[1]["size"] == cfg.train_prompts
         assert args.eval_prompt_data[0].startswith("val=rg:basic_arithmetic?size=")
         check_update_layout(args.rollout_batch_size * args.n_samples_per_prompt, args.num_steps_per_rollout,
                             1, args.micro_batch_size)
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match=r"arm must be one of \('grpo', 'grpo-e4', 'sfpo'\), got 'ppo'"):
         rl_flags(DemoConfig(), Paths(tmp_path), "ppo", 0, tmp_path)
+    assert "grpo-e6" in DemoConfig(sfpo_inner_steps=5).arms
 
 
 # --------------------------------------------------------------------------- SFT early stopping

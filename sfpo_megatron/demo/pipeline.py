@@ -4,8 +4,10 @@
 2. `tools/preprocess_data.py`: the corpus → megatron indexed dataset;
 3. `sfpo-megatron pretrain` under `torchrun` (2 processes, data parallel): the SFT warm start;
 4. `tools/convert_mcore_to_hf.py`: the warm start → HF safetensors;
-5. `sfpo-megatron rl` for GRPO and for SFPO from that HF checkpoint, same seed, through the CPU
-   rollout server (one trainer process each; the two runs go side by side by default).
+5. `sfpo-megatron rl` for the three arms from that HF checkpoint, same seed, through the CPU
+   rollout server (one trainer process each; the runs go side by side by default): SFPO, GRPO
+   (one pass over each rollout batch) and GRPO with `--ppo-epochs K+1` (`grpo-eK+1`: as many
+   optimizer steps per rollout batch as SFPO's K fast passes and its slow one, no reposition).
 
 Every phase writes under `DemoConfig.out`; subprocess output goes to `out/logs/*.log` and a
 progress bar follows each run's `metrics.jsonl`.
@@ -44,7 +46,7 @@ from sfpo_megatron.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 REWARD_FN = "sfpo_megatron.demo.task:exact_match_reward"
-METHODS = ("grpo", "sfpo")
+METHODS = ("grpo", "sfpo")  # the --algorithm values
 
 
 class DemoError(UserError, RuntimeError):
@@ -102,7 +104,7 @@ class DemoConfig:
     sfpo_alpha: float = 0.8
     sfpo_window: int = 30
     sfpo_threshold: float = 1.0
-    side_by_side: bool = True  # GRPO and SFPO at the same time (one core each)
+    side_by_side: bool = True  # the RL arms at the same time (they share the cores)
     extra_rl_flags: list[str] = field(default_factory=list)
 
     @classmethod
@@ -112,6 +114,22 @@ class DemoConfig:
                      samples_per_prompt=4, mini_batches=2, train_prompts=200, eval_prompts=32,
                      eval_interval=1, sfpo_window=2)
         return cls(**{**small, **overrides})
+
+    @property
+    def equal_steps_arm(self) -> str:
+        """GRPO with SFPO's optimizer steps per rollout batch: K + 1 passes, no reposition."""
+        return f"grpo-e{self.sfpo_inner_steps + 1}"
+
+    @property
+    def arms(self) -> dict[str, tuple[str, int]]:
+        """RL arms, controls first: {name: (--algorithm, --ppo-epochs)}."""
+        return {"grpo": ("grpo", 1), self.equal_steps_arm: ("grpo", self.sfpo_inner_steps + 1),
+                "sfpo": ("sfpo", 1)}
+
+    @property
+    def passes_per_batch(self) -> dict[str, int]:
+        """Optimizer passes over a rollout batch per arm (SFPO: K fast + 1 slow until its switch-off)."""
+        return {arm: epochs for arm, (_, epochs) in self.arms.items()} | {"sfpo": self.sfpo_inner_steps + 1}
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -400,9 +418,11 @@ def export_job(cfg: DemoConfig, paths: Paths) -> Job:
     return Job("export to HF", cmd, paths.logs / "export.log")
 
 
-def rl_flags(cfg: DemoConfig, paths: Paths, method: str, seed: int, out: Path) -> list[str]:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+def rl_flags(cfg: DemoConfig, paths: Paths, arm: str, seed: int, out: Path) -> list[str]:
+    """`sfpo-megatron rl` flags of one arm (a `cfg.arms` name: "grpo", "sfpo", "grpo-eK+1")."""
+    if arm not in cfg.arms:
+        raise ValueError(f"arm must be one of {tuple(cfg.arms)}, got {arm!r}")
+    method, epochs = cfg.arms[arm]
     task = get_task(cfg.task)
     batch = cfg.rollout_prompts * cfg.samples_per_prompt
     micro = max(1, batch // cfg.mini_batches)
@@ -419,7 +439,7 @@ def rl_flags(cfg: DemoConfig, paths: Paths, method: str, seed: int, out: Path) -
         "--rollout-max-response-len", str(cfg.max_response_len), "--rollout-temperature", "1.0",
         "--algorithm", method, "--sfpo-inner-steps", str(cfg.sfpo_inner_steps),
         "--sfpo-alpha", str(cfg.sfpo_alpha), "--sfpo-zscore-window", str(cfg.sfpo_window),
-        "--sfpo-zscore-threshold", str(cfg.sfpo_threshold),
+        "--sfpo-zscore-threshold", str(cfg.sfpo_threshold), "--ppo-epochs", str(epochs),
         "--num-rollouts", str(cfg.rl_steps), "--lr", str(cfg.rl_lr),
         "--lr-warmup-iters", str(cfg.rl_warmup), "--seed", str(seed),
         "--seq-length", str(cfg.sft_seq_length), "--log-dir", str(out / "logs"),
@@ -427,25 +447,30 @@ def rl_flags(cfg: DemoConfig, paths: Paths, method: str, seed: int, out: Path) -
     ]
 
 
-def rl_job(cfg: DemoConfig, paths: Paths, method: str, seed: int, tag: str = "") -> Job:
-    name = f"{method}{tag}"
+def rl_job(cfg: DemoConfig, paths: Paths, arm: str, seed: int, tag: str = "") -> Job:
+    name = f"{arm}{tag}"
     out = paths.rl(name)
     _fresh(out)
-    cmd = [sys.executable, "-m", "sfpo_megatron.cli", "rl"] + rl_flags(cfg, paths, method, seed, out)
-    return Job(f"RL {method.upper()}{tag}", cmd, paths.logs / f"rl_{name}.log",
+    cmd = [sys.executable, "-m", "sfpo_megatron.cli", "rl"] + rl_flags(cfg, paths, arm, seed, out)
+    return Job(f"RL {arm.upper()}{tag}", cmd, paths.logs / f"rl_{name}.log",
                out / "logs" / "metrics.jsonl", cfg.rl_steps)
 
 
-def run_rl_pair(cfg: DemoConfig, paths: Paths, seed: int, timer: Timer, tag: str = "",
+def rl_metrics(cfg: DemoConfig, paths: Paths, tag: str = "") -> dict[str, Path]:
+    """{arm: its metrics.jsonl} of the runs `run_rl_arms(..., tag)` writes."""
+    return {arm: paths.rl(f"{arm}{tag}") / "logs" / "metrics.jsonl" for arm in cfg.arms}
+
+
+def run_rl_arms(cfg: DemoConfig, paths: Paths, seed: int, timer: Timer, tag: str = "",
                 show_progress: bool = True) -> dict[str, Path]:
-    """GRPO and SFPO from the same warm start and seed; returns {method: metrics.jsonl}."""
-    jobs = [rl_job(cfg, paths, m, seed, tag) for m in METHODS]
+    """Every arm from the same warm start and seed; returns {arm: metrics.jsonl}."""
+    jobs = {arm: rl_job(cfg, paths, arm, seed, tag) for arm in cfg.arms}
     if cfg.side_by_side:
-        timer.run(f"rl{tag}", run_jobs, jobs, show_progress)
+        timer.run(f"rl{tag}", run_jobs, list(jobs.values()), show_progress)
     else:
-        for job, method in zip(jobs, METHODS):
-            timer.run(f"rl_{method}{tag}", run_jobs, [job], show_progress)
-    return {m: j.metrics for m, j in zip(METHODS, jobs)}
+        for arm, job in jobs.items():
+            timer.run(f"rl_{arm}{tag}", run_jobs, [job], show_progress)
+    return {arm: job.metrics for arm, job in jobs.items()}
 
 
 def warm_start(cfg: DemoConfig, paths: Paths, timer: Timer, show_progress: bool = True) -> dict[str, Any]:

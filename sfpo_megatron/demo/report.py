@@ -5,9 +5,13 @@ Shared by the demo (`python -m sfpo_megatron.demo`) and `benchmarks/sfpo_vs_grpo
 A `Curve` is one run's validation accuracy at each evaluation, against the rollouts (sampled
 responses, prompts x samples per prompt) and the training wall-clock spent so far. Wall-clock
 counts the RL steps only, evaluation time excluded, so runs that evaluate equally often compare
-fairly. "Rollouts to reach GRPO's best" follows the paper: GRPO's best validation accuracy is the
-target; GRPO needs the rollouts of its first evaluation at that accuracy, SFPO the rollouts of
-its first evaluation at or above it (None when it never gets there).
+fairly. "Rollouts to reach GRPO's best" follows the paper: the control's best validation accuracy
+is the target; the control needs the rollouts of its first evaluation at that accuracy, SFPO the
+rollouts of its first evaluation at or above it (None when it never gets there). There are two
+controls: GRPO (one optimizer pass over each rollout batch) and GRPO with K + 1 passes
+(`--ppo-epochs K+1`, "grpo-eK+1"), which takes as many optimizer steps per rollout batch as SFPO
+and differs from it only by the reposition (and the entropy switch-off). Against the first,
+SFPO's gain mixes the extra passes and the reposition; against the second, it is the reposition's.
 """
 
 from __future__ import annotations
@@ -121,42 +125,51 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 
 
+def arm_of(curve: Curve) -> str:
+    """The arm a curve belongs to: the first word of its label, lower case ("GRPO-E4 seed 1" → "grpo-e4")."""
+    return curve.method.split(" ")[0].lower()
+
+
 @dataclass
 class Comparison:
-    grpo_best: float
+    """SFPO against one control arm (GRPO, or GRPO with SFPO's number of passes)."""
+
+    control: str  # the control arm ("grpo", "grpo-e4")
+    control_best: float
     sfpo_best: float
-    grpo_rollouts: int  # GRPO's rollouts to its best
-    grpo_wall_s: float
-    sfpo_rollouts: int | None  # SFPO's rollouts to GRPO's best (None: never reached)
+    control_rollouts: int  # the control's rollouts to its best
+    control_wall_s: float
+    sfpo_rollouts: int | None  # SFPO's rollouts to the control's best (None: never reached)
     sfpo_wall_s: float | None
     sfpo_trigger_step: int | None
 
     @property
     def rollout_ratio(self) -> float | None:
-        """GRPO rollouts / SFPO rollouts to GRPO's best (> 1: SFPO needs fewer). None when SFPO
-        never reaches it, or when GRPO's best is the warm start itself (both need 0)."""
+        """Control rollouts / SFPO rollouts to the control's best (> 1: SFPO needs fewer). None when
+        SFPO never reaches it, or when the control's best is the warm start itself (both need 0)."""
         if not self.sfpo_rollouts:
             return None
-        return self.grpo_rollouts / self.sfpo_rollouts
+        return self.control_rollouts / self.sfpo_rollouts
 
     @property
     def time_ratio(self) -> float | None:
         if not self.sfpo_wall_s or not self.sfpo_rollouts:
             return None
-        return self.grpo_wall_s / self.sfpo_wall_s
+        return self.control_wall_s / self.sfpo_wall_s
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "rollout_ratio": self.rollout_ratio, "time_ratio": self.time_ratio}
 
 
-def compare(grpo: Curve, sfpo: Curve) -> Comparison:
-    target = grpo.best
-    g = grpo.first_reaching(target)
+def compare(control: Curve, sfpo: Curve) -> Comparison:
+    """Rollouts and wall-clock each run needs to reach the control's best accuracy."""
+    target = control.best
+    g = control.first_reaching(target)
     assert g is not None  # its own maximum
     s = sfpo.first_reaching(target)
     return Comparison(
-        grpo_best=target, sfpo_best=sfpo.best,
-        grpo_rollouts=grpo.rollouts[g], grpo_wall_s=grpo.wall_s[g],
+        control=arm_of(control), control_best=target, sfpo_best=sfpo.best,
+        control_rollouts=control.rollouts[g], control_wall_s=control.wall_s[g],
         sfpo_rollouts=None if s is None else sfpo.rollouts[s],
         sfpo_wall_s=None if s is None else sfpo.wall_s[s],
         sfpo_trigger_step=sfpo.trigger_step)
@@ -194,41 +207,65 @@ def _num(x: float | None, fmt: str = "{:,.0f}") -> str:
     return "never" if x is None else fmt.format(x)
 
 
-def format_table(grpo: Curve, sfpo: Curve, comparison: Comparison | None = None) -> str:
-    """Validation accuracy at each evaluation of both runs, then the comparison lines."""
-    comparison = comparison or compare(grpo, sfpo)
-    rows = sorted(set(grpo.steps) | set(sfpo.steps))
-    g = dict(zip(grpo.steps, zip(grpo.rollouts, grpo.accuracy)))
-    s = dict(zip(sfpo.steps, zip(sfpo.rollouts, sfpo.accuracy)))
-    lines = [f"{'step':>5} {'rollouts':>9} {'GRPO acc %':>11} {'SFPO acc %':>11}"]
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def describe_ci(lo: float, hi: float, null: float, above: str, below: str) -> str:
+    """Plain words for a 95 % CI against the no-difference value ``null`` (1 for a ratio, 0 for a
+    difference): the CI's side of it, or that it includes it (no difference shown)."""
+    if lo <= null <= hi:
+        return f"the 95 % CI includes {null:g}: no difference shown"
+    return above if lo > null else below
+
+
+def format_table(curves: Mapping[str, Curve], comparisons: Sequence[Comparison],
+                 passes: Mapping[str, int] | None = None, notes: Sequence[str] = ()) -> str:
+    """Validation accuracy of every arm at each evaluation, then SFPO against each control.
+
+    ``curves``: {arm: curve}, SFPO's under "sfpo"; ``passes``: optimizer passes over a rollout
+    batch per arm, for the labels; ``notes``: lines appended as they are.
+    """
+    arms = list(curves)
+    rows = sorted(set().union(*(c.steps for c in curves.values())))
+    by_step = {a: dict(zip(c.steps, zip(c.rollouts, c.accuracy))) for a, c in curves.items()}
+    lines = [f"{'step':>5} {'rollouts':>9} " + " ".join(f"{a.upper() + ' acc %':>13}" for a in arms)]
     for step in rows:
-        rollouts = (g.get(step) or s.get(step))[0]
-        lines.append(f"{step:>5} {rollouts:>9,} {_pct(g.get(step, (0, None))[1]):>11} "
-                     f"{_pct(s.get(step, (0, None))[1]):>11}")
-    c = comparison
-    ratio = "-" if c.rollout_ratio is None else f"{c.rollout_ratio:.2f}x"
-    tratio = "-" if c.time_ratio is None else f"{c.time_ratio:.2f}x"
-    if c.grpo_rollouts == 0:
-        ratio = tratio = "n/a: GRPO never beat the warm start"
-    trigger = "not fired" if c.sfpo_trigger_step is None else f"step {c.sfpo_trigger_step}"
-    lines += [
-        "",
-        f"best validation accuracy: GRPO {_pct(c.grpo_best).strip()} %, SFPO {_pct(c.sfpo_best).strip()} %",
-        f"rollouts to reach GRPO's best ({_pct(c.grpo_best).strip()} %): GRPO {_num(c.grpo_rollouts)}, "
-        f"SFPO {_num(c.sfpo_rollouts)}  (GRPO/SFPO = {ratio})",
-        f"training wall-clock to reach it: GRPO {_num(c.grpo_wall_s, '{:.0f} s')}, "
-        f"SFPO {_num(c.sfpo_wall_s, '{:.0f} s')}  (GRPO/SFPO = {tratio})",
-        f"SFPO entropy switch-off: {trigger}",
-    ]
-    return "\n".join(lines)
+        rollouts = next(by_step[a][step][0] for a in arms if step in by_step[a])
+        lines.append(f"{step:>5} {rollouts:>9,} " + " ".join(
+            f"{_pct(by_step[a].get(step, (0, None))[1]):>13}" for a in arms))
+    best = ", ".join(f"{a.upper()} {_pct(c.best).strip()} %" for a, c in curves.items())
+    lines += ["", f"best validation accuracy: {best}"]
+    trigger = None
+    for c in comparisons:
+        name = c.control.upper()
+        ratio, tratio = _ratio(c.rollout_ratio), _ratio(c.time_ratio)
+        if c.control_rollouts == 0:
+            ratio = tratio = f"n/a: {name} never beat the warm start"
+        what = "" if passes is None else (
+            f" ({passes[c.control]} vs {passes['sfpo']} optimizer passes per rollout batch"
+            + (", the same optimizer steps" if passes[c.control] == passes["sfpo"] else "") + ")")
+        lines += [
+            f"SFPO vs {name}{what}:",
+            f"  rollouts to reach {name}'s best ({_pct(c.control_best).strip()} %): {name} "
+            f"{_num(c.control_rollouts)}, SFPO {_num(c.sfpo_rollouts)}  ({name}/SFPO = {ratio})",
+            f"  training wall-clock to reach it: {name} {_num(c.control_wall_s, '{:.0f} s')}, "
+            f"SFPO {_num(c.sfpo_wall_s, '{:.0f} s')}  ({name}/SFPO = {tratio})",
+        ]
+        trigger = c.sfpo_trigger_step
+    if comparisons:
+        lines.append(f"SFPO entropy switch-off: {'not fired' if trigger is None else f'step {trigger}'}")
+    return "\n".join(lines + list(notes))
 
 
 COLORS = {"grpo": "tab:blue", "sfpo": "tab:orange"}
+OTHER_COLORS = ("tab:green", "tab:purple", "tab:brown")
 
 
 def plot_curves(runs: Sequence[Curve], path: str | os.PathLike, title: str = "",
-                target: float | None = None) -> Path:
-    """Accuracy (%) against rollouts, one line per run (color by method); writes a PNG."""
+                targets: Mapping[str, float] | None = None) -> Path:
+    """Accuracy (%) against rollouts, one line per run (color by arm); ``targets``: dashed
+    horizontal lines {label: accuracy}, e.g. each control's best; writes a PNG."""
     matplotlib.use("Agg")  # no display: write files only
 
     if not runs:
@@ -236,15 +273,20 @@ def plot_curves(runs: Sequence[Curve], path: str | os.PathLike, title: str = "",
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    arms = list(dict.fromkeys(arm_of(c) for c in runs))
+    colors = dict(COLORS)
+    for arm, color in zip([a for a in arms if a not in colors], OTHER_COLORS):
+        colors[arm] = color
+    one_each = len(runs) == len(arms)
     labelled: set[str] = set()
     for curve in runs:
-        method = curve.method.split(" ")[0].lower()
-        label = curve.method if len(runs) <= 2 else (method.upper() if method not in labelled else None)
-        labelled.add(method)
+        arm = arm_of(curve)
+        label = curve.method if one_each else (arm.upper() if arm not in labelled else None)
+        labelled.add(arm)
         ax.plot(curve.rollouts, [100 * a for a in curve.accuracy], marker="o", markersize=3,
-                color=COLORS.get(method), alpha=1.0 if len(runs) <= 2 else 0.6, label=label)
-    if target is not None:
-        ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1, label="GRPO best")
+                color=colors.get(arm), alpha=1.0 if one_each else 0.6, label=label)
+    for (label, target), style in zip((targets or {}).items(), ("--", ":", "-.")):
+        ax.axhline(100 * target, color="gray", linestyle=style, linewidth=1, label=label)
     ax.set_xlabel("rollouts (sampled responses)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title)
@@ -273,3 +315,86 @@ def bootstrap_ratio_ci(numerators: Sequence[float], denominators: Sequence[float
         ratios = num[idx].sum(1) / den[idx].sum(1)
     lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(num.sum() / den.sum()), float(lo), float(hi)
+
+
+def bootstrap_mean_ci(values: Sequence[float], n_boot: int = 10_000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds and its percentile bootstrap CI (seeds resampled)."""
+    # the ratio of sums with every denominator 1 is sum / n, the mean
+    return bootstrap_ratio_ci(values, [1.0] * len(values), n_boot, level, seed)
+
+
+def summarize_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Aggregate of per-seed results ``{"seed", "best": {arm: acc}, "vs": {control: Comparison.as_dict()}}``.
+
+    Per arm the mean best accuracy; per control, SFPO's best minus the control's (mean, bootstrap
+    95 % CI) and the rollout and wall-clock ratios control / SFPO to the control's best: ratios of
+    means over the seeds where SFPO reached it and the control beat the warm start, with
+    bootstrap 95 % CIs and what the CI says in words.
+    """
+    if not per_seed:
+        raise ReportError("no seeds to summarize")
+    arms = list(per_seed[0]["best"])
+    out: dict[str, Any] = {
+        "seeds": len(per_seed),
+        "best_mean": {a: float(np.mean([s["best"][a] for s in per_seed])) for a in arms},
+        "sfpo_trigger_steps": [next(iter(s["vs"].values()))["sfpo_trigger_step"] for s in per_seed],
+        "vs": {},
+    }
+    for control in per_seed[0]["vs"]:
+        name = control.upper()
+        rows = [s["vs"][control] for s in per_seed]
+        diff, lo, hi = bootstrap_mean_ci([r["sfpo_best"] - r["control_best"] for r in rows])
+        agg: dict[str, Any] = {
+            "best_diff": {"mean": diff, "ci95": [lo, hi], "words": describe_ci(
+                lo, hi, 0.0, f"SFPO's best is higher than {name}'s", f"SFPO's best is lower than {name}'s")},
+            "seeds_control_beat_warm_start": sum(r["control_rollouts"] > 0 for r in rows),
+            "seeds_sfpo_reached": sum(r["sfpo_rollouts"] is not None for r in rows),
+        }
+        used = [r for r in rows if r["sfpo_rollouts"]]  # reached, and not at the warm start
+        agg["seeds_in_ratios"] = len(used)
+        for key, num, den, what in (("rollout_ratio", "control_rollouts", "sfpo_rollouts", "rollouts"),
+                                    ("time_ratio", "control_wall_s", "sfpo_wall_s", "wall-clock")):
+            if used:
+                point, lo, hi = bootstrap_ratio_ci([r[num] for r in used], [r[den] for r in used])
+                agg[key] = {"ratio_of_means": point, "ci95": [lo, hi], "words": describe_ci(
+                    lo, hi, 1.0, f"SFPO needs less {what} than {name}", f"SFPO needs more {what} than {name}")}
+        out["vs"][control] = agg
+    return out
+
+
+def format_summary(per_seed: Sequence[Mapping[str, Any]], agg: Mapping[str, Any],
+                   passes: Mapping[str, int] | None = None) -> str:
+    """The benchmark's table: per seed, then means and ratios with their CIs in numbers and words."""
+    arms = list(per_seed[0]["best"])
+    lines = ["best validation accuracy (%):",
+             f"{'seed':>6} " + " ".join(f"{a.upper():>9}" for a in arms)]
+    for s in per_seed:
+        lines.append(f"{s['seed']:>6} " + " ".join(f"{100 * s['best'][a]:>9.1f}" for a in arms))
+    lines.append(f"{'mean':>6} " + " ".join(f"{100 * agg['best_mean'][a]:>9.1f}" for a in arms))
+    n = agg["seeds"]
+    for control, c in agg["vs"].items():
+        name = control.upper()
+        what = "" if passes is None else (
+            f" ({passes[control]} vs {passes['sfpo']} optimizer passes per rollout batch"
+            + (", the same optimizer steps" if passes[control] == passes["sfpo"] else "") + ")")
+        lines += ["", f"SFPO vs {name}{what}:",
+                  f"{'seed':>6} {name + ' best':>13} {name + ' roll.':>13} {'SFPO roll.':>10} "
+                  f"{'ratio':>6} {name + ' s':>10} {'SFPO s':>7} {'ratio':>6}"]
+        for s in per_seed:
+            r = s["vs"][control]
+            lines.append(f"{s['seed']:>6} {100 * r['control_best']:>12.1f}% {_num(r['control_rollouts']):>13} "
+                         f"{_num(r['sfpo_rollouts']):>10} {_ratio(r['rollout_ratio']):>6} "
+                         f"{r['control_wall_s']:>10.0f} {_num(r['sfpo_wall_s']):>7} {_ratio(r['time_ratio']):>6}")
+        d = c["best_diff"]
+        lines.append(f"  best accuracy, SFPO - {name}: {100 * d['mean']:+.1f} points (95 % CI "
+                     f"{100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}): {d['words']}")
+        lines.append(f"  SFPO reached {name}'s best in {c['seeds_sfpo_reached']} of {n} seeds")
+        for key, what in (("rollout_ratio", "rollouts"), ("time_ratio", "wall-clock")):
+            if key in c:
+                lo, hi = c[key]["ci95"]
+                lines.append(f"  {name}/SFPO {what} to {name}'s best: {c[key]['ratio_of_means']:.2f}x "
+                             f"(95 % CI {lo:.2f}-{hi:.2f}, {c['seeds_in_ratios']} seeds): {c[key]['words']}")
+            else:
+                lines.append(f"  {name}/SFPO {what} to {name}'s best: no seed to compare")
+    return "\n".join(lines)

@@ -256,7 +256,7 @@ def test_bootstrap_mean_ci_matches_the_exact_bootstrap_distribution() -> None:
 
 
 def test_describe_ci_says_when_the_interval_includes_no_difference() -> None:
-    more, fewer = "SFPO needs less rollouts than GRPO", "SFPO needs more rollouts than GRPO"
+    more, fewer = "SFPO needs fewer rollouts than GRPO", "SFPO needs more rollouts than GRPO"
     assert describe_ci(0.8, 1.6, 1.0, more, fewer) == "the 95 % CI includes 1: no difference shown"
     assert describe_ci(1.0, 1.6, 1.0, more, fewer) == "the 95 % CI includes 1: no difference shown"
     assert describe_ci(0.5, 1.0, 1.0, more, fewer) == "the 95 % CI includes 1: no difference shown"
@@ -294,7 +294,7 @@ def test_summarize_seeds_gives_ratios_of_means_with_cis_in_words() -> None:
     # every resample's GRPO/SFPO ratio is above 1: the CI is, and the words say so
     assert g["rollout_ratio"]["ratio_of_means"] == pytest.approx((20480 + 17920 + 20480) / (7680 * 2 + 5120))
     assert g["rollout_ratio"]["ci95"][0] > 1.0
-    assert g["rollout_ratio"]["words"] == "SFPO needs less rollouts than GRPO"
+    assert g["rollout_ratio"]["words"] == "SFPO needs fewer rollouts than GRPO"
     assert g["best_diff"]["words"] == "SFPO's best is higher than GRPO's"
     assert (g["seeds_sfpo_reached"], g["seeds_in_ratios"]) == (3, 3)
     # against GRPO-E4: seed 2 never reached, the two others' ratios straddle 1
@@ -311,11 +311,16 @@ def test_summarize_seeds_gives_ratios_of_means_with_cis_in_words() -> None:
     assert lines[1].split() == ["seed", "GRPO", "GRPO-E4", "SFPO"]
     assert lines[5].split() == ["mean", "66.0", "80.3", "80.0"]
     assert "SFPO vs GRPO-E4 (4 vs 4 optimizer passes per rollout batch, the same optimizer steps):" in lines
-    assert "  SFPO reached GRPO-E4's best in 2 of 3 seeds" in lines
+    assert "  SFPO reached GRPO's best in 3 of 3 seeds" in lines
+    assert ("  SFPO reached GRPO-E4's best in 2 of 3 seeds (the ratios below leave out the seeds where "
+            "it never did: they favour SFPO)" in lines)
     assert any(line.startswith("  GRPO-E4/SFPO rollouts to GRPO-E4's best: 1.00x (95 % CI ")
                and line.endswith(", 2 seeds): the 95 % CI includes 1: no difference shown") for line in lines)
     assert any(line.startswith("  best accuracy, SFPO - GRPO-E4: -0.3 points (95 % CI ")
                and line.endswith("the 95 % CI includes 0: no difference shown") for line in lines)
+    one = summarize_seeds(per_seed[:1])["vs"]["grpo"]
+    assert one["rollout_ratio"]["ci95"] == [20480 / 7680] * 2
+    assert one["rollout_ratio"]["words"] == one["best_diff"]["words"] == "one seed: no confidence interval"
     with pytest.raises(ReportError, match="no seeds"):
         summarize_seeds([])
 

@@ -324,6 +324,12 @@ def bootstrap_mean_ci(values: Sequence[float], n_boot: int = 10_000, level: floa
     return bootstrap_ratio_ci(values, [1.0] * len(values), n_boot, level, seed)
 
 
+def _words(n: int, lo: float, hi: float, null: float, above: str, below: str) -> str:
+    if n < 2:
+        return "one seed: no confidence interval"
+    return describe_ci(lo, hi, null, above, below)
+
+
 def summarize_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Aggregate of per-seed results ``{"seed", "best": {arm: acc}, "vs": {control: Comparison.as_dict()}}``.
 
@@ -346,19 +352,21 @@ def summarize_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         rows = [s["vs"][control] for s in per_seed]
         diff, lo, hi = bootstrap_mean_ci([r["sfpo_best"] - r["control_best"] for r in rows])
         agg: dict[str, Any] = {
-            "best_diff": {"mean": diff, "ci95": [lo, hi], "words": describe_ci(
-                lo, hi, 0.0, f"SFPO's best is higher than {name}'s", f"SFPO's best is lower than {name}'s")},
+            "best_diff": {"mean": diff, "ci95": [lo, hi], "words": _words(
+                len(rows), lo, hi, 0.0, f"SFPO's best is higher than {name}'s",
+                f"SFPO's best is lower than {name}'s")},
             "seeds_control_beat_warm_start": sum(r["control_rollouts"] > 0 for r in rows),
             "seeds_sfpo_reached": sum(r["sfpo_rollouts"] is not None for r in rows),
         }
         used = [r for r in rows if r["sfpo_rollouts"]]  # reached, and not at the warm start
         agg["seeds_in_ratios"] = len(used)
-        for key, num, den, what in (("rollout_ratio", "control_rollouts", "sfpo_rollouts", "rollouts"),
-                                    ("time_ratio", "control_wall_s", "sfpo_wall_s", "wall-clock")):
+        for key, num, den, less in (("rollout_ratio", "control_rollouts", "sfpo_rollouts", "fewer rollouts"),
+                                    ("time_ratio", "control_wall_s", "sfpo_wall_s", "less wall-clock")):
             if used:
+                more = "more rollouts" if key == "rollout_ratio" else "more wall-clock"
                 point, lo, hi = bootstrap_ratio_ci([r[num] for r in used], [r[den] for r in used])
-                agg[key] = {"ratio_of_means": point, "ci95": [lo, hi], "words": describe_ci(
-                    lo, hi, 1.0, f"SFPO needs less {what} than {name}", f"SFPO needs more {what} than {name}")}
+                agg[key] = {"ratio_of_means": point, "ci95": [lo, hi], "words": _words(
+                    len(used), lo, hi, 1.0, f"SFPO needs {less} than {name}", f"SFPO needs {more} than {name}")}
         out["vs"][control] = agg
     return out
 
@@ -389,12 +397,16 @@ def format_summary(per_seed: Sequence[Mapping[str, Any]], agg: Mapping[str, Any]
         d = c["best_diff"]
         lines.append(f"  best accuracy, SFPO - {name}: {100 * d['mean']:+.1f} points (95 % CI "
                      f"{100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}): {d['words']}")
-        lines.append(f"  SFPO reached {name}'s best in {c['seeds_sfpo_reached']} of {n} seeds")
+        reached = f"  SFPO reached {name}'s best in {c['seeds_sfpo_reached']} of {n} seeds"
+        if c["seeds_sfpo_reached"] < n:
+            reached += " (the ratios below leave out the seeds where it never did: they favour SFPO)"
+        lines.append(reached)
         for key, what in (("rollout_ratio", "rollouts"), ("time_ratio", "wall-clock")):
             if key in c:
                 lo, hi = c[key]["ci95"]
+                k = c["seeds_in_ratios"]
                 lines.append(f"  {name}/SFPO {what} to {name}'s best: {c[key]['ratio_of_means']:.2f}x "
-                             f"(95 % CI {lo:.2f}-{hi:.2f}, {c['seeds_in_ratios']} seeds): {c[key]['words']}")
+                             f"(95 % CI {lo:.2f}-{hi:.2f}, {k} seed{'s' if k != 1 else ''}): {c[key]['words']}")
             else:
                 lines.append(f"  {name}/SFPO {what} to {name}'s best: no seed to compare")
     return "\n".join(lines)

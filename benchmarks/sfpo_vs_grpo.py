@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse-warm-start", action="store_true",
                    help="skip the SFT warm start when WORK already holds one")
     p.add_argument("--name", default="sfpo_vs_grpo", help="results file stem")
+    p.add_argument("--results", default=str(RESULTS), help="results directory (default benchmarks/results)")
+    p.add_argument("--skip-done", action="store_true",
+                   help="keep the seeds whose runs in WORK all reached --rl-steps (to add seeds)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rebuild the results from the runs in WORK")
     p.add_argument("--no-progress", action="store_true")
@@ -92,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def max_standard_error(curve, n_prompts: int, k: int) -> float:
     passes = curve.pass_at_k or [None] * len(curve.accuracy)
     return max(eval_standard_error(acc, n_prompts, k, pk) for acc, pk in zip(curve.accuracy, passes))
+
+
+def finished(cfg: DemoConfig, metrics: dict[str, Path]) -> bool:
+    """Every arm's run logged its last step."""
+    return all(path.exists() and any(r.get("iteration") == cfg.rl_steps for r in read_metrics(path))
+               for path in metrics.values())
 
 
 def seed_result(cfg: DemoConfig, metrics: dict[str, Path], seed: int) -> tuple[dict, list]:
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed, curves = [], []
     for seed in range(a.seeds):
         tag = f"_s{seed}"
-        if a.report_only:
+        if a.report_only or (a.skip_done and finished(cfg, rl_metrics(cfg, paths, tag))):
             metrics = rl_metrics(cfg, paths, tag)
         else:
             metrics = run_rl_arms(cfg, paths, seed, timer, tag=tag, show_progress=show)
@@ -145,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     if max_se >= SE_LIMIT:
         print(f"WARNING: an evaluation's standard error is {100 * max_se:.2f} points (limit 1.5): "
               "use more --eval-prompts / --eval-samples")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    png = plot_curves(curves, RESULTS / f"{a.name}.png",
+    results = Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
+    png = plot_curves(curves, results / f"{a.name}.png",
                       title=f"{a.task}: validation accuracy, {a.seeds} seeds per arm")
     config = cfg.as_dict() | {"out": repo_relative(cfg.out)}  # no absolute paths in results
     out = {"config": config, "task": task, "arms": {arm: {"algorithm": m, "ppo_epochs": e, "passes_per_batch": passes[arm]}
@@ -154,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
            "seeds": per_seed, "aggregate": agg, "report": report.splitlines(),
            "max_eval_standard_error": max_se, "timings": timer.phases,
            "total_wall_s": sum(t["wall_s"] for t in timer.phases.values()) if a.report_only
-           else time.perf_counter() - t0, "plot": str(png.relative_to(REPO))}
-    path = write_json_atomic(RESULTS / f"{a.name}.json", out)
-    print(f"wrote {path.relative_to(REPO)} and {png.relative_to(REPO)}")
+           else time.perf_counter() - t0, "plot": repo_relative(png) or png.name}
+    path = write_json_atomic(results / f"{a.name}.json", out)
+    print(f"wrote {path} and {png}")
     return 0
 
 

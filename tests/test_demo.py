@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from launch import REPO, load_module
 
 from sfpo_megatron.data.prompts import load_prompt_dataset, parse_rg_spec
 from sfpo_megatron.data.rewards import reasoning_gym_reward
@@ -323,6 +325,55 @@ def test_summarize_seeds_gives_ratios_of_means_with_cis_in_words() -> None:
     assert one["rollout_ratio"]["words"] == one["best_diff"]["words"] == "one seed: no confidence interval"
     with pytest.raises(ReportError, match="no seeds"):
         summarize_seeds([])
+
+
+def _write_run(path: Path, accs: list[float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in _records(accs, "x")))
+
+
+def test_benchmark_rebuilds_its_results_from_the_runs(tmp_path: Path) -> None:
+    bench = load_module(REPO / "benchmarks" / "sfpo_vs_grpo.py")
+    work = tmp_path / "work"
+    runs = {  # per seed and arm: accuracy at steps 0, 2, 4, 6, 8 (512 rollouts a step)
+        0: {"grpo": [0.40, 0.45, 0.52, 0.50, 0.52], "grpo-e4": [0.40, 0.50, 0.55, 0.58, 0.57],
+            "sfpo": [0.40, 0.53, 0.51, 0.60, 0.55]},
+        1: {"grpo": [0.40, 0.48, 0.47, 0.50, 0.49], "grpo-e4": [0.40, 0.56, 0.61, 0.59, 0.60],
+            "sfpo": [0.40, 0.44, 0.51, 0.57, 0.59]},
+    }
+    for seed, arms in runs.items():
+        for arm, accs in arms.items():
+            _write_run(work / f"rl_{arm}_s{seed}" / "logs" / "metrics.jsonl", accs)
+    (work / "timings.json").write_text(json.dumps({"rl_s0": {"wall_s": 30.0, "cpu_s": 50.0}}))
+    argv = ["--seeds", "2", "--report-only", "--work", str(work), "--results", str(tmp_path / "res"),
+            "--name", "t", "--rl-steps", "8", "--eval-prompts", "1000"]
+    assert bench.main(argv) == 0
+    out = json.loads((tmp_path / "res" / "t.json").read_text())
+    assert (tmp_path / "res" / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert out["arms"] == {"grpo": {"algorithm": "grpo", "ppo_epochs": 1, "passes_per_batch": 1},
+                           "grpo-e4": {"algorithm": "grpo", "ppo_epochs": 4, "passes_per_batch": 4},
+                           "sfpo": {"algorithm": "sfpo", "ppo_epochs": 1, "passes_per_batch": 4}}
+    assert [s["best"] for s in out["seeds"]] == [{"grpo": 0.52, "grpo-e4": 0.58, "sfpo": 0.60},
+                                                 {"grpo": 0.50, "grpo-e4": 0.61, "sfpo": 0.59}]
+    # rollouts to each control's best, by hand: the first evaluation at or above it
+    vs = [(s["vs"]["grpo"], s["vs"]["grpo-e4"]) for s in out["seeds"]]
+    assert [(g["control_rollouts"], g["sfpo_rollouts"]) for g, _ in vs] == [(2048, 1024), (3072, 2048)]
+    assert [(e["control_rollouts"], e["sfpo_rollouts"]) for _, e in vs] == [(3072, 3072), (2048, None)]
+    agg = out["aggregate"]["vs"]
+    assert agg["grpo"]["rollout_ratio"]["ratio_of_means"] == pytest.approx(5120 / 3072)
+    assert agg["grpo-e4"]["rollout_ratio"]["ratio_of_means"] == 1.0  # seed 1 never reached: left out
+    assert (agg["grpo-e4"]["seeds_sfpo_reached"], agg["grpo-e4"]["seeds_in_ratios"]) == (1, 1)
+    assert agg["grpo-e4"]["best_diff"]["mean"] == pytest.approx((0.02 - 0.02) / 2)
+    assert "  SFPO reached GRPO-E4's best in 1 of 2 seeds (the ratios below leave out the seeds where " \
+           "it never did: they favour SFPO)" in out["report"]
+    assert out["timings"] == {"rl_s0": {"wall_s": 30.0, "cpu_s": 50.0}} and out["total_wall_s"] == 30.0
+    assert out["config"]["out"] is None  # outside the repository: no machine's path in the results
+    # --skip-done keeps finished seeds; a run that stopped early is not finished
+    metrics = {arm: work / f"rl_{arm}_s0" / "logs" / "metrics.jsonl" for arm in runs[0]}
+    cfg = bench.DemoConfig(rl_steps=8)
+    assert bench.finished(cfg, metrics)
+    _write_run(metrics["sfpo"], [0.40, 0.53, 0.51])
+    assert not bench.finished(cfg, metrics)
 
 
 # ----------------------------------------------------------------------------------------- flags

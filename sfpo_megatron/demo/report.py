@@ -211,6 +211,14 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _passes(passes: Mapping[str, int] | None, control: str) -> str:
+    """" (1 vs 4 optimizer passes per rollout batch)", naming equal optimizer steps."""
+    if passes is None:
+        return ""
+    same = ", the same optimizer steps" if passes[control] == passes["sfpo"] else ""
+    return f" ({passes[control]} vs {passes['sfpo']} optimizer passes per rollout batch{same})"
+
+
 def describe_ci(lo: float, hi: float, null: float, above: str, below: str) -> str:
     """Plain words for a 95 % CI against the no-difference value ``null`` (1 for a ratio, 0 for a
     difference): the CI's side of it, or that it includes it (no difference shown)."""
@@ -242,9 +250,7 @@ def format_table(curves: Mapping[str, Curve], comparisons: Sequence[Comparison],
         ratio, tratio = _ratio(c.rollout_ratio), _ratio(c.time_ratio)
         if c.control_rollouts == 0:
             ratio = tratio = f"n/a: {name} never beat the warm start"
-        what = "" if passes is None else (
-            f" ({passes[c.control]} vs {passes['sfpo']} optimizer passes per rollout batch"
-            + (", the same optimizer steps" if passes[c.control] == passes["sfpo"] else "") + ")")
+        what = _passes(passes, c.control)
         lines += [
             f"SFPO vs {name}{what}:",
             f"  rollouts to reach {name}'s best ({_pct(c.control_best).strip()} %): {name} "
@@ -383,9 +389,7 @@ def format_summary(per_seed: Sequence[Mapping[str, Any]], agg: Mapping[str, Any]
     n = agg["seeds"]
     for control, c in agg["vs"].items():
         name = control.upper()
-        what = "" if passes is None else (
-            f" ({passes[control]} vs {passes['sfpo']} optimizer passes per rollout batch"
-            + (", the same optimizer steps" if passes[control] == passes["sfpo"] else "") + ")")
+        what = _passes(passes, control)
         lines += ["", f"SFPO vs {name}{what}:",
                   f"{'seed':>6} {name + ' best':>13} {name + ' roll.':>13} {'SFPO roll.':>10} "
                   f"{'ratio':>6} {name + ' s':>10} {'SFPO s':>7} {'ratio':>6}"]

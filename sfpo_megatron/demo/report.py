@@ -1,17 +1,18 @@
-"""Validation curves of RL runs → the GRPO-vs-SFPO comparison, its table and its plot.
+"""Validation curves of RL runs → SFPO against its GRPO controls: the comparison, its table and its plot.
 
 Shared by the demo (`python -m sfpo_megatron.demo`) and `benchmarks/sfpo_vs_grpo.py`.
 
 A `Curve` is one run's validation accuracy at each evaluation, against the rollouts (sampled
 responses, prompts x samples per prompt) and the training wall-clock spent so far. Wall-clock
 counts the RL steps only, evaluation time excluded, so runs that evaluate equally often compare
-fairly. "Rollouts to reach GRPO's best" follows the paper: the control's best validation accuracy
-is the target; the control needs the rollouts of its first evaluation at that accuracy, SFPO the
-rollouts of its first evaluation at or above it (None when it never gets there). There are two
-controls: GRPO (one optimizer pass over each rollout batch) and GRPO with K + 1 passes
-(`--ppo-epochs K+1`, "grpo-eK+1"), which takes as many optimizer steps per rollout batch as SFPO
-and differs from it only by the reposition (and the entropy switch-off). Against the first,
-SFPO's gain mixes the extra passes and the reposition; against the second, it is the reposition's.
+fairly. "Rollouts to reach a control's best" follows the paper's "rollouts to reach GRPO's
+best": the control's best validation accuracy is the target; the control needs the rollouts of
+its first evaluation at that accuracy, SFPO the rollouts of its first evaluation at or above it
+(None when it never gets there). There are two controls: GRPO (one optimizer pass over each
+rollout batch) and GRPO with K + 1 passes (`--ppo-epochs K+1`, "grpo-eK+1"), which takes as many
+optimizer steps per rollout batch as SFPO and differs from it only by the reposition (and the
+entropy switch-off). Against the first, SFPO's gain mixes the extra passes and the reposition;
+against the second, it is the reposition's.
 """
 
 from __future__ import annotations

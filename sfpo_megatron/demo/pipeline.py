@@ -442,7 +442,7 @@ def rl_flags(cfg: DemoConfig, paths: Paths, arm: str, seed: int, out: Path) -> l
         "--sfpo-zscore-threshold", str(cfg.sfpo_threshold), "--ppo-epochs", str(epochs),
         "--num-rollouts", str(cfg.rl_steps), "--lr", str(cfg.rl_lr),
         "--lr-warmup-iters", str(cfg.rl_warmup), "--seed", str(seed),
-        "--seq-length", str(cfg.sft_seq_length), "--log-dir", str(out / "logs"),
+        "--log-dir", str(out / "logs"),  # no --seq-length: rl pads to each batch
         *cfg.extra_rl_flags,
     ]
 

@@ -266,6 +266,7 @@ def test_max_resample_rounds_bounds_the_refills(env, rounds):
     assert batch.metrics["rollout/dynamic_padded_groups"] == 1 and len(batch.samples) == 2
 
 
+@pytest.mark.slow  # waits out a reward timeout with three workers
 @pytest.mark.flags("--reward-num-workers", "--reward-timeout")
 def test_reward_flags_give_the_workers_and_the_time_limit(env, caplog):
     args = parse(env, "--reward-fn", f"{__name__}:pid_or_hang", "--reward-num-workers", "3",

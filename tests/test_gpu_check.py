@@ -62,6 +62,7 @@ def dry_run(tmp_path_factory) -> dict:
             else None}
 
 
+@pytest.mark.slow  # every step of the kit on CPU: about a minute
 def test_dry_run_passes_every_step(dry_run):
     proc, report = dry_run["proc"], dry_run["report"]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -75,6 +76,7 @@ def test_dry_run_passes_every_step(dry_run):
     print(f"dry run: {dry_run['seconds']:.0f} s", file=sys.stderr)
 
 
+@pytest.mark.slow  # shares the dry run
 def test_dry_run_checks_the_plumbing_it_can(dry_run):
     steps = {s["step"]: s for s in dry_run["report"]["steps"]}
     platform = steps["platform"]["measurements"]

@@ -83,6 +83,7 @@ def test_megatron_builds_it_without_a_fused_adam():
     assert use_param_group_step_adam() == "param_group_step"  # idempotent
 
 
+@pytest.mark.slow  # three DP=2 runs
 def test_dp2_distributed_optimizer_resume_is_bitwise(tmp_path):
     """4 iterations in one run vs 2 + save + a restarted run that loads and trains 2 more."""
     cfg = write_tiny_config(tmp_path / "model", "qwen2", tie_word_embeddings=True)

@@ -170,6 +170,7 @@ def test_server_killed_at_a_random_moment(setup: tuple[Path, Path], tmp_path: Pa
     assert all(m["refit/time_s"] < REFIT_TIMEOUT + 5 for m in metrics.values()), (transport, after, delay)
 
 
+@pytest.mark.slow  # a two-server run; the kill-while-generating case stays in the default tier
 @pytest.mark.flags("--rollout-num-servers")
 def test_server_killed_in_the_middle_of_a_refit(setup: tuple[Path, Path], tmp_path: Path) -> None:
     run = Run(*setup, tmp_path / "run", "distributed")

@@ -101,6 +101,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "metrics": {r["iteration"]: r for r in read_jsonl(out / "logs" / "metrics.jsonl")}}
 
 
+@pytest.mark.slow  # three trainer runs with a SIGKILL (the in-process schedule tests stay)
 def test_killed_after_a_checkpoint_that_carries_untrained_batches(runs: dict) -> None:
     state = runs["state"]
     assert state["step"] == 2 and state["weight_version"] == 2
@@ -110,6 +111,7 @@ def test_killed_after_a_checkpoint_that_carries_untrained_batches(runs: dict) ->
     assert runs["killed_at"] <= 3  # step 3 had at most started
 
 
+@pytest.mark.slow  # three trainer runs with a SIGKILL (the in-process schedule tests stay)
 @pytest.mark.flags("--async-rollout", "--max-staleness", "--vcpo")
 def test_no_sample_is_older_than_max_staleness(runs: dict) -> None:
     seen = set()
@@ -129,6 +131,7 @@ def test_no_sample_is_older_than_max_staleness(runs: dict) -> None:
     assert K in seen  # generation really ran ahead of training
 
 
+@pytest.mark.slow  # three trainer runs with a SIGKILL (the in-process schedule tests stay)
 @pytest.mark.flags("--seed", "--rollout-batch-size", "--prompt-data")
 @pytest.mark.parametrize("resume", ["async", "sync"])
 def test_kill_and_resume_loses_no_sample_and_trains_none_twice(runs: dict, resume: str) -> None:
@@ -141,6 +144,7 @@ def test_kill_and_resume_loses_no_sample_and_trains_none_twice(runs: dict, resum
     assert trained == sampler_stream(STEPS * BATCH)
 
 
+@pytest.mark.slow  # three trainer runs with a SIGKILL (the in-process schedule tests stay)
 def test_carried_batches_are_trained_as_they_were(runs: dict) -> None:
     for p in runs["state"]["async"]["pending"]:
         rec = runs["async"][p["step"]]

@@ -99,7 +99,7 @@ def _wait_for_iteration(metrics: Path, at_least: int, job: int, timeout: float) 
 @pytest.mark.parametrize("target", [
     # what --signal=B:TERM@N does before the time limit: the batch script traps it, sends
     # SIGTERM to the trainer ranks, and requeues once they have checkpointed
-    "batch",
+    pytest.param("batch", marks=pytest.mark.slow),
     # a TERM to the job steps only: the trainer checkpoints and exits 143, the script requeues
     pytest.param("steps", marks=pytest.mark.slow),
 ])

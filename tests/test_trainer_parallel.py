@@ -115,6 +115,7 @@ def test_distributed_optimizer_shards_state(reference, layout_runs):
     assert dp1["optimizer/adam_state_bytes"] == 2 * dp1["optimizer/main_param_bytes"]
 
 
+@pytest.mark.slow  # resume at three layouts
 @pytest.mark.flags("--save", "--load", "--train-iters", cmd="pretrain")
 def test_resume_is_bitwise_and_reshards(base, reference):
     # 3 iterations + save, then the same command with --train-iters 6 resumes from `latest` in

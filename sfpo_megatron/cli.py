@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from sfpo_megatron.arguments import build_plan_parser, build_pretrain_parser, build_rl_parser
 from sfpo_megatron.components import memory_plan
@@ -50,13 +51,36 @@ def main(argv: list[str] | None = None) -> int:
         return _run(cmd, rest)
     except UserError as e:
         # Bad input: one line naming the problem, not a traceback.
-        print(f"sfpo-megatron {cmd}: error: {e}", file=sys.stderr)
+        write_error_line(f"sfpo-megatron {cmd}: error: {e}")
         return 2
     except Preempted as e:
         log.warning("%s: checkpoint written, exiting with %d", e, EXIT_CODE)
         return EXIT_CODE
     finally:
         parallel.destroy()
+
+
+def write_error_line(line: str) -> None:
+    """One write of the whole line: torchrun's ranks share stderr, and pieces would interleave."""
+    try:
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), (line + "\n").encode())
+    except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor
+        sys.stderr.write(line + "\n")
+
+
+def run_tool(prog: str, main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """A tool's ``main`` (tools/*.py) as a command: bad input (a ``UserError``: unsupported model,
+    parallel layout, corrupt or missing checkpoint files; or a missing file) ends as one line
+    ``PROG: error: ...`` and exit code 2, like argparse's own errors; bugs keep their traceback."""
+    try:
+        main(argv)
+    except (UserError, FileNotFoundError) as e:
+        write_error_line(f"{prog}: error: {e}")
+        return 2
+    finally:
+        parallel.destroy()
+    return 0
 
 
 def _run(cmd: str, rest: list[str]) -> int:

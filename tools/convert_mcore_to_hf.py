@@ -211,25 +211,10 @@ def load_model(load: str, model_chunks: list) -> tuple[str, int]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``main`` as a command: bad input (a ``UserError``: unsupported model, parallel layout,
-    corrupt or missing checkpoint files; or a missing file) ends as one line
-    ``PROG: error: ...`` and exit code 2, like argparse's own errors; bugs keep their traceback."""
-    from sfpo_megatron.distributed import parallel
-    from sfpo_megatron.errors import UserError
+    """``main`` as a command: bad input is one line ``PROG: error: ...``, exit code 2."""
+    from sfpo_megatron.cli import run_tool
 
-    try:
-        main(argv)
-    except (UserError, FileNotFoundError) as e:
-        line = f"{PROG}: error: {e}\n"
-        try:  # one write of the whole line: torchrun's ranks share stderr, pieces interleave
-            sys.stderr.flush()
-            os.write(sys.stderr.fileno(), line.encode())
-        except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor
-            sys.stderr.write(line)
-        return 2
-    finally:
-        parallel.destroy()
-    return 0
+    return run_tool(PROG, main, argv)
 
 
 if __name__ == "__main__":  # dist_checkpointing spawns processes: keep the guard

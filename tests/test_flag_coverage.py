@@ -42,8 +42,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
 
 # (command, option) → what a case would have to show; options still without one.
 UNCOVERED: dict[tuple[str, str], str] = {
-    ("pretrain", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
-    ("rl", "--virtual-pipeline-model-parallel-size"): "interleaved schedule: chunks per stage",
 }
 
 

@@ -107,6 +107,14 @@ def test_exact_matches_autograd(runs, name):
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=0.0)
 
 
+@pytest.mark.flags("--pipeline-model-parallel-size", "--virtual-pipeline-model-parallel-size")
+def test_pipeline_and_interleaved_stages_hold_their_layers(runs):
+    """PP=2 over 2 layers: a layer per stage. PP=2 x VPP=2 over 4 layers: two chunks per stage,
+    interleaved (stage 0 runs layers 1 and 3), as megatron's interleaved schedule lays them out."""
+    assert [c["chunk_layers"] for c in runs["pp2"]["checks"]] == [[[1]], [[2]]]
+    assert [c["chunk_layers"] for c in runs["vpp2"]["checks"]] == [[[1], [3]], [[2], [4]]]
+
+
 @pytest.mark.parametrize("name", SINGLE + DUAL)
 def test_exact_leaves_no_state_behind(runs, name):
     for rank, checks in enumerate(runs[name]["checks"]):

@@ -7,6 +7,7 @@ checkpoints, metrics).
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ from sfpo_megatron.data.tokenizer import (
 from sfpo_megatron.distributed import parallel
 from sfpo_megatron.distributed.platform import current_platform, setup_platform
 from sfpo_megatron.models.hf_config import load_hf_config
-from sfpo_megatron.trainer.model_setup import build_training_setup, zero_grads
+from sfpo_megatron.trainer.model_setup import build_training_setup, unwrap, zero_grads
 
 log = logging.getLogger("sfpo_megatron.pretrain")
 
@@ -135,10 +136,18 @@ def reduce_lm_loss(losses: list[dict]) -> float:
     return mean_lm_loss(sum_lm_loss(losses))
 
 
+def chunk_iterators(data_iterator, num_chunks: int):
+    """The data iterator the schedule takes: interleaved pipelines run every micro-batch through
+    each model chunk, and each chunk's forward step reads it, so every chunk needs its own
+    iterator over the same micro-batches (one shared iterator would hand chunk 1 the micro-batch
+    after chunk 0's)."""
+    return data_iterator if num_chunks == 1 else list(itertools.tee(data_iterator, num_chunks))
+
+
 def train_step(setup, data_iterator, num_microbatches: int, args) -> tuple[float, float]:
     zero_grads(setup)
     fb = get_forward_backward_func()
-    iters = data_iterator if len(setup.model) == 1 else [data_iterator] * len(setup.model)
+    iters = chunk_iterators(data_iterator, len(setup.model))
     losses = fb(forward_step_func=forward_step, data_iterator=iters,
                 model=setup.model if len(setup.model) > 1 else setup.model[0],
                 num_microbatches=num_microbatches, seq_length=args.seq_length,
@@ -154,14 +163,14 @@ def evaluate(setup, valid_iterator, num_microbatches: int, args) -> float:
     """Validation loss, as Megatron-LM's `evaluate`: eval_iters forward-only rounds of one global
     batch each (no gradients, model in eval mode), token-mean over all of them and all DP ranks."""
     fb = get_forward_backward_func()
-    iters = valid_iterator if len(setup.model) == 1 else [valid_iterator] * len(setup.model)
     total = torch.zeros(2, dtype=torch.float64)
     for m in setup.model:
         m.eval()
     try:
         with torch.no_grad():
             for _ in range(args.eval_iters):
-                losses = fb(forward_step_func=forward_step, data_iterator=iters,
+                losses = fb(forward_step_func=forward_step,
+                            data_iterator=chunk_iterators(valid_iterator, len(setup.model)),
                             model=setup.model if len(setup.model) > 1 else setup.model[0],
                             num_microbatches=num_microbatches, seq_length=args.seq_length,
                             micro_batch_size=args.micro_batch_size, forward_only=True)
@@ -186,6 +195,9 @@ def pretrain(args: argparse.Namespace) -> dict:
     args.calculate_per_token_loss = True
     setup = build_training_setup(args, arch, total_scheduler_steps=args.train_iters)
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if dist.get_rank() == 0:
+        log.info("transformer layers per model chunk on rank 0: %s",
+                 [[layer.layer_number for layer in unwrap(c).decoder.layers] for c in setup.model])
 
     iteration, extra = 0, {}
     if args.save and resolve_load_dir(args.save) is not None:

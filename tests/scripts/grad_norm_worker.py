@@ -80,6 +80,7 @@ def grpo_update(hf: Path, args_over: dict, flags: tuple, setup=None):
 def scenario(name: str, hf_root: Path) -> dict:
     from megatron.core import parallel_state as ps
 
+    from sfpo_megatron.trainer.model_setup import unwrap
     from sfpo_megatron.trainer.trajectory_grad_norms import logit_grad_sq_norms, trajectory_grad_sq_norms
 
     tp, pp, vpp, flags, suffix = LAYOUTS[name]
@@ -109,6 +110,8 @@ def scenario(name: str, hf_root: Path) -> dict:
         "config_restored": setup.config.finalize_model_grads_func is finalize
         and setup.config.no_sync_func is no_sync,
         "exact_s": t_exact,
+        # Global layer numbers of this rank's model chunks: the pipeline (and interleaved) split.
+        "chunk_layers": [[layer.layer_number for layer in unwrap(c).decoder.layers] for c in setup.model],
     }
     result: dict = {"exact": gather((dp_rank, exact)), "checks": gather(checks)}
     if name in LOGIT:

@@ -17,6 +17,8 @@ import torch
 from hf_reference import hf_log_softmax, load_hf, make_prompts
 from launch import SERVER_ENV
 
+from sfpo_megatron.cpu_server.engine import GenerationEngine
+from sfpo_megatron.cpu_server.requests import SamplingConfig, SeqSpec
 from sfpo_megatron.cpu_server.server import parse_args
 from sfpo_megatron.rollout.sglang_launcher import LaunchConfig, RolloutLauncher
 
@@ -157,3 +159,26 @@ def test_batch_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--model-path", "m", "--max-total-tokens", "0"])
     assert "--max-total-tokens must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_one_sequence_per_forward_is_bitwise_reproducible(hf: torch.nn.Module) -> None:
+    """--max-running-requests 1 (the trainer's --rollout-deterministic): seeded samples and their
+    logprobs are bitwise the same whatever was submitted around them, and in whichever order."""
+    engine = GenerationEngine(hf, eos_token_ids={300}, max_batch_size=1)
+    engine.start()
+    try:
+        def run(order: list[int], crowd: int) -> dict[int, tuple[list[int], list[float]]]:
+            specs = []
+            for i in order:
+                sp = SamplingConfig(max_new_tokens=10 + 3 * i, temperature=0.9, top_p=0.95, seed=40 + i, ignore_eos=True)
+                specs.append(SeqSpec(f"s{i}-{crowd}", prompt_of(3 + 5 * i, 50 + i), sp, 0, True, -1, 0, None))
+            for j in range(crowd):  # greedy neighbours submitted in between
+                specs.insert(2 * j, SeqSpec(f"g{j}-{crowd}", prompt_of(8 + j, 90 + j), SamplingConfig(max_new_tokens=6, temperature=0),
+                                            0, False, -1, 0, None))
+            outs = {s.rid: s.future.result(timeout=120) for s in engine.submit(specs)}
+            return {i: (outs[f"s{i}-{crowd}"]["output_ids"], [lp for lp, _, _ in outs[f"s{i}-{crowd}"]["meta_info"]["output_token_logprobs"]])
+                    for i in order}
+
+        assert run([0, 1, 2, 3], 0) == run([3, 1, 0, 2], 3)
+    finally:
+        engine.shutdown()

@@ -37,11 +37,6 @@ from sfpo_megatron.cpu_server.requests import FLOAT32_MIN, RequestError, Samplin
 logger = logging.getLogger("sfpo_megatron.cpu_server.server")
 
 THROUGHPUT_WINDOW_S = 10.0
-# An idle engine that gets work waits while requests keep arriving (each within ARRIVAL_GAP_S of
-# the last, ARRIVAL_WINDOW_S at most), so a burst of concurrent requests is prefilled in one forward
-# and decoded in step rather than the first one running a step alone.
-ARRIVAL_GAP_S = 0.002
-ARRIVAL_WINDOW_S = 0.02
 
 # ============================================================================================
 # Generation engine: one thread owns the model; batches, sampling, weight updates.
@@ -297,7 +292,6 @@ class GenerationEngine:
                     self._cond.wait()
                 if self._stop:
                     break
-                self._gather_arrivals()
                 commands = list(self._commands)
                 self._commands.clear()
                 batch: list[Sequence] = []
@@ -326,17 +320,6 @@ class GenerationEngine:
         for s in leftovers:
             if not s.future.done():
                 s.future.set_exception(EngineError("server shut down"))
-
-    def _gather_arrivals(self) -> None:
-        """Under the lock, before a new batch: wait while the waiting sequences keep growing."""
-        deadline = time.monotonic() + ARRIVAL_WINDOW_S
-        seen = len(self._waiting)
-        while (not self._commands and not self._stop and 0 < seen < self.max_batch_size and self._can_run()
-               and time.monotonic() < deadline):
-            self._cond.wait(timeout=ARRIVAL_GAP_S)
-            if len(self._waiting) == seen:
-                return
-            seen = len(self._waiting)
 
     @staticmethod
     def _run_command(fn: Callable[[], Any], fut: concurrent.futures.Future) -> None:

@@ -14,10 +14,8 @@ work against either. Semantics that differ from a GPU SGLang server, all deliber
   ids come from the attention mask, decoding uses HF's KV cache; a finished row leaves the batch at
   once (its cache rows dropped, and the columns that are padding for every remaining row trimmed),
   and waiting requests are prefilled together in one forward and merged into the batch after every
-  decode step (an idle engine first waits while a burst keeps arriving, 2 ms apart and 20 ms at
-  most, so concurrent requests share one prefill). ``/get_server_info``'s ``internal_states``
-  report the running and waiting sequences and ``last_gen_throughput`` (tokens/s over the last
-  10 s), like SGLang's.
+  decode step. ``/get_server_info``'s ``internal_states`` report the running and waiting sequences
+  and ``last_gen_throughput`` (tokens/s over the last 10 s), like SGLang's.
 * ``--device cuda`` puts the model and its KV cache on the current GPU (token ids, logits and
   sampling stay on the host); weight-update groups are gloo either way.
 * Logprobs (``return_logprob``): ``meta_info.output_token_logprobs`` is ``[(logprob, token_id, None),

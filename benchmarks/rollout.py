@@ -2,11 +2,19 @@
 
     .venv/bin/python benchmarks/rollout.py [--layers 24] [--prompts 8] [--new-tokens 32] [--threads 1]
 
-1. Generated tokens/s of the CPU rollout server (all prompts sent concurrently, batched by the
-   server) vs a plain ``transformers.generate`` loop over the same prompts and weights (one prompt per
-   call: the baseline the server is measured against, rollouts generated with plain HF transformers),
-   plus one batched ``generate`` call for reference. Greedy, no EOS, so every run produces
-   prompts x new_tokens tokens.
+1. Generated tokens/s of the CPU rollout server (one request per prompt, batched by the server)
+   against one batched, left-padded ``transformers.generate`` call over the same prompts and weights,
+   run side by side (server, then HF) in each of ``--repeats`` rounds; the ratio of each round, and
+   its median, is reported because the machine may be shared. Three workloads, greedy, no EOS
+   (``min_new_tokens = max_new_tokens``), so each request produces exactly its max_new_tokens:
+   * uniform: ``--prompts`` prompts of ``--prompt-len`` tokens x ``--new-tokens`` new tokens, all
+     sent at once; a per-prompt ``generate`` loop is timed once as well;
+   * mixed: ``--prompts`` prompts of 4..48 tokens with max_new_tokens 4..64 (one at 64), all sent at
+     once. The batched call must run every row to the longest (64 steps); only each request's own
+     max_new_tokens count as its tokens, on both sides;
+   * mixed stream: the same requests sent one every ``--stream-interval`` seconds; the server's time
+     runs from the first send to the last answer, the HF call is the same one-shot batch (it could
+     only start once the last prompt has arrived, which it is not charged for).
 2. Refit throughput (GB/s) of the disk and distributed (gloo) transports, end to end (pack, send,
    server loads, version verified), vs this machine's memcpy bandwidth (torch copy of a large tensor).
 
@@ -22,8 +30,10 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -80,10 +90,80 @@ def hf_loop(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -
 
 
 @torch.no_grad()
-def hf_batched(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> float:
+def hf_batched(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    """One left-padded batched ``generate`` call: (seconds, each row's new tokens)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
     start = time.perf_counter()
-    model.generate(torch.tensor(prompts), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - start
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0)
+    return time.perf_counter() - start, out[:, width:].tolist()
+
+
+def serve(client: RolloutClient, prompts: list[list[int]], new_tokens: list[int], interval: float) -> tuple[float, list[list[int]]]:
+    """One greedy request per prompt, the i-th sent ``i * interval`` s after the first: (seconds from
+    the first send to the last answer, each request's output ids)."""
+    start = time.perf_counter()
+
+    def one(i: int) -> list[int]:
+        time.sleep(max(0.0, start + i * interval - time.perf_counter()))
+        sp = {"temperature": 0, "max_new_tokens": new_tokens[i], "min_new_tokens": new_tokens[i]}
+        out, _, _ = client.generate_raw({"input_ids": prompts[i], "sampling_params": sp, "return_logprob": True})
+        return out["output_ids"]
+
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        outs = list(pool.map(one, range(len(prompts))))
+    return time.perf_counter() - start, outs
+
+
+def compare(model: torch.nn.Module, client: RolloutClient, prompts: list[list[int]], new_tokens: list[int],
+            interval: float, repeats: int) -> dict:
+    """``repeats`` rounds of (server, batched HF) on the same requests; per-round tokens/s, ratios,
+    their medians, and how many server outputs equal the HF batch's rows (cut to max_new_tokens)."""
+    tokens = sum(new_tokens)
+    server_s, hf_s, ratios = [], [], []
+    for _ in range(repeats):
+        s_time, served = serve(client, prompts, new_tokens, interval)
+        h_time, ref = hf_batched(model, prompts, max(new_tokens))
+        server_s.append(s_time)
+        hf_s.append(h_time)
+        ratios.append(h_time / s_time)
+        print(f"  server {tokens / s_time:.1f} tok/s, batched HF {tokens / h_time:.1f} tok/s: {h_time / s_time:.2f}x", flush=True)
+    same = sum(out == row[:m] for out, row, m in zip(served, ref, new_tokens))
+    return {
+        "prompts": len(prompts), "prompt_lens": [len(p) for p in prompts], "new_tokens": new_tokens, "tokens": tokens,
+        "stream_interval_s": interval, "server_runs_s": server_s, "hf_batched_runs_s": hf_s,
+        "server_tokens_per_s": [tokens / t for t in server_s], "hf_batched_tokens_per_s": [tokens / t for t in hf_s],
+        "ratio_runs": ratios, "ratio_median": statistics.median(ratios),
+        "server_tokens_per_s_median": statistics.median(tokens / t for t in server_s),
+        "hf_batched_tokens_per_s_median": statistics.median(tokens / t for t in hf_s),
+        "greedy_outputs_equal_hf_batched": f"{same}/{len(prompts)}",
+    }
+
+
+def refit_bench(client: RolloutClient, model: torch.nn.Module, work: Path, bucket_bytes: int) -> dict:
+    named = list(model.named_parameters())  # unique tensors: the tied lm_head is sent once
+    nbytes = sum(t.numel() * t.element_size() for _, t in named)
+    refit = {"memcpy_before_gb_per_s": memcpy_gbps()}
+    for label, directory in (("disk", work / "refit"), ("disk_dev_shm", Path("/dev/shm") / work.name)):
+        if label == "disk_dev_shm" and not Path("/dev/shm").is_dir():
+            continue
+        with DiskTransport(client, directory, bucket_bytes=bucket_bytes) as dt:
+            s = dt.push(((n, t.detach()) for n, t in named), f"bench-{label}")
+        refit[label] = {"gb": s.bytes / 1e9, "seconds": s.seconds, "gb_per_s": s.gb_per_s,
+                        "buckets": s.num_buckets, **s.detail}
+        shutil.rmtree(directory, ignore_errors=True)
+    with DistributedTransport(client, bucket_bytes=bucket_bytes) as tr:
+        tr.connect()  # group formation is a one-off; time the push itself
+        s = tr.push(((n, t.detach()) for n, t in named), "bench-dist")
+        refit["distributed_gloo"] = {"gb": s.bytes / 1e9, "seconds": s.seconds, "gb_per_s": s.gb_per_s, "buckets": s.num_buckets}
+    refit["memcpy_gb_per_s"] = max(refit.pop("memcpy_before_gb_per_s"), memcpy_gbps())
+    refit["model_gb"] = nbytes / 1e9
+    return refit
 
 
 def main() -> None:
@@ -92,7 +172,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="alternating server / batched-HF runs; best kept")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of (server, batched HF) per workload; median reported")
+    ap.add_argument("--stream-interval", type=float, default=0.1, help="seconds between requests of the mixed stream")
+    ap.add_argument("--no-refit", action="store_true", help="generation only")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, same for the server and the baseline")
     ap.add_argument("--bucket-bytes", type=int, default=512 * 1024**2, help="--update-weight-buffer-size")
     ap.add_argument("--workdir", default=None)
@@ -124,57 +206,53 @@ def main() -> None:
             sp = {"temperature": 0, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
             client.generate(prompts[:1], {**sp, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
             hf_batched(model, prompts[:1], 2)
-            # The machine is shared: alternate the runs and keep each one's best.
-            server_s, batched_s = [], []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                served = client.generate(prompts, sp)
-                server_s.append(time.perf_counter() - start)
-                batched_s.append(hf_batched(model, prompts, args.new_tokens))
-            server_tokens = sum(len(row[0].output_ids) for row in served)
+            print("uniform:", flush=True)
+            gen = {"uniform": compare(model, client, prompts, [args.new_tokens] * args.prompts, 0.0, args.repeats)}
             loop_s, loop_outs = hf_loop(model, prompts, args.new_tokens)
+            served = client.generate(prompts, sp)
             same = sum(row[0].output_ids == ref for row, ref in zip(served, loop_outs))
-            results["generation"] = {
-                "prompts": args.prompts, "new_tokens": args.new_tokens, "tokens": total,
-                "server_runs_s": server_s, "hf_batched_runs_s": batched_s, "hf_loop_s": loop_s,
-                "server_tokens_per_s": server_tokens / min(server_s),
-                "hf_generate_loop_tokens_per_s": total / loop_s,
-                "hf_generate_batched_tokens_per_s": total / min(batched_s),
-                "speedup_vs_loop": (server_tokens / min(server_s)) / (total / loop_s),
-                "greedy_outputs_equal_hf": f"{same}/{args.prompts}",
-            }
+            gen["uniform"] |= {"hf_loop_s": loop_s, "hf_generate_loop_tokens_per_s": total / loop_s,
+                               "greedy_outputs_equal_hf_loop": f"{same}/{args.prompts}"}
+            lens = torch.randint(4, 49, (args.prompts,), generator=g).tolist()
+            mixed_prompts = torch.randint(0, 151936, (args.prompts, 48), generator=g).tolist()
+            mixed_prompts = [p[:n] for p, n in zip(mixed_prompts, lens)]
+            new = torch.randint(4, 65, (args.prompts,), generator=g).tolist()
+            new[0] = 64
+            print("mixed:", flush=True)
+            gen["mixed"] = compare(model, client, mixed_prompts, new, 0.0, args.repeats)
+            print("mixed stream:", flush=True)
+            gen["mixed_stream"] = compare(model, client, mixed_prompts, new, args.stream_interval, args.repeats)
+            results["generation"] = gen
 
-            named = list(model.named_parameters())  # unique tensors: the tied lm_head is sent once
-            nbytes = sum(t.numel() * t.element_size() for _, t in named)
-            refit = {"memcpy_before_gb_per_s": memcpy_gbps()}
-            for label, directory in (("disk", work / "refit"), ("disk_dev_shm", Path("/dev/shm") / work.name)):
-                if label == "disk_dev_shm" and not Path("/dev/shm").is_dir():
-                    continue
-                with DiskTransport(client, directory, bucket_bytes=args.bucket_bytes) as dt:
-                    s = dt.push(((n, t.detach()) for n, t in named), f"bench-{label}")
-                refit[label] = {"gb": s.bytes / 1e9, "seconds": s.seconds, "gb_per_s": s.gb_per_s,
-                                "buckets": s.num_buckets, **s.detail}
-                shutil.rmtree(directory, ignore_errors=True)
-            with DistributedTransport(client, bucket_bytes=args.bucket_bytes) as tr:
-                tr.connect()  # group formation is a one-off; time the push itself
-                s = tr.push(((n, t.detach()) for n, t in named), "bench-dist")
-                refit["distributed_gloo"] = {"gb": s.bytes / 1e9, "seconds": s.seconds, "gb_per_s": s.gb_per_s, "buckets": s.num_buckets}
-            refit["memcpy_gb_per_s"] = max(refit.pop("memcpy_before_gb_per_s"), memcpy_gbps())
-            refit["model_gb"] = nbytes / 1e9
-            results["refit"] = refit
+            if not args.no_refit:
+                results["refit"] = refit_bench(client, model, work, args.bucket_bytes)
             client.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(Path("/dev/shm") / work.name, ignore_errors=True)
 
-    gen, rf = results["generation"], results["refit"]
+    finish(results, args)
+
+
+def finish(results: dict, args: argparse.Namespace) -> None:
+    gen = results["generation"]
     print()
-    print("| measurement | value |")
-    print("| --- | --- |")
-    print(f"| CPU server, {gen['prompts']} prompts x {gen['new_tokens']} tokens, concurrent | {gen['server_tokens_per_s']:.1f} tok/s |")
-    print(f"| transformers.generate loop (one prompt per call) | {gen['hf_generate_loop_tokens_per_s']:.1f} tok/s |")
-    print(f"| transformers.generate, one batched call | {gen['hf_generate_batched_tokens_per_s']:.1f} tok/s |")
-    print(f"| server / loop | {gen['speedup_vs_loop']:.2f}x (greedy equal to HF: {gen['greedy_outputs_equal_hf']}) |")
+    print("| workload | server tok/s (median) | batched HF generate tok/s (median) | server / HF per round | median | greedy equal |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, r in gen.items():
+        rounds = " ".join(f"{x:.2f}" for x in r["ratio_runs"])
+        print(f"| {name}: {r['prompts']} prompts, {r['tokens']} tokens | {r['server_tokens_per_s_median']:.1f} | "
+              f"{r['hf_batched_tokens_per_s_median']:.1f} | {rounds} | {r['ratio_median']:.2f}x | "
+              f"{r['greedy_outputs_equal_hf_batched']} |")
+    u = gen["uniform"]
+    print(f"\ntransformers.generate loop (one prompt per call, uniform): {u['hf_generate_loop_tokens_per_s']:.1f} tok/s; "
+          f"server / loop {u['server_tokens_per_s_median'] / u['hf_generate_loop_tokens_per_s']:.2f}x "
+          f"(greedy equal to the loop: {u['greedy_outputs_equal_hf_loop']})")
+    rf = results.get("refit", {})
+    if rf:
+        print()
+        print("| measurement | value |")
+        print("| --- | --- |")
     for name in ("disk", "disk_dev_shm", "distributed_gloo"):
         if name not in rf:
             continue
@@ -182,7 +260,8 @@ def main() -> None:
         split = f", write {r['write_s']:.1f} s + server load {r['server_load_s']:.1f} s" if "write_s" in r else ""
         print(f"| refit {name}: {r['gb']:.2f} GB in {r['buckets']} buckets | {r['seconds']:.2f} s = {r['gb_per_s']:.2f} GB/s "
               f"({r['gb_per_s'] / rf['memcpy_gb_per_s'] * 100:.0f}% of memcpy{split}) |")
-    print(f"| memcpy (torch copy_, 1 GiB fp32, best of before/after) | {rf['memcpy_gb_per_s']:.2f} GB/s |")
+    if rf:
+        print(f"| memcpy (torch copy_, 1 GiB fp32, best of before/after) | {rf['memcpy_gb_per_s']:.2f} GB/s |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -36,6 +36,8 @@ from sfpo_megatron.cpu_server.requests import FLOAT32_MIN, RequestError, Samplin
 
 logger = logging.getLogger("sfpo_megatron.cpu_server.server")
 
+THROUGHPUT_WINDOW_S = 10.0
+
 # ============================================================================================
 # Generation engine: one thread owns the model; batches, sampling, weight updates.
 # ============================================================================================
@@ -100,6 +102,7 @@ class GenerationEngine:
         *,
         eos_token_ids: set[int],
         max_batch_size: int = 64,
+        max_total_tokens: int | None = None,
         max_queued_sequences: int | None = None,
         weight_version: str = "default",
         return_original_logprob: bool = False,
@@ -112,6 +115,7 @@ class GenerationEngine:
         self.vocab_size = int(model.config.vocab_size)
         self.eos_token_ids = set(eos_token_ids)
         self.max_batch_size = max_batch_size
+        self.max_total_tokens = max_total_tokens
         self.max_queued_sequences = max_queued_sequences
         self.weight_version = weight_version
         self.return_original_logprob = return_original_logprob
@@ -131,6 +135,9 @@ class GenerationEngine:
         self._offload_path: Path | None = None
         self._param_shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self.stats = {"requests": 0, "sequences": 0, "generated_tokens": 0, "batches": 0, "weight_updates": 0}
+        self._started = time.monotonic()
+        # (time, tokens) of each sampling step in the last THROUGHPUT_WINDOW_S: the current tokens/s.
+        self._steps: deque[tuple[float, int]] = deque()
         self._thread = threading.Thread(target=self._loop, name="rollout-engine", daemon=True)
 
     # ---- thread-safe API ----------------------------------------------------------------
@@ -236,6 +243,43 @@ class GenerationEngine:
                 "num_tokens": sum(len(s.spec.prompt_ids) + len(s.output_ids) for s in self._running),
             }
 
+    def metrics(self) -> dict[str, Any]:
+        """SGLang's scheduler metrics: the load, the limits, and ``last_gen_throughput`` (generated
+        tokens/s over the last ``THROUGHPUT_WINDOW_S`` seconds, or since start when younger)."""
+        now = time.monotonic()
+        with self._cond:
+            self._expire_steps(now)
+            tokens = sum(n for _, n in self._steps)
+            reserved = sum(self._reserved(s) for s in self._running)
+        span = min(THROUGHPUT_WINDOW_S, now - self._started)
+        return {**self.load(), "last_gen_throughput": tokens / span if span > 0 else 0.0,
+                "reserved_tokens": reserved, "max_running_requests": self.max_batch_size,
+                "max_total_num_tokens": self.max_total_tokens}
+
+    def _expire_steps(self, now: float) -> None:
+        while self._steps and self._steps[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._steps.popleft()
+
+    @staticmethod
+    def _reserved(s: Sequence) -> int:
+        """The KV tokens a sequence may come to hold: its prompt and all its new tokens."""
+        return len(s.spec.prompt_ids) + s.spec.params.max_new_tokens
+
+    def _take_waiting(self, running: list[Sequence]) -> list[Sequence]:
+        """Under the lock: pop the waiting sequences that may join ``running``, in arrival order,
+        within ``max_batch_size`` sequences and ``max_total_tokens`` reserved tokens. A sequence
+        over the token budget on its own still runs when nothing else does."""
+        taken: list[Sequence] = []
+        budget = self.max_total_tokens
+        used = sum(self._reserved(s) for s in running)
+        while self._waiting and len(running) + len(taken) < self.max_batch_size:
+            need = self._reserved(self._waiting[0])
+            if budget is not None and used + need > budget and (running or taken):
+                break
+            used += need
+            taken.append(self._waiting.popleft())
+        return taken
+
     # ---- engine thread -----------------------------------------------------------------
 
     def _can_run(self) -> bool:
@@ -252,8 +296,7 @@ class GenerationEngine:
                 self._commands.clear()
                 batch: list[Sequence] = []
                 if not commands:
-                    while self._waiting and len(batch) < self.max_batch_size:
-                        batch.append(self._waiting.popleft())
+                    batch = self._take_waiting([])
                     self._running = batch
                     self._abort_all, self._abort_rids = False, set()
             for fn, fut in commands:
@@ -333,9 +376,7 @@ class GenerationEngine:
         with self._cond:
             if self._commands or not self._can_run():
                 return
-            new = []
-            while self._waiting and len(batch.seqs) + len(new) < self.max_batch_size:
-                new.append(self._waiting.popleft())
+            new = self._take_waiting(batch.seqs)
             if not new:
                 return
             self._running = self._running + new
@@ -436,19 +477,24 @@ class GenerationEngine:
 
     def _sample_step(self, batch: _Batch) -> None:
         logits = batch.logits
-        if torch.isnan(logits).any():
+        # Each full pass over (rows x vocab) costs about as much as a small model's decode step
+        # per row, so the row maxima are computed once: NaN anywhere makes its row's max NaN.
+        row_max = logits.amax(-1)
+        if torch.isnan(row_max).any():
             raise EngineError("the model produced NaN logits (corrupted weights?)")
         seqs = batch.seqs
         adjusted = self._adjust_logits(logits, batch)
-        temps = torch.tensor([1.0 if s.spec.params.greedy else s.spec.params.temperature for s in seqs])
-        scaled = adjusted / temps[:, None]
-        logp = torch.log_softmax(scaled, dim=-1)
-        report = torch.log_softmax(logits, dim=-1) if self.return_original_logprob else logp
-        report = report.clamp(min=FLOAT32_MIN)
+        temps = [1.0 if s.spec.params.greedy else s.spec.params.temperature for s in seqs]
+        # Dividing by 1.0 is exact: an all-greedy batch skips the pass and reuses the maxima.
+        scaled = adjusted if all(t == 1.0 for t in temps) else adjusted / torch.tensor(temps)[:, None]
+        samplable = torch.isfinite(row_max) if scaled is logits else _samplable(scaled)
+        report = None
+        if any(s.spec.return_logprob for s in seqs):
+            report = torch.log_softmax(logits if self.return_original_logprob else scaled, dim=-1)
         tokens = adjusted.argmax(dim=-1)
         # A request's own parameters can leave its row with nothing to sample (every op above is
         # row-wise): that sequence fails alone with a 400, the rest of the batch goes on unchanged.
-        failed = set(torch.nonzero(~_samplable(scaled))[:, 0].tolist())
+        failed = set(torch.nonzero(~samplable)[:, 0].tolist())
         for r in failed:
             self._fail(seqs[r], self._distribution_error(seqs[r], logits[r], None if batch.counts is None else batch.counts[r]))
         for r, s in enumerate(seqs):
@@ -464,7 +510,7 @@ class GenerationEngine:
                 failed.add(r)
                 self._fail(s, RequestError("sampling_params", f"top_k / top_p / min_p filtering left nothing to sample ({e})"))
         token_list = tokens.tolist()
-        lps = report.gather(1, tokens[:, None])[:, 0].tolist()
+        lps = [] if report is None else report.gather(1, tokens[:, None])[:, 0].clamp(min=FLOAT32_MIN).tolist()
         for r, s in enumerate(seqs):
             if r in failed:
                 continue
@@ -472,14 +518,20 @@ class GenerationEngine:
             s.output_ids.append(tok)
             if s.spec.return_logprob:
                 s.output_logprobs.append(lps[r])
+                row = report[r].clamp(min=FLOAT32_MIN) if s.spec.top_logprobs_num or s.spec.token_ids_logprob else None
                 if s.spec.top_logprobs_num:
-                    v, i = torch.topk(report[r], s.spec.top_logprobs_num)
+                    v, i = torch.topk(row, s.spec.top_logprobs_num)
                     s.output_top.append((v.tolist(), i.tolist()))
                 if s.spec.token_ids_logprob:
-                    s.output_ids_lp.append(report[r, s.spec.token_ids_logprob].tolist())
+                    s.output_ids_lp.append(row[s.spec.token_ids_logprob].tolist())
             if batch.counts is not None:
                 batch.counts[r, tok] += 1
-        self.stats["generated_tokens"] += len(seqs) - len(failed)
+        generated = len(seqs) - len(failed)
+        self.stats["generated_tokens"] += generated
+        now = time.monotonic()
+        with self._cond:
+            self._steps.append((now, generated))
+            self._expire_steps(now)
 
     @staticmethod
     def _fail(seq: Sequence, error: Exception) -> None:

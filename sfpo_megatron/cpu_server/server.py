@@ -9,9 +9,13 @@ Same routes and JSON shapes as SGLang, so the trainer's client (and SGLang's own
 work against either. Semantics that differ from a GPU SGLang server, all deliberate:
 
 * Generation: one engine thread owns the model and runs continuous batches of up to
-  ``--max-batch-size`` sequences (all prompts x ``n`` samples). Rows are left-padded, position ids
-  come from the attention mask, decoding uses HF's KV cache; finished rows leave the batch and
-  waiting requests are prefilled and merged into it between decode steps.
+  ``--max-batch-size`` sequences (all prompts x ``n`` samples) and, with ``--max-total-tokens``, a
+  budget of reserved tokens (prompt + ``max_new_tokens`` per sequence). Rows are left-padded, position
+  ids come from the attention mask, decoding uses HF's KV cache; a finished row leaves the batch at
+  once (its cache rows dropped, and the columns that are padding for every remaining row trimmed),
+  and waiting requests are prefilled together in one forward and merged into the batch after every
+  decode step. ``/get_server_info``'s ``internal_states`` report the running and waiting sequences
+  and ``last_gen_throughput`` (tokens/s over the last 10 s), like SGLang's.
 * ``--device cuda`` puts the model and its KV cache on the current GPU (token ids, logits and
   sampling stay on the host); weight-update groups are gloo either way.
 * Logprobs (``return_logprob``): ``meta_info.output_token_logprobs`` is ``[(logprob, token_id, None),
@@ -110,6 +114,7 @@ class ServerConfig:
     port: int = 30000
     api_key: str | None = None
     max_batch_size: int = 64
+    max_total_tokens: int | None = None
     max_request_bytes: int = 16 * 1024**2
     max_sequences_per_request: int = 1024
     max_queued_sequences: int = 8192
@@ -322,7 +327,7 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
         info.update({
             "backend": "sfpo-megatron-cpu", "version": "sfpo-megatron-cpu-0.1", "context_length": context_length,
             "weight_version": engine.weight_version, "uptime_s": time.time() - started,
-            "internal_states": [{**engine.stats, **engine.load(), "paused": engine.paused,
+            "internal_states": [{**engine.stats, **engine.metrics(), "paused": engine.paused,
                                  "pause_mode": engine.pause_mode, "released": engine.released}],
         })
         return info
@@ -604,7 +609,8 @@ def serve(cfg: ServerConfig) -> None:
     model, tokenizer, eos = _load_model(cfg)
     context_length = cfg.context_length or int(getattr(model.config, "max_position_embeddings", 4096))
     engine = GenerationEngine(
-        model, eos_token_ids=eos, max_batch_size=cfg.max_batch_size, max_queued_sequences=cfg.max_queued_sequences,
+        model, eos_token_ids=eos, max_batch_size=cfg.max_batch_size, max_total_tokens=cfg.max_total_tokens,
+        max_queued_sequences=cfg.max_queued_sequences,
         weight_version=cfg.weight_version,
         return_original_logprob=cfg.return_original_logprob, tokenizer=tokenizer,
         offload_dir=cfg.offload_dir, seed=cfg.random_seed,
@@ -628,7 +634,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health probes exempt)")
-    p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--max-batch-size", "--max-running-requests", dest="max_batch_size", type=int, default=64,
+                   help="sequences decoded together (SGLang's --max-running-requests)")
+    p.add_argument("--max-total-tokens", type=int, default=None,
+                   help="token budget of the running batch: a waiting sequence joins only while the running "
+                        "sequences' prompt + max_new_tokens, its own included, stay within it (one over the budget "
+                        "on its own still runs alone). Default: no budget, only --max-batch-size")
     p.add_argument("--max-request-bytes", type=int, default=16 * 1024**2, help="larger request bodies get 400")
     p.add_argument("--max-sequences-per-request", type=int, default=1024,
                    help="a /generate asking for more sequences (prompts x n) gets 400. Default 1024: the largest "
@@ -658,8 +669,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                         "sets it to --refit-timeout)")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
-    for name, lo in (("port", 1), ("max_batch_size", 1), ("max_request_bytes", 1), ("max_sequences_per_request", 1)):
-        if getattr(a, name) < lo:
+    for name, lo in (("port", 1), ("max_batch_size", 1), ("max_request_bytes", 1), ("max_sequences_per_request", 1),
+                     ("max_total_tokens", 1)):
+        if getattr(a, name) is not None and getattr(a, name) < lo:
             p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(a, name)}")
     if a.max_queued_sequences < a.max_sequences_per_request:
         p.error(f"--max-queued-sequences ({a.max_queued_sequences}) must be at least --max-sequences-per-request "

@@ -32,6 +32,7 @@ def _first_loss(root, ckpt, tp: int, name: str) -> float:
     return read_jsonl(logs / "metrics.jsonl")[0]["lm_loss"]
 
 
+@pytest.mark.slow  # conversion at two layouts, then TP=2 training
 def test_converted_checkpoint_trains_at_another_tp(converted):
     root, ckpt = converted
     # converted at TP=1, trained at TP=2 (and DP=1) vs trained at TP=1 (DP=2): same global batch

@@ -32,6 +32,7 @@ def rl_flags(model: Path, root: Path) -> list[str]:
             "--log-dir", str(root / "logs")]
 
 
+@pytest.mark.slow  # a TP=2 rl run with a reference policy
 @pytest.mark.flags("--kl-coef", "--ref-load")
 def test_kl_penalty_against_the_reference_checkpoint(tmp_path: Path) -> None:
     model = save_rollout_model(tmp_path / "model", seed=2)

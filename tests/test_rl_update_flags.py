@@ -93,6 +93,7 @@ def test_ppo_epochs_with_sfpo_or_below_one_is_refused(capsys: pytest.CaptureFixt
 PROMPTS = [{"prompt": "one two three", "answer": "four"}, {"prompt": "the quick brown", "answer": "fox"}]
 
 
+@pytest.mark.slow  # two rl runs; the update itself is checked in the default tier
 @pytest.mark.flags("--ppo-epochs", "--allow-unclipped-multi-step", "--log-dir", "--num-rollouts")
 def test_ppo_epochs_and_unclipped_override_end_to_end(tmp_path: Path) -> None:
     """A real one-step GRPO run (CPU rollout server) with 2 PPO epochs of 2 mini-batches and no

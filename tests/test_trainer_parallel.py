@@ -71,6 +71,7 @@ def layout_runs(base) -> dict:
     return {name: _train(base, name, 2, extra) for name, extra in LAYOUTS.items()}
 
 
+@pytest.mark.slow  # four 2-process pretraining runs (the layouts) and a reference
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_matches_single_process(reference, layout_runs, name):
     got = layout_runs[name]
@@ -95,6 +96,7 @@ _TP_SHARDED = (".linear_qkv.weight", ".linear_qkv.bias", ".linear_proj.weight", 
                ".linear_fc2.weight", "word_embeddings.weight")
 
 
+@pytest.mark.slow  # four 2-process pretraining runs (the layouts) and a reference
 @pytest.mark.flags("--tensor-model-parallel-size", cmd="pretrain")
 def test_tensor_parallel_rank_holds_its_shard(base, layout_runs):
     """TP=2: rank 0's fp32 main params are exactly its shard of every tensor (half of each
@@ -105,6 +107,7 @@ def test_tensor_parallel_rank_holds_its_shard(base, layout_runs):
     assert layout_runs["tp2"]["metrics"][0]["optimizer/main_param_bytes"] == 4 * expected
 
 
+@pytest.mark.slow  # four 2-process pretraining runs (the layouts) and a reference
 @pytest.mark.flags("--use-distributed-optimizer", cmd="pretrain")
 def test_distributed_optimizer_shards_state(reference, layout_runs):
     dp1 = reference["metrics"][0]

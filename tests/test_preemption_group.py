@@ -34,6 +34,25 @@ def command(model: Path, data: Path, out: Path) -> list[str]:
             "--save", str(out / "ckpt"), "--save-interval", "1", "--log-dir", str(out / "logs")]
 
 
+def sigterm_group_after_checkpoint(cmd: list[str], ckpt: Path, log: Path, ready) -> int:
+    """Start ``cmd`` as a session leader, SIGTERM its whole group once the checkpoint tracker
+    holds an iteration ``ready`` accepts; its exit code."""
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    try:
+        tracker = ckpt / "latest_checkpointed_iteration.txt"
+        deadline = time.monotonic() + 300
+        while not (tracker.exists() and tracker.read_text().strip() and ready(int(tracker.read_text()))):
+            assert proc.poll() is None, f"run ended ({proc.returncode}) before the checkpoint:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.slow  # two trainer runs: ~35 s of wall time on idle cores, 80 s on busy ones
 def test_group_wide_sigterm_checkpoints_exits_143_and_resumes(tmp_path: Path) -> None:
     from sfpo_megatron.components.checkpoint import read_tracker, validate_checkpoint_dir
@@ -43,21 +62,8 @@ def test_group_wide_sigterm_checkpoints_exits_143_and_resumes(tmp_path: Path) ->
     data.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in PROMPTS))
     out = tmp_path / "run"
     log = tmp_path / "trainer.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(command(model, data, out), stdout=f, stderr=subprocess.STDOUT, env=ENV,
-                                start_new_session=True)
-    try:
-        tracker = out / "ckpt" / "latest_checkpointed_iteration.txt"
-        deadline = time.monotonic() + 300
-        while not (tracker.exists() and tracker.read_text() == "2"):
-            assert proc.poll() is None, f"run ended ({proc.returncode}) before its step-2 checkpoint:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no step-2 checkpoint within 5 minutes"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    rc = sigterm_group_after_checkpoint(command(model, data, out), out / "ckpt", log,
+                                        lambda it: it == 2)
     assert rc == 143, log.read_text()[-6000:]
     # Step 3 finished with its rewards scored (the reward worker was not killed) and was saved.
     assert read_tracker(str(out / "ckpt")) == 3
@@ -105,20 +111,7 @@ def test_pretrain_group_wide_sigterm_checkpoints_and_resumes(tmp_path: Path) -> 
            "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "100000",
            "--save", str(out / "ckpt"), "--save-interval", "1", "--log-dir", str(out / "logs")]
     log = tmp_path / "trainer.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
-    try:
-        tracker = out / "ckpt" / "latest_checkpointed_iteration.txt"
-        deadline = time.monotonic() + 300
-        while not (tracker.exists() and int(tracker.read_text() or 0) >= 2):
-            assert proc.poll() is None, f"run ended ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no second checkpoint within 5 minutes"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    rc = sigterm_group_after_checkpoint(cmd, out / "ckpt", log, lambda it: it >= 2)
     assert rc == 143, log.read_text()[-6000:]
     stopped = read_tracker(str(out / "ckpt"))
     validate_checkpoint_dir(str(out / "ckpt" / f"iter_{stopped:07d}"))

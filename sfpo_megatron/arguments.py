@@ -69,6 +69,16 @@ def add_training_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recompute of every layer")
+    if rl:
+        g.add_argument("--offload-train", action="store_true",
+                       help="with --colocate on GPUs: the trainer's weights, gradient buffers and "
+                            "optimizer state wait in pinned host memory while the rollout servers "
+                            "generate, and come back before the update (megatron-core's buffer and "
+                            "optimizer offload); on a CPU machine a no-op with one log line")
+        g.add_argument("--optimizer-cpu-offload", action="store_true",
+                       help="with --use-distributed-optimizer on GPUs: Adam's moments and step on "
+                            "the host (megatron-core's HybridDeviceOptimizer, all of the shard); "
+                            "on a CPU machine a no-op with one log line")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:

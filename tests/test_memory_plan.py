@@ -158,6 +158,27 @@ def test_search_lists_the_fitting_layouts_rl_accepts(capsys) -> None:
     assert (1, 8) not in listed and (1, 1) not in listed and (4, 2) in listed
 
 
+@pytest.mark.flags("--optimizer-cpu-offload", cmd="plan")
+def test_optimizer_cpu_offload_moves_adam_to_the_host(capsys) -> None:
+    common = ["--model-config", str(QWEN7B), "--gpus", "8", "--seq-length", "4096", "--bf16",
+              "--use-distributed-optimizer", "--tensor-model-parallel-size", "4"]
+    on_gpu = plan_json(capsys, *common)["ranks"][0]
+    offload = plan_json(capsys, *common, "--optimizer-cpu-offload")["ranks"][0]
+    assert offload["adam_moments"] == 0 and on_gpu["adam_moments"] > 0
+    assert on_gpu["total"] - offload["total"] == on_gpu["adam_moments"]
+    # Host: the moments, a copy of the main-param shard and its gradient (4 fp32 per element).
+    assert offload["optimizer_host"] == 2 * on_gpu["adam_moments"] == 4 * on_gpu["main_params"]
+    assert on_gpu["optimizer_host"] == 0
+    main(["plan", *common, "--optimizer-cpu-offload", "--gpu-memory", "80GB"])
+    text = capsys.readouterr().out
+    assert ", optimizer on the host" in text.splitlines()[0]
+    host_row = [line.split() for line in text.splitlines() if line.startswith("optimizer (host)")]
+    assert host_row == [["optimizer", "(host)", f"{offload['optimizer_host'] / 2**30:.2f}"]]
+    assert plan_error(capsys, *common[:-3], "--optimizer-cpu-offload") == (
+        "sfpo-megatron plan: error: --optimizer-cpu-offload runs megatron-core's HybridDeviceOptimizer "
+        "inside the distributed optimizer: add --use-distributed-optimizer")
+
+
 def test_layouts_rl_refuses_give_rl_errors(capsys, tmp_path: Path) -> None:
     common = ["--model-config", str(QWEN7B), "--gpus", "8", "--seq-length", "4096"]
     assert plan_error(capsys, *common, "--tensor-model-parallel-size", "3") == (

@@ -73,6 +73,7 @@ class Layout:
     tokens: int = 4096  # tokens of one micro-batch
     sfpo: bool = True  # the θ0 snapshot exists (SFPO with α > 0 and K > 0)
     snapshot_offload: bool = False
+    optimizer_offload: bool = False  # --optimizer-cpu-offload
     refit_buffer: int = 512 * 2**20
 
 
@@ -85,6 +86,7 @@ class RankPlan:
     params: int  # parameter count on this rank
     bytes: dict[str, int] = field(default_factory=dict)
     snapshot_host_bytes: int = 0
+    optimizer_host_bytes: int = 0
 
     @property
     def total(self) -> int:
@@ -277,12 +279,15 @@ def rank_plan(s: ModelShape, lay: Layout, pp_rank: int) -> RankPlan:
         "weights": weights,
         "grad_buffers": grads,
         "main_params": main,
-        "adam_moments": 2 * main_elems * FP32,
+        "adam_moments": 0 if lay.optimizer_offload else 2 * main_elems * FP32,
         "sfpo_snapshot": 0 if lay.snapshot_offload else snapshot,
         "activations": activation_bytes(s, lay, pp_rank),
         "refit_buffers": refit,
     }
     plan.snapshot_host_bytes = snapshot if lay.snapshot_offload else 0
+    # HybridDeviceOptimizer on the host: a copy of the main-param shard, its gradient and the two
+    # moments; the distributed optimizer's main-param shard stays on the GPU.
+    plan.optimizer_host_bytes = 4 * main_elems * FP32 if lay.optimizer_offload else 0
     return plan
 
 
@@ -333,7 +338,8 @@ def to_json(s: ModelShape, lay: Layout, plans: list[RankPlan], v: Verdict) -> di
         "model": asdict(s),
         "layout": asdict(lay),
         "ranks": [{"stage": p.stage, "pp_rank": p.pp_rank, "params": p.params, **p.bytes,
-                   "total": p.total, "sfpo_snapshot_host": p.snapshot_host_bytes} for p in plans],
+                   "total": p.total, "sfpo_snapshot_host": p.snapshot_host_bytes,
+                   "optimizer_host": p.optimizer_host_bytes} for p in plans],
         "gpu_memory": v.gpu_memory,
         "fits": v.fits,
         "worst_stage": v.worst_stage,
@@ -353,7 +359,8 @@ def format_table(lay: Layout, plans: list[RankPlan], v: Verdict) -> str:
              + f" DP={lay.dp}, {lay.tokens} tokens per micro-batch"
              + (", distributed optimizer" if lay.distributed_optimizer else "")
              + (", bf16" if lay.bf16 else ", fp32")
-             + (", recompute" if lay.recompute else ""), head, "-" * len(head)]
+             + (", recompute" if lay.recompute else "")
+             + (", optimizer on the host" if lay.optimizer_offload else ""), head, "-" * len(head)]
     for row in ROWS:
         lines.append(f"{row:<16}" + "".join(f"{gib(p.bytes[row]):>{width + 2}}" for p in plans))
     lines.append("-" * len(head))
@@ -361,6 +368,9 @@ def format_table(lay: Layout, plans: list[RankPlan], v: Verdict) -> str:
     if any(p.snapshot_host_bytes for p in plans):
         lines.append(f"{'snapshot (host)':<16}"
                      + "".join(f"{gib(p.snapshot_host_bytes):>{width + 2}}" for p in plans))
+    if any(p.optimizer_host_bytes for p in plans):
+        lines.append(f"{'optimizer (host)':<16}"
+                     + "".join(f"{gib(p.optimizer_host_bytes):>{width + 2}}" for p in plans))
     lines.append(f"{'params':<16}" + "".join(f"{p.params:>{width + 2},}" for p in plans))
     if v.fits:
         lines.append(f"verdict: fits in {gib(v.gpu_memory)} GiB ({gib(v.margin)} GiB left on the "

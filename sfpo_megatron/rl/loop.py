@@ -69,6 +69,7 @@ from sfpo_megatron.rollout.async_producer import (
 from sfpo_megatron.rollout.engines import RolloutEngines, check_rollout_args, tokenizer_side_dirs
 from sfpo_megatron.rollout.generate import RolloutWorker
 from sfpo_megatron.trainer.model_setup import build_reference_model, build_training_setup
+from sfpo_megatron.trainer.offload import TrainStateOffload
 from sfpo_megatron.trainer.pretrain import check_args
 from sfpo_megatron.trainer.train_batch import check_update_layout
 from sfpo_megatron.update.policy_update import PolicyUpdater, check_update_args
@@ -140,8 +141,18 @@ def check_rl_args(args: argparse.Namespace) -> None:
     if not args.rollout_temperature > 0:
         raise RLConfigError(f"--rollout-temperature must be > 0 (the trainer's logprobs use it), "
                             f"got {args.rollout_temperature}")
+    check_offload_args(args)
     check_update_args(args)  # --ppo-epochs, --no-ppo-clip with several steps, ...
     check_context_parallel(args)
+
+
+def check_offload_args(args: argparse.Namespace) -> None:
+    if args.offload_train and not args.colocate:
+        raise RLConfigError("--offload-train frees the trainer's GPU memory for rollout servers that share its "
+                            "GPUs: add --colocate (disaggregated servers have GPUs of their own)")
+    if args.optimizer_cpu_offload and not args.use_distributed_optimizer:
+        raise RLConfigError("--optimizer-cpu-offload runs megatron-core's HybridDeviceOptimizer inside the "
+                            "distributed optimizer: add --use-distributed-optimizer")
 
 
 def check_context_parallel(args: argparse.Namespace) -> None:
@@ -190,6 +201,7 @@ class RLRun:
         self.preemption = None
         self.producer = None  # AsyncRolloutProducer on global rank 0 with --async-rollout
         self.batch_log = None
+        self.offload: TrainStateOffload | None = None
         self.tmpdir: str | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -223,8 +235,21 @@ class RLRun:
         self.engines = RolloutEngines(a, a.model_config, workdir, tokenizer_side_dirs(a, self.tokenizer),
                                       self.sglang_args)
         self.engines.start(self.setup_.model, self.state.weight_version)
+        self.offload = self._train_offload()
+        if self.offload is not None:
+            self.offload.to_host()  # the servers generate the first batch
         if a.async_rollout:
             on_rank0(self._start_producer)
+
+    def _train_offload(self) -> TrainStateOffload | None:
+        if not self.args.offload_train:
+            return None
+        if not current_platform().is_cuda:
+            if self.rank == 0:
+                log.info("--offload-train: no GPU on this machine, the trainer's state already lives in "
+                         "host memory: nothing to offload")
+            return None
+        return TrainStateOffload(self.setup_.model, self.setup_.optimizer)
 
     def _setup_rank0_data(self) -> None:
         a = self.args
@@ -296,6 +321,8 @@ class RLRun:
         if self.rank == 0:
             self._log_batch(step, rollout)
         self.engines.release_memory()  # colocated: the servers give the devices to training
+        if self.offload is not None:
+            self.offload.to_device()
         update = self.updater.update(rollout.samples, step)
         refit_wait_s = 0.0
         if a.async_exact_staleness:
@@ -304,7 +331,8 @@ class RLRun:
             t_wait = time.perf_counter()
             on_rank0(lambda: self.producer.wait_until_produced(step + a.max_staleness))
             refit_wait_s = time.perf_counter() - t_wait
-        refit = self.engines.refit(self.setup_.model, st.weight_version + 1)
+        refit = self.engines.refit(self.setup_.model, st.weight_version + 1,
+                                   after_push=self.offload.to_host if self.offload is not None else None)
         st.weight_version += 1
         st.step = step
         if self.producer is not None:
@@ -376,10 +404,15 @@ class RLRun:
 
         # The sampler lives on rank 0; every rank saves the same extra_state.
         extra = on_rank0(state)
+        offloaded = self.offload is not None and self.offload.on_host
+        if offloaded:  # the checkpoint reads the device buffers
+            self.offload.to_device()
         # The save's helper processes must outlive a group-wide SIGTERM (see components/preemption.py).
         with self.preemption.deferred():
             save_checkpoint(self.args.save, st.step, self.setup_.model, self.setup_.optimizer,
                             self.setup_.scheduler, extra, optim_sharding=self.args.dist_ckpt_optim_sharding)
+        if offloaded:
+            self.offload.to_host()
 
     def close(self) -> None:
         if self.producer is not None:

@@ -128,6 +128,8 @@ def plan_layout(args: argparse.Namespace, arch) -> tuple[memory_plan.ModelShape,
     layout = memory_plan.Layout(
         tp=tp, pp=args.pipeline_model_parallel_size, dp=dp,
         vpp=args.virtual_pipeline_model_parallel_size,
+        ep=getattr(args, "expert_model_parallel_size", 1),
+        etp=getattr(args, "expert_tensor_parallel_size", None),
         distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16,
         recompute=args.recompute_activations, tokens=tokens,
         sfpo=args.algorithm == "sfpo" and args.sfpo_alpha > 0,

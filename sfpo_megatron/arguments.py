@@ -29,9 +29,10 @@ def add_parallel_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     if rl:
         g.add_argument("--context-parallel-size", type=int, default=1,
-                       help="split sequences over N ranks (megatron's CP lives in Transformer "
-                            "Engine's attention): GPUs with TE only, and not yet run by the "
-                            "policy update; refused with a clear error elsewhere")
+                       help="split every packed sequence over N ranks (megatron's load-balanced "
+                            "chunks; needs --use-dynamic-batch-size): Transformer Engine's "
+                            "attention with --transformer-impl transformer_engine, else the "
+                            "local spec's attention over all-gathered keys and values")
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true",
                    help="needs Transformer Engine or apex norms (GPU)")

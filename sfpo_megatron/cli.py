@@ -113,6 +113,10 @@ def plan_layout(args: argparse.Namespace, arch) -> tuple[memory_plan.ModelShape,
     check_rollout_args(args)
     check_context_parallel(args)
     check_offload_args(args)
+    if args.context_parallel_size > 1:
+        raise UserError(f"sfpo-megatron plan does not model context parallelism yet "
+                        f"(--context-parallel-size {args.context_parallel_size}): plan the layout "
+                        "with --context-parallel-size 1 and the micro-batch's tokens divided by it")
     dp = check_rl_layout(args, arch, args.gpus)
     if args.use_dynamic_batch_size:
         tokens = args.max_tokens_per_gpu

@@ -190,6 +190,11 @@ def test_layouts_rl_refuses_give_rl_errors(capsys, tmp_path: Path) -> None:
     assert plan_error(capsys, *common, "--pipeline-model-parallel-size", "8") == (
         "sfpo-megatron plan: error: pipeline-model-parallel-size 8 does not divide the number of "
         "layers 28")
+    assert plan_error(capsys, *common, "--context-parallel-size", "2", "--use-dynamic-batch-size",
+                      "--max-tokens-per-gpu", "8192") == (
+        "sfpo-megatron plan: error: sfpo-megatron plan does not model context parallelism yet "
+        "(--context-parallel-size 2): plan the layout with --context-parallel-size 1 and the "
+        "micro-batch's tokens divided by it")
     assert plan_error(capsys, *common, "--rollout-batch-size", "1", "--n-samples-per-prompt",
                       "4") == (
         "sfpo-megatron plan: error: global-batch-size 4 is not divisible by micro-batch-size 1 x "

@@ -53,7 +53,7 @@ from sfpo_megatron.data.prompts import PromptSampler, dataset_kwargs, load_eval_
 from sfpo_megatron.data.rewards import reward_fn_from_args, reward_runner_from_args
 from sfpo_megatron.data.tokenizer import tokenizer_from_args
 from sfpo_megatron.distributed import parallel
-from sfpo_megatron.distributed.platform import current_platform, gpu_available, setup_platform
+from sfpo_megatron.distributed.platform import current_platform, setup_platform
 from sfpo_megatron.distributed.rank0 import on_rank0
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.models.hf_config import load_hf_config
@@ -156,25 +156,21 @@ def check_offload_args(args: argparse.Namespace) -> None:
 
 
 def check_context_parallel(args: argparse.Namespace) -> None:
-    """``--context-parallel-size``: megatron's CP lives in Transformer Engine's attention (GPU),
-    and the update does not split sequences over a CP group; refused before anything is built."""
+    """``--context-parallel-size``: each packed sequence split over the CP group (load-balanced
+    chunks); only packed micro-batches can be split, and per-trajectory exact gradient norms
+    cannot. Refused before anything is built."""
     cp = args.context_parallel_size
     if cp == 1:
         return
     if cp < 1:
         raise RLConfigError(f"--context-parallel-size must be >= 1, got {cp}")
-    if not gpu_available():
-        raise RLConfigError(f"--context-parallel-size {cp} needs GPUs with Transformer Engine "
-                            "(megatron's context parallelism lives in TE's attention); this "
-                            "machine has no GPU: use --context-parallel-size 1")
-    if args.transformer_impl != "transformer_engine":
-        raise RLConfigError(f"--context-parallel-size {cp} needs --transformer-impl "
-                            "transformer_engine (megatron's context parallelism lives in TE's "
-                            "attention)")
-    raise RLConfigError(f"--context-parallel-size {cp}: the policy update does not split "
-                        "sequences over a context-parallel group yet; use "
-                        "--context-parallel-size 1 (with --use-dynamic-batch-size for long "
-                        "sequences)")
+    if not args.use_dynamic_batch_size:
+        raise RLConfigError(f"--context-parallel-size {cp} splits packed sequences over ranks: add "
+                            "--use-dynamic-batch-size --max-tokens-per-gpu N")
+    if args.off_policy_baseline == "opob" and args.opob_grad_norm == "exact":
+        raise RLConfigError(f"--context-parallel-size {cp}: --opob-grad-norm exact takes per-trajectory "
+                            "gradients, which context parallelism splits over ranks: use "
+                            "--opob-grad-norm logit")
 
 
 def check_rl_layout(args: argparse.Namespace, arch, world_size: int) -> int:
@@ -215,7 +211,7 @@ class RLRun:
         check_rl_layout(a, self.arch, parallel.read_dist_env().world_size)
         parallel.initialize(tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
                             vpp=a.virtual_pipeline_model_parallel_size, seed=a.seed,
-                            timeout_minutes=a.distributed_timeout_minutes)
+                            timeout_minutes=a.distributed_timeout_minutes, cp=a.context_parallel_size)
         self.rank = dist.get_rank()
         a.calculate_per_token_loss = False  # the RL losses normalise over the mini-batch themselves
         self.setup_ = build_training_setup(a, self.arch, total_scheduler_steps=max(a.num_rollouts, 1))

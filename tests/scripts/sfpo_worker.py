@@ -68,14 +68,14 @@ LAYOUTS = {  # scenario → (tp, pp, extra flags, setting overrides)
 ONE_STEP = {"grpo", "alpha0", "k0a1", "dp2_grpo", "dp2_k0a1"}
 
 
-def reinit(tp: int, pp: int, seed: int) -> None:
+def reinit(tp: int, pp: int, seed: int, cp: int = 1) -> None:
     from megatron.core import parallel_state as ps
 
     from sfpo_megatron.distributed import parallel
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    parallel.initialize(tp=tp, pp=pp, seed=seed)
+    parallel.initialize(tp=tp, pp=pp, seed=seed, cp=cp)
 
 
 def hf_params(setup, hf: Path) -> dict[str, torch.Tensor]:

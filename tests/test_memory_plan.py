@@ -200,12 +200,13 @@ def test_layouts_rl_refuses_give_rl_errors(capsys, tmp_path: Path) -> None:
         "sfpo-megatron plan: error: global-batch-size 4 is not divisible by micro-batch-size 1 x "
         "data-parallel-size 8 = 8")
     moe = json.loads((QWEN7B / "config.json").read_text())
-    moe.update(model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8)
+    moe.update(model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8,
+               moe_intermediate_size=768)
     (tmp_path / "config.json").write_text(json.dumps(moe))
     assert plan_error(capsys, "--model-config", str(tmp_path), "--gpus", "8",
                       "--seq-length", "4096") == (
-        "sfpo-megatron plan: error: unsupported model_type 'qwen3_moe'; supported: llama, "
-        "qwen2, qwen3")
+        "sfpo-megatron plan: error: the memory planner does not model mixture-of-experts layers "
+        "(qwen3_moe, 128 experts)")
 
 
 def test_memory_doc_shows_the_planner_output(capsys) -> None:

@@ -220,6 +220,8 @@ def _moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise UnsupportedModelError(
             f"{cfg['model_type']}: num_experts_per_tok={top_k} must be between 1 and "
             f"num_experts={experts}")
+    if not cfg.get("moe_intermediate_size"):
+        raise UnsupportedModelError(f"{cfg['model_type']}: the config has no moe_intermediate_size")
     return dict(num_experts=experts, moe_top_k=top_k,
                 moe_intermediate_size=int(cfg["moe_intermediate_size"]), moe_layers=sparse,
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),

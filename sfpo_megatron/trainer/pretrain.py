@@ -62,7 +62,9 @@ def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
         pp=args.pipeline_model_parallel_size, vpp=args.virtual_pipeline_model_parallel_size,
         num_layers=arch.num_layers, num_attention_heads=arch.num_heads,
         num_query_groups=arch.num_kv_heads, micro_batch_size=args.micro_batch_size,
-        global_batch_size=args.global_batch_size, cp=getattr(args, "context_parallel_size", 1))
+        global_batch_size=args.global_batch_size, cp=getattr(args, "context_parallel_size", 1),
+        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
+        num_experts=arch.num_experts)
     if args.sequence_parallel and args.transformer_impl != "transformer_engine":
         raise parallel.LayoutError("--sequence-parallel needs --transformer-impl "
                                    "transformer_engine (megatron's torch norms refuse it)")
@@ -192,7 +194,8 @@ def pretrain(args: argparse.Namespace) -> dict:
     tokenizer = build_tokenizer(args, arch)  # before any process group: a bad flag stops here
     parallel.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, seed=args.seed,
-                        timeout_minutes=args.distributed_timeout_minutes)
+                        timeout_minutes=args.distributed_timeout_minutes,
+                        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size)
     args.calculate_per_token_loss = True
     setup = build_training_setup(args, arch, total_scheduler_steps=args.train_iters)
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

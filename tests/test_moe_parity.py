@@ -21,11 +21,12 @@ from tiny_models import CONVERSION, save_moe_model
 
 VOCAB = CONVERSION["vocab_size"]
 MODELS = {"moe": dict(), "moe_mixed": dict(mlp_only_layers=[1], norm_topk_prob=False)}
-# name → (tp, pp, ep, dispatcher)
-LAYOUTS_2 = {"ep1": (1, 1, 1, "alltoall"), "ep2": (1, 1, 2, "alltoall"),
-             "ep2_allgather": (1, 1, 2, "allgather"), "tp2": (2, 1, 1, "alltoall"),
-             "pp2": (1, 2, 1, "alltoall")}
-LAYOUTS_4 = {"ep2_pp2": (1, 2, 2, "alltoall")}
+# name → (tp, pp, ep, expert tp, dispatcher)
+LAYOUTS_2 = {"ep1": (1, 1, 1, 1, "alltoall"), "ep2": (1, 1, 2, 1, "alltoall"),
+             "ep2_allgather": (1, 1, 2, 1, "allgather"), "tp2": (2, 1, 1, 2, "alltoall"),
+             "tp2_etp1_ep2": (2, 1, 2, 1, "alltoall"), "etp2": (1, 1, 1, 2, "alltoall"),
+             "pp2": (1, 2, 1, 1, "alltoall")}
+LAYOUTS_4 = {"ep2_pp2": (1, 2, 2, 1, "alltoall")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,11 +83,11 @@ def worker(hf_root: str, out_path: str, layouts: str) -> None:
             os.path.join(hf_root, n), dtype=torch.float32).eval()(tokens).logits for n in MODELS}
     setup_platform()
     results: dict = {}
-    for layout, (tp, pp, ep, dispatcher) in json.loads(layouts).items():
-        parallel.initialize(tp=tp, pp=pp, ep=ep, seed=0)
+    for layout, (tp, pp, ep, etp, dispatcher) in json.loads(layouts).items():
+        parallel.initialize(tp=tp, pp=pp, ep=ep, etp=etp, seed=0)
         for name in MODELS:
             d = os.path.join(hf_root, name)
-            model = model_provider(d, tp=tp, pp=pp, ep=ep, perform_initialization=False,
+            model = model_provider(d, tp=tp, pp=pp, ep=ep, etp=etp, perform_initialization=False,
                                    moe_token_dispatcher_type=dispatcher).eval()
             load_hf_weights([model], d, d)
             logits = _megatron_logits(model, tokens)

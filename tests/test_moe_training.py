@@ -109,3 +109,20 @@ def test_sfpo_without_aux_loss_matches_the_reference(runs):
     ref = dict(ref, params=_per_expert(ref["params"]), init=_per_expert(ref["init"]))
     assert_same_params(runs["ep1_noaux"]["params"], ref, "ep1_noaux")
     assert sorted(runs["ep1_noaux"]["params"]) == sorted(ref["params"])
+
+
+def test_router_metrics_every_step(runs):
+    """Load balance (busiest expert over the mean) and aux loss are logged at every step, the same
+    at EP=1 and EP=2 (the routers see the same tokens); no aux loss when its coefficient is 0."""
+    for name in ("ep1", "ep2", "ep1_noaux"):
+        assert len(runs[name]["metrics"]) == 2
+        for m in runs[name]["metrics"]:
+            ratio = m["moe/tokens_per_expert_max_over_mean"]
+            assert 1.0 < ratio <= 8 / 2, (name, ratio)  # top-2 of 8: at most 4x the mean
+            assert m["moe/tokens_per_expert_max_over_mean_layer_avg"] <= ratio
+            assert ("moe/aux_loss" in m) == (name != "ep1_noaux")
+    for m1, m2 in zip(runs["ep1"]["metrics"], runs["ep2"]["metrics"]):
+        assert m2["moe/tokens_per_expert_max_over_mean"] == m1["moe/tokens_per_expert_max_over_mean"]
+        # the switch loss num_experts * Σ f_e P_e is 1 for a uniform router, here close to it
+        assert 0.9 < m1["moe/aux_loss"] < 2.0
+        assert abs(m2["moe/aux_loss"] - m1["moe/aux_loss"]) < 1e-5 * m1["moe/aux_loss"]

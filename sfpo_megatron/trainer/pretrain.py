@@ -65,6 +65,11 @@ def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
         global_batch_size=args.global_batch_size, cp=getattr(args, "context_parallel_size", 1),
         ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
         num_experts=arch.num_experts)
+    if arch.is_moe and args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        raise parallel.LayoutError(
+            f"tensor-model-parallel-size {args.tensor_model_parallel_size} with a "
+            "mixture-of-experts model needs --sequence-parallel (megatron's MoE layers refuse to "
+            "train without it)")
     if args.sequence_parallel and args.transformer_impl != "transformer_engine":
         raise parallel.LayoutError("--sequence-parallel needs --transformer-impl "
                                    "transformer_engine (megatron's torch norms refuse it)")

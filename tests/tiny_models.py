@@ -7,6 +7,7 @@ presets below are the models several tests share.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -185,3 +186,18 @@ def save_rollout_model(path: Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = EOS
     model.save_pretrained(path)
     return save_bpe_tokenizer(path, ROLLOUT_CORPUS, 300)
+
+
+def save_moe_rollout_model(path: Path, seed: int = 0) -> Path:
+    """save_rollout_model's vocabulary and tokenizer on a tiny random Qwen3-MoE (MOE). The
+    tokenizer is declared a Qwen2Tokenizer, as Qwen3-MoE's are, which adds "<|endoftext|>"."""
+    model = tiny_model("qwen3_moe", seed, **{**MOE, "vocab_size": ROLLOUT_VOCAB,
+                                            "max_position_embeddings": 512,
+                                            "initializer_range": 0.2, "eos_token_id": EOS})
+    model.generation_config.eos_token_id = EOS
+    model.save_pretrained(path)
+    save_bpe_tokenizer(path, ROLLOUT_CORPUS, 300)
+    config = Path(path) / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "tokenizer_class": "Qwen2Tokenizer"}))
+    return Path(path)

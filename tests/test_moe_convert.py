@@ -4,7 +4,7 @@ for checkpoints and layouts that do not fit.
 * Converted at EP=2 (torchrun, gloo), exported by one process at EP=1 (megatron reshards the
   experts): every tensor, experts included, comes back bit for bit and the directory loads with
   ``AutoModelForCausalLM`` giving the original logits.
-* ``slow``: converted at PP=2, exported under torchrun at EP=2.
+* Converted at PP=2, exported under torchrun at EP=2 (both ``slow``: two launches each).
 * A checkpoint with a missing or extra expert tensor, or made for another expert count, is refused
   with an error naming the tensor / the numbers; impossible expert layouts likewise.
 """
@@ -70,6 +70,7 @@ def _round_trip(tmp_path: Path, convert: list[str], export: list[str] | None, mo
     assert torch.equal(got, ref)
 
 
+@pytest.mark.slow
 def test_round_trip_ep2_to_ep1(tmp_path):
     _round_trip(tmp_path, ["--expert-model-parallel-size", "2"], None, moe_layers=2)
 

@@ -2,8 +2,9 @@
 
 One real ``torchrun --nproc_per_node 2`` (gloo) launch of tests/scripts/moe_worker.py runs two
 SFPO steps (K = 2 fast passes, reposition α = 0.8, slow pass) with the distributed optimizer at
-EP=1 (experts data-parallel) and at EP=2 (each rank holds 4 experts; the expert parameters' fp32
-main-param shards live in their own optimizer), on the same rollout batches. The whole parameter
+EP=1 (experts data-parallel), at EP=2 (each rank holds 4 experts; the expert parameters' fp32
+main-param shards live in their own optimizer; alltoall and allgather dispatchers), on the same
+rollout batches. The whole parameter
 vector after the updates, experts gathered over the expert-parallel group, agrees (relative error
 < 1e-5); and with ``--moe-aux-loss-coeff 0`` EP=1 equals a plain-PyTorch reference of SFPO
 (tests/reference_sfpo.py) on the HF model, which has no auxiliary loss in training.
@@ -23,6 +24,9 @@ SETTINGS = sfpo_common.SETTINGS
 WORKER = str(SCRIPTS / "moe_worker.py")
 SCENARIOS = ["ep1", "ep2", "ep2_allgather", "ep1_noaux"]
 REL = 1e-5
+
+
+pytestmark = pytest.mark.slow  # one 2-process launch, ~20 s
 
 
 @pytest.fixture(scope="module")

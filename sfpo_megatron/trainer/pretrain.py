@@ -53,6 +53,16 @@ class Preempted(SystemExit):
 
 def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
     """Layout and batch checks before anything is built; returns the data-parallel size."""
+    tp, etp = args.tensor_model_parallel_size, args.expert_tensor_parallel_size
+    if arch.is_moe and tp > 1 and not args.sequence_parallel:
+        raise parallel.LayoutError(
+            f"tensor-model-parallel-size {tp} with a mixture-of-experts model needs "
+            "--sequence-parallel (megatron's MoE layers refuse to train without it)")
+    if arch.is_moe and etp is not None and etp > tp:
+        # measured: the expert gradients then differ from the expert-TP = TP run's
+        raise parallel.LayoutError(
+            f"expert-tensor-parallel-size {etp} > tensor-model-parallel-size {tp} is not "
+            "supported for training")
     if args.global_batch_size is None:
         dp = world_size // max(1, args.tensor_model_parallel_size * args.pipeline_model_parallel_size
                                * getattr(args, "context_parallel_size", 1))
@@ -65,11 +75,6 @@ def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
         global_batch_size=args.global_batch_size, cp=getattr(args, "context_parallel_size", 1),
         ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
         num_experts=arch.num_experts)
-    if arch.is_moe and args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
-        raise parallel.LayoutError(
-            f"tensor-model-parallel-size {args.tensor_model_parallel_size} with a "
-            "mixture-of-experts model needs --sequence-parallel (megatron's MoE layers refuse to "
-            "train without it)")
     if args.sequence_parallel and args.transformer_impl != "transformer_engine":
         raise parallel.LayoutError("--sequence-parallel needs --transformer-impl "
                                    "transformer_engine (megatron's torch norms refuse it)")

@@ -135,7 +135,7 @@ def worker(model_dir: str, ep: int, updates: int, out: str) -> None:
         t = time.perf_counter()
         m = updater.update(batch, step)
         times.append(time.perf_counter() - t)
-        balance.append(m.get("moe/tokens_per_expert_max_over_mean", float("nan")))
+        balance.append(m.get("moe/tokens_per_expert_max_over_mean"))  # None: a dense model
     if dist.get_rank() == 0:
         params = sum(p.numel() for c in setup.model for p in c.parameters())
         Path(out).write_text(json.dumps({
@@ -164,7 +164,8 @@ def run_update_cases(work: Path, updates: int) -> list[dict]:
                      "tokens_per_s": round(r["tokens_per_update"] / r["seconds_per_update"], 1),
                      "seconds_per_update": round(r["seconds_per_update"], 3),
                      "alltoall_share": round(r["alltoall_share"], 4),
-                     "router_max_over_mean": [round(x, 3) for x in r["router_max_over_mean"]]})
+                     "router_max_over_mean": [None if x is None else round(x, 3)
+                                              for x in r["router_max_over_mean"]]})
     return rows
 
 

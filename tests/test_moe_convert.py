@@ -5,6 +5,7 @@ for checkpoints and layouts that do not fit.
   experts): every tensor, experts included, comes back bit for bit and the directory loads with
   ``AutoModelForCausalLM`` giving the original logits.
 * Converted at PP=2, exported under torchrun at EP=2 (both ``slow``: two launches each).
+* Converted at EP=2 and trained at EP=1 (and the reverse): the same first loss (``slow``).
 * A checkpoint with a missing or extra expert tensor, or made for another expert count, is refused
   with an error naming the tensor / the numbers; impossible expert layouts likewise.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import PYTHON, TOOLS, load_module, run, torchrun
+from launch import PYTHON, TOOLS, load_module, read_jsonl, run, sfpo, torchrun
 from safetensors.torch import load_file, save_file
 from tiny_models import save_moe_model
 from transformers import AutoModelForCausalLM
@@ -191,3 +192,32 @@ def test_converter_refuses_ep_for_a_dense_model(tmp_path, capsys):
         "convert_hf_to_mcore.py: error: expert-model-parallel-size=2 needs a mixture-of-experts "
         "model; Qwen3ForCausalLM has no experts")
     assert not (tmp_path / "out").exists()
+
+
+# ---- a converted checkpoint trains at another expert-parallel size --------------------------
+
+TRAIN = ["--mock-data", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size",
+         "4", "--lr", "1e-3", "--seed", "3", "--split", "100,0,0", "--train-iters", "1",
+         "--finetune"]
+
+
+@pytest.mark.slow  # conversion at two layouts, then three 2-process trainings
+def test_converted_checkpoint_trains_at_another_ep(tmp_path):
+    hf = save_moe_model(tmp_path / "hf")
+    ckpt = {}
+    for ep in (1, 2):
+        ckpt[ep] = tmp_path / f"mcore_ep{ep}"
+        torchrun(ep, [str(TO_MCORE), "--hf-dir", str(hf), "--save", str(ckpt[ep]),
+                      "--expert-model-parallel-size", str(ep)])
+
+    def first_loss(converted_at: int, ep: int) -> float:
+        logs = tmp_path / f"c{converted_at}_t{ep}"
+        sfpo(2, "pretrain", ["--model-config", str(hf), "--load", str(ckpt[converted_at]),
+                             "--log-dir", str(logs), "--expert-model-parallel-size", str(ep)]
+             + TRAIN)
+        return read_jsonl(logs / "metrics.jsonl")[0]["lm_loss"]
+
+    base = first_loss(1, 1)
+    for converted_at, ep in ((2, 1), (1, 2)):
+        loss = first_loss(converted_at, ep)
+        assert abs(loss - base) <= 1e-5 * abs(base), (converted_at, ep, loss, base)

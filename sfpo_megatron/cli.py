@@ -168,10 +168,7 @@ def run_plan(args: argparse.Namespace) -> int:
         gpu_memory = memory_plan.parse_bytes(args.gpu_memory)
     except ValueError as e:
         raise UserError(f"--gpu-memory: {e}") from None
-    arch = load_hf_config(args.model_config)  # refuses unsupported model types
-    if arch.is_moe:  # the planner's byte counts assume dense MLPs
-        raise UserError(f"the memory planner does not model mixture-of-experts layers "
-                        f"({arch.model_type}, {arch.num_experts} experts)")
+    arch = load_hf_config(args.model_config)  # refuses MoE and other unsupported model types
     if args.search:
         rows = search_layouts(args, arch, gpu_memory)
         if args.json:

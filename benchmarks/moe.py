@@ -175,6 +175,7 @@ def run_conversion(work: Path, layers: int) -> dict:
 
     hf, mcore, back = work / "a3b", work / "a3b_mcore", work / "a3b_back"
     py = sys.executable
+    os.environ["PYTHONPATH"] = str(REPO)  # the tools import this checkout (measure passes env)
     subprocess.run([py, __file__, "--make-a3b", str(hf), str(layers)], check=True, cwd=REPO,
                    env=dict(os.environ, PYTHONPATH=str(REPO)))
     model_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))

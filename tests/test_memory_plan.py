@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from launch import PYTHON, SCRIPTS, run, torchrun
-from tiny_models import save_sfpo_model, write_tiny_config
+from tiny_models import save_moe_model, save_sfpo_model, write_tiny_config
 
 from sfpo_megatron.cli import main
 
@@ -35,6 +35,12 @@ ODD_MODEL = dict(vocab_size=300, hidden_size=48, intermediate_size=80, tie_word_
 ODD = {"odd_dp2_bf16": ["--bf16", "--use-distributed-optimizer"],
        "odd_dp2_fp32": ["--use-distributed-optimizer"]}
 ROWS = ("weights", "grad_buffers", "main_params", "adam_moments")
+# A tiny Qwen3-MoE (tiny_models.MOE): the router in the dense buffers, each EP rank's experts in
+# buffers of their own over the expert-data-parallel group (EDP = DP x TP / (EP x ETP)).
+MOE_SINGLE = {"moe_dp1": ["--bf16"]}
+MOE_DUAL = {"moe_ep2": ["--bf16", "--use-distributed-optimizer", "--expert-model-parallel-size", "2"],
+            "moe_edp2": ["--bf16", "--use-distributed-optimizer"],
+            "moe_ep2_fp32": ["--use-distributed-optimizer", "--expert-model-parallel-size", "2"]}
 
 
 def plan_json(capsys, *argv: str) -> dict:
@@ -65,17 +71,42 @@ def live(tmp_path_factory) -> dict:
     return results
 
 
+@pytest.fixture(scope="module")
+def live_moe(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("plan_moe")
+    hf = save_moe_model(root / "hf")
+    out = root / "out"
+    out.mkdir()
+    common = ["--hf", str(hf), "--out", str(out)]
+    with_update = lambda d: json.dumps({k: v + UPDATE for k, v in d.items()})  # noqa: E731
+    run([PYTHON, WORKER, *common, "--scenarios", with_update(MOE_SINGLE)], timeout=300)
+    torchrun(2, [WORKER, *common, "--scenarios", with_update(MOE_DUAL)], timeout=300)
+    results = {n: json.loads((out / f"{n}.json").read_text()) for n in {**MOE_SINGLE, **MOE_DUAL}}
+    results["hf"] = hf
+    return results
+
+
 @pytest.mark.flags("--gpus", "--json", cmd="plan")
 @pytest.mark.parametrize("name,gpus", [*((n, 1) for n in SINGLE), *((n, 2) for n in DUAL),
                                        *((n, 2) for n in ODD)])
 def test_planner_bytes_equal_live_tensors(live, capsys, name: str, gpus: int) -> None:
     flags = {**SINGLE, **DUAL, **ODD}[name]
-    model = live["odd" if name in ODD else "hf"]
+    check_plan_against_live(capsys, live["odd" if name in ODD else "hf"], flags, gpus, live[name], name)
+
+
+@pytest.mark.slow
+@pytest.mark.flags("--expert-model-parallel-size", cmd="plan")
+@pytest.mark.parametrize("name,gpus", [*((n, 1) for n in MOE_SINGLE), *((n, 2) for n in MOE_DUAL)])
+def test_planner_bytes_equal_live_tensors_moe(live_moe, capsys, name: str, gpus: int) -> None:
+    flags = {**MOE_SINGLE, **MOE_DUAL}[name]
+    check_plan_against_live(capsys, live_moe["hf"], flags, gpus, live_moe[name], name)
+
+
+def check_plan_against_live(capsys, model, flags: list[str], gpus: int, ranks: list, name: str) -> None:
     plan = plan_json(capsys, "--model-config", str(model), "--gpus", str(gpus),
                      "--seq-length", "16", *UPDATE, *flags)
     offload = "--sfpo-snapshot-offload" in flags
     by_stage = {r["pp_rank"]: r for r in plan["ranks"]}
-    ranks = live[name]
     assert len(ranks) == gpus
     for pp_rank, row in by_stage.items():
         stage = [r for r in ranks if r["pp_rank"] == pp_rank]
@@ -224,6 +255,23 @@ def test_memory_doc_shows_the_planner_output(capsys) -> None:
                      "--tensor-model-parallel-size", "4", "--rollout-batch-size", "256",
                      "--n-samples-per-prompt", "8", "--num-steps-per-rollout", "4"]) == 0
         assert capsys.readouterr().out.strip() in text, config
+
+
+MOE_RECIPES = {
+    "qwen3-30b-a3b": ["--gpus", "8", "--expert-model-parallel-size", "8", "--n-samples-per-prompt", "4"],
+    "qwen3-235b-a22b": ["--gpus", "64", "--pipeline-model-parallel-size", "2",
+                        "--expert-model-parallel-size", "16", "--n-samples-per-prompt", "8"],
+}
+
+
+@pytest.mark.parametrize("config", sorted(MOE_RECIPES))
+def test_memory_doc_shows_the_moe_plans(capsys, config: str) -> None:
+    """docs/memory.md's Qwen3-MoE tables are this planner's output for the layouts it names."""
+    assert main(["plan", "--model-config", str(CONFIGS / config), "--gpu-memory", "80GB", "--bf16",
+                 "--use-distributed-optimizer", "--recompute-activations", "--use-dynamic-batch-size",
+                 "--max-tokens-per-gpu", "8192", "--rollout-batch-size", "8",
+                 "--num-steps-per-rollout", "1", "--optimizer-cpu-offload", *MOE_RECIPES[config]]) == 0
+    assert capsys.readouterr().out.strip() in DOC.read_text(), config
 
 
 @pytest.mark.slow

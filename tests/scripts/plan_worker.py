@@ -88,7 +88,8 @@ def count_bytes(setup, snapshot_bytes: int) -> dict:
 def build(flags: list[str], hf: Path):
     args = build_rl_parser().parse_args(["--model-config", str(hf), *flags])
     parallel.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                        vpp=args.virtual_pipeline_model_parallel_size, seed=args.seed)
+                        vpp=args.virtual_pipeline_model_parallel_size, seed=args.seed,
+                        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size)
     args.global_batch_size = args.rollout_batch_size * args.n_samples_per_prompt
     arch = load_hf_config(str(hf))
     return args, build_training_setup(args, arch, total_scheduler_steps=2)
@@ -104,7 +105,7 @@ def live_bytes(out: Path, name: str, hf: Path, flags: list[str]) -> None:
             recorded["snapshot"] = sum(nbytes(c) for _, _, cs in upd.snapshot.groups for c in cs)
 
     updater.stage_hook = hook
-    updater.update(make_samples(1), 1)
+    updater.update(make_samples(1, vocab=min(256, setup.arch.vocab_size)), 1)
     counts = count_bytes(setup, recorded.get("snapshot", 0))
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [counts]
     if dist.is_initialized():

@@ -553,16 +553,7 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
         b = local.get(head)
         tensors: list[torch.Tensor] = []
         if b is not None:  # this stage owns it: gather TP shards, convert to HF layout
-            data = b.param.data
-            if tp_size > 1 and _TP_DIM[b.rule.kind] is not None:
-                shards = [torch.empty_like(data) for _ in range(tp_size)]
-                dist.all_gather(shards, data.contiguous(), group=tp_group)
-            else:
-                shards = [data]
-            tensors = _export(b.rule.kind, shards, arch)
-            if release:
-                b.param.data = torch.empty(0, dtype=data.dtype, device=data.device)
-            del shards, data
+            tensors = _gather_export(b, arch, tp_size, tp_group, release)
         if pp_size > 1 and tp_rank == 0 and stage != 0:  # bring it to the first stage
             if pp_rank == stage:
                 for t in tensors:
@@ -576,6 +567,89 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
         if yield_here:
             for name, t in zip(names, tensors):
                 yield name, t
+        del tensors
+
+
+def _gather_export(b: Binding, arch: HFArch, tp_size: int, tp_group: Any, release: bool = False) -> list[torch.Tensor]:
+    """The HF tensors of one binding: TP shards all-gathered (collective over the TP group),
+    converted to HF layout."""
+    data = b.param.data
+    if tp_size > 1 and _TP_DIM[b.rule.kind] is not None:
+        shards = [torch.empty_like(data) for _ in range(tp_size)]
+        dist.all_gather(shards, data.contiguous(), group=tp_group)
+    else:
+        shards = [data]
+    tensors = _export(b.rule.kind, shards, arch)
+    if release:
+        b.param.data = torch.empty(0, dtype=data.dtype, device=data.device)
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) megatron shards → (HF name, full tensor) on each pushing unit's leader, nothing across PP
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushUnit:
+    """The part of the policy one trainer process pushes on its own at refit.
+
+    Today a unit is a pipeline stage: its TP ranks (of data-parallel replica 0) gather each
+    tensor the stage owns and its TP rank 0 (the ``leader``) pushes it; ``member`` is false on the
+    other data-parallel replicas, which take no part. Ownership and gathering live in
+    ``iter_unit_hf_weights``; which parameters map to which HF tensors stays with the rule table, so
+    new kinds of units (expert-parallel ranks pushing the experts they hold) add a case here and
+    to ``_unit_bindings`` without touching the table.
+    """
+
+    index: int
+    count: int
+    leader: bool
+    member: bool
+
+    @property
+    def name(self) -> str:
+        return f"stage{self.index}"
+
+
+def push_unit() -> PushUnit:
+    """This process's unit (one unit, led by this process, outside torch.distributed)."""
+    if not dist.is_initialized():
+        return PushUnit(0, 1, True, True)
+    member = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    pp_size = ps.get_pipeline_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    return PushUnit(pp_rank, pp_size, member and tp_rank == 0, member)
+
+
+def _unit_bindings(model_chunks: Sequence[torch.nn.Module], arch: HFArch) -> list[Binding]:
+    """The bindings this process's unit exports, in HF order (a stage: every exported parameter
+    of its model chunks; the tied output-layer copy of the last stage is the first stage's)."""
+    order = {name: i for i, name in enumerate(hf_shapes(arch))}
+    bindings = [b for b in bind(model_chunks, arch) if b.rule.export]
+    return sorted(bindings, key=lambda b: order[b.hf[0]])
+
+
+def unit_hf_names(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> list[str]:
+    """The HF tensors this process's unit pushes, in the order ``iter_unit_hf_weights`` yields them."""
+    return [n for b in _unit_bindings(model_chunks, load_hf_config(hf_config)) for n in b.hf]
+
+
+def iter_unit_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective generator over this unit's TP group (every member must exhaust it): the unit's
+    leader yields each HF tensor its unit owns (full, unpadded, HF order), one at a time; other
+    members yield nothing and non-members return at once. Nothing crosses pipeline stages, so all
+    units run at the same time. Yielded tensors may alias parameters (copy to keep them)."""
+    unit = push_unit()
+    if not unit.member:
+        return
+    arch = load_hf_config(hf_config)
+    _, tp_size, tp_group = _tp()
+    for b in _unit_bindings(model_chunks, arch):
+        tensors = _gather_export(b, arch, tp_size, tp_group)
+        if unit.leader:
+            yield from zip(b.hf, tensors)
         del tensors
 
 

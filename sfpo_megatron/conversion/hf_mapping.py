@@ -21,6 +21,9 @@ Two directions:
 * ``iter_hf_weights(model_chunks, hf_config)``: a collective generator every trainer rank runs;
   TP shards are all-gathered, PP stages sent to the first stage, and global rank 0 yields
   ``(hf_name, full tensor)`` one tensor at a time in HF order (other ranks yield nothing).
+* ``iter_unit_hf_weights(model_chunks, hf_config)``: the refit's; each pushing unit (a pipeline
+  stage, ``push_unit``) gathers its own tensors over its TP group and its leader yields them;
+  nothing crosses stages, so the units push at the same time.
 
 Padded vocab rows are zero: their logits are 0, so drop ``logits[..., vocab_size:]`` before any
 softmax over the vocabulary.

@@ -129,7 +129,7 @@ def run_layouts(args: argparse.Namespace) -> dict:
     layouts = {}
     try:
         with RolloutLauncher(cfg) as launcher:
-            url = launcher.start()[0]
+            url = launcher.urls[0]
             for k, name in enumerate(args.layouts.split(",")):
                 tp, pp = LAYOUTS[name]
                 out = work / f"{name}.json"

@@ -830,9 +830,17 @@ class GenerationEngine:
                 pending.update(group)
             self._staged.clear()
         pending.update(last or {})
-        table = self.param_table()
+        params = self.model.state_dict(keep_vars=True)
         for name, t in pending.items():
-            table[name].copy_(t)
+            p = params[name]
+            # A received tensor with storage of its own becomes the parameter (no copy); views
+            # into a flat bucket are copied (a parameter must own its storage: offload saves it).
+            whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+            if (isinstance(p, torch.nn.Parameter) and whole and t.is_contiguous() and t.dtype == p.dtype
+                    and t.device == p.device):
+                p.data = t
+            else:
+                p.data.copy_(t)
         if pending:
             self.stats["weight_updates"] += 1
         return len(pending)

@@ -136,6 +136,49 @@ def flatten_bucket(tensors: list[torch.Tensor], device: torch.device | None = No
     return flat
 
 
+# Tensors below this size share one flat buffer per bucket (one message instead of one per tensor);
+# larger ones are a message each already, and flattening them would only add a copy on both ends.
+FLAT_TENSOR_BYTES = 1 << 20
+FLAT_BUCKET_BYTES = 32 << 20
+
+
+def iter_mixed_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                       flat_bytes: int = FLAT_BUCKET_BYTES) -> Iterator[tuple[list[tuple[str, torch.Tensor]], bool]]:
+    """(bucket, flattened) pairs: tensors of at least ``FLAT_TENSOR_BYTES`` in buckets of at most
+    ``bucket_bytes`` sent tensor by tensor; smaller ones gathered aside into flat buckets of at most
+    ``min(flat_bytes, bucket_bytes)``. Each stream stays in order."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    flat_cap = min(flat_bytes, bucket_bytes)
+    big: list[tuple[str, torch.Tensor]] = []
+    small: list[tuple[str, torch.Tensor]] = []
+    big_size = small_size = 0
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"weight {name!r} is a {type(tensor).__name__}, expected a torch.Tensor")
+        if name in seen:
+            raise ValueError(f"weight {name!r} appears twice in one push")
+        seen.add(name)
+        nbytes = tensor_bytes(tensor)
+        if nbytes < FLAT_TENSOR_BYTES:
+            if small and small_size + nbytes > flat_cap:
+                yield small, True
+                small, small_size = [], 0
+            small.append((name, tensor))
+            small_size += nbytes
+        else:
+            if big and big_size + nbytes > bucket_bytes:
+                yield big, False
+                big, big_size = [], 0
+            big.append((name, tensor))
+            big_size += nbytes
+    if big:
+        yield big, False
+    if small:
+        yield small, True
+
+
 def _with_last_flag(buckets: Iterator[list]) -> Iterator[tuple[list, bool]]:
     """Yield (bucket, is_last) with one bucket of look-ahead."""
     current = next(buckets, None)
@@ -509,15 +552,15 @@ class DistributedTransport(WeightTransport):
         if self.staged:
             # Two buckets exist at once (the one on the wire, the next one being gathered): each
             # gets half of --update-weight-buffer-size.
-            buckets = iter_buckets(named_tensors, max(1, self.bucket_bytes // 2))
-            pairs: Iterator[tuple[list, bool]] = ((b, False) for b in buckets)
+            pairs: Iterator[tuple[list, bool]] = iter_mixed_buckets(named_tensors, max(1, self.bucket_bytes // 2))
         else:
-            buckets = iter_buckets(named_tensors, self.bucket_bytes)
-            pairs = _with_last_flag(buckets)
+            pairs = _with_last_flag(iter_buckets(named_tensors, self.bucket_bytes))
         current = next(pairs, None)
         while current is not None:
-            bucket, last = current
-            inflight = self._start_bucket(bucket, weight_version if last else None, last)
+            bucket, flag = current  # staged: flattened or not; else: the last bucket or not
+            last = flag and not self.staged
+            inflight = self._start_bucket(bucket, weight_version if last else None, last,
+                                          flattened=flag and self.staged)
             size, count = sum(tensor_bytes(t) for _, t in bucket), len(bucket)
             del bucket, current  # staged: on the wire as one flat copy
             current = next(pairs, None) if self.staged else None  # gathered while the bucket travels
@@ -537,13 +580,8 @@ class DistributedTransport(WeightTransport):
                 current = next(pairs, None)
         return num_tensors, num_buckets, nbytes
 
-    def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None,
-                     last: bool) -> dict[str, str]:
-        """Broadcast one bucket; {url: why} of the servers that failed it (empty: all received it)."""
-        return self._finish_bucket(*self._start_bucket(bucket, weight_version, last))
-
     def _start_bucket(self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None,
-                      last: bool) -> tuple[dict, dict, list]:
+                      last: bool, flattened: bool = False) -> tuple[dict, dict, list]:
         """Announce one bucket to every server and start broadcasting it."""
         tensors = [t.detach() for _, t in bucket]
         payload: dict[str, Any] = {
@@ -553,9 +591,9 @@ class DistributedTransport(WeightTransport):
             "group_name": self.group_name,
             "flush_cache": last,
         }
-        if self.staged:
-            # One message per bucket: the tensors' bytes back to back (SGLang's flattened bucket);
-            # names, dtypes and shapes are the manifest, offsets follow from them.
+        if flattened:
+            # One message for the bucket: the tensors' bytes back to back (SGLang's flattened
+            # bucket); names, dtypes and shapes are the manifest, offsets follow from them.
             payload["load_format"] = "flattened_bucket"
             sends = [flatten_bucket(tensors, self.device)]
         else:

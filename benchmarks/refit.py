@@ -139,7 +139,12 @@ def run_layouts(args: argparse.Namespace) -> dict:
                        "--transports", args.transports, "--repeats", str(args.repeats),
                        "--bucket-bytes", str(args.bucket_bytes), "--workdir", str(work),
                        "--version-base", str(1000 * (k + 1))]
-                subprocess.run(cmd, check=True, env=env, timeout=3600)
+                done = subprocess.run(cmd, env=env, timeout=3600)
+                if done.returncode != 0:  # e.g. the shared machine ran out of memory: keep the rest
+                    layouts[name] = {"error": f"trainer exited with {done.returncode}"}
+                    if not all(_healthy(u) for u in launcher.urls):
+                        break
+                    continue
                 layouts[name] = json.loads(out.read_text())
     finally:
         if not args.workdir:
@@ -149,12 +154,24 @@ def run_layouts(args: argparse.Namespace) -> dict:
     return results
 
 
+def _healthy(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url + "/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def report(results: dict, args: argparse.Namespace) -> None:
     mem = results["memcpy_gb_per_s"]
     print()
     print("| layout | transport | path | GB | best s | GB/s | % of memcpy | slowest stage s | vs funnel |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, layout in results["layouts"].items():
+        if "error" in layout:
+            print(f"| {name} | {layout['error']} | | | | | | | |")
+            continue
         for key, r in layout.items():
             transport, path = key.split("/")
             funnel = layout.get(f"{transport}/funnel")

@@ -212,7 +212,8 @@ def add_rollout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-transport", choices=["distributed", "disk", "tensor"],
                    default="distributed")
     g.add_argument("--update-weight-buffer-size", type=int, default=512 * 2**20,
-                   help="bytes per refit bucket")
+                   help="refit bytes in flight per pipeline stage: one disk shard, or two distributed "
+                        "buckets of half this size (one on the wire while the next is gathered)")
     g.add_argument("--colocate", action="store_true",
                    help="servers share the trainer's devices: release their memory while training")
     g.add_argument("--rollout-deterministic", action="store_true",

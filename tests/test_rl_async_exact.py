@@ -29,7 +29,8 @@ STEPS = 5
 K = 2
 KILL_AFTER = 2
 # Timings, and the queue length when a batch is taken (how far generation had got: timing).
-VOLATILE = ("time/", "memory/", "refit/time_s", "refit/gb_per_s", "async/queued_batches")
+VOLATILE = ("time/", "memory/", "refit/time_s", "refit/gb_per_s", "refit/commit_s", "refit/stage", "refit/slowest_stage",
+            "async/queued_batches")
 
 # Scoring a sample takes 0.3 s (one reward worker): generating a batch is slower than training on
 # one, so the default schedule would refit in the middle of batches and start them at versions

@@ -24,7 +24,8 @@ from tiny_models import save_rollout_model
 ENV = child_env(PYTHONPATH=f"{REPO}:{SCRIPTS}", **SERVER_ENV)
 STEPS = 4
 KILL_AFTER = 2  # checkpoints every 2 steps: killed during step 3, resumed from step 2
-VOLATILE = ("time/", "memory/", "refit/time_s", "refit/gb_per_s")
+VOLATILE = ("time/", "memory/", "refit/time_s", "refit/gb_per_s", "refit/commit_s", "refit/stage",
+            "refit/slowest_stage")
 
 PROMPTS = [{"prompt": p, "answer": "x"} for p in (
     "one two three", "the quick brown", "jumps over the", "eight nine", "lazy dog", "four five six",

@@ -45,6 +45,26 @@ def test_iter_buckets_rejects_bad_input() -> None:
         list(transport.iter_buckets([("w", [1.0])], 100))
 
 
+def test_mixed_buckets_flatten_small_tensors_aside() -> None:
+    big = 1 << 20  # bytes from which a tensor travels on its own
+    named = [("a", torch.zeros(big // 4)), ("s0", torch.zeros(3)), ("b", torch.zeros(big // 4)),
+             ("s1", torch.zeros(5, dtype=torch.bfloat16)), ("c", torch.zeros(big // 4)), ("s2", torch.zeros(7))]
+    out = list(transport.iter_mixed_buckets(named, bucket_bytes=2 * big, flat_bytes=20))
+    # Large ones in order within the budget, sent tensor by tensor; small ones (3*4, 5*2, 7*4
+    # bytes) in flat buckets of at most 20 bytes, in order; each bucket leaves once full.
+    assert [([n for n, _ in b], flat) for b, flat in out] == [
+        (["s0"], True), (["a", "b"], False), (["s1"], True), (["c"], False), (["s2"], True)]
+
+
+def test_flattened_bucket_is_the_bytes_back_to_back() -> None:
+    tensors = [torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+               torch.tensor([[7]], dtype=torch.int64)]
+    flat = transport.flatten_bucket(tensors)
+    expected = b"".join(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes()
+                        for t in tensors)
+    assert flat.dtype == torch.uint8 and bytes(flat.numpy()) == expected
+
+
 def test_dtype_names_round_trip() -> None:
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         assert weight_update_group.parse_dtype(weight_update_group.dtype_name(dt)) is dt

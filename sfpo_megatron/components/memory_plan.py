@@ -20,8 +20,9 @@ and the ``rl`` flags after the trainer's own layout checks. The model (docs/memo
   stage keeps in flight; the last stage adds the fp32 vocab-parallel log-prob/entropy path.
   With ``--recompute-activations`` a layer keeps only its input, plus one recomputed layer or the
   head, whichever is larger.
-* **refit buffers**: ``--update-weight-buffer-size`` on global rank 0 (it pushes the buckets),
-  plus the largest full HF tensor gathered from the TP/PP shards (the embedding) on every rank.
+* **refit buffers**: ``--update-weight-buffer-size`` on every stage's leader (each stage pushes its
+  own buckets), plus the largest full HF tensor gathered from the TP shards (the embedding) on
+  every rank.
 
 Ignored: the CUDA context and kernels' workspaces, allocator fragmentation, NCCL buffers, the
 rollout engine (colocated or not), the frozen reference model of ``--kl-coef``.
@@ -341,7 +342,7 @@ def rank_plan(s: ModelShape, lay: Layout, pp_rank: int) -> RankPlan:
     snapshot = main_elems * FP32 if lay.sfpo else 0
     # Main params are separate fp32 tensors only with bf16 model params.
     main = main_elems * FP32 if lay.bf16 else 0
-    refit = s.padded_vocab * s.hidden * weight_elem + (lay.refit_buffer if pp_rank == 0 else 0)
+    refit = s.padded_vocab * s.hidden * weight_elem + lay.refit_buffer
     plan = RankPlan(stage=stage_name(pp_rank, lay.pp), pp_rank=pp_rank, params=params)
     plan.bytes = {
         "weights": weights,

@@ -28,6 +28,9 @@ Two directions:
   TP shards are all-gathered, experts brought to the first rank of the expert-parallel group
   (``expert_to_hf``), PP stages sent to the first stage, and global rank 0 yields
   ``(hf_name, full tensor)`` one tensor at a time in HF order (other ranks yield nothing).
+* ``iter_unit_hf_weights(model_chunks, hf_config)``: the refit's; each pushing unit (a pipeline
+  stage, ``push_unit``) gathers its own tensors over its TP group and its leader yields them;
+  nothing crosses stages, so the units push at the same time.
 
 Padded vocab rows are zero: their logits are 0, so drop ``logits[..., vocab_size:]`` before any
 softmax over the vocabulary.
@@ -639,16 +642,7 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
             if expert_on:
                 tensors = expert_to_hf(b, names, arch, device, dtype, release)
         elif b is not None:  # this stage owns it: gather TP shards, convert to HF layout
-            data = b.param.data
-            if tp_size > 1 and _TP_DIM[b.rule.kind] is not None:
-                shards = [torch.empty_like(data) for _ in range(tp_size)]
-                dist.all_gather(shards, data.contiguous(), group=tp_group)
-            else:
-                shards = [data]
-            tensors = _export(b.rule.kind, shards, arch)
-            if release:
-                b.param.data = torch.empty(0, dtype=data.dtype, device=data.device)
-            del shards, data
+            tensors = _gather_export(b, arch, tp_size, tp_group, release)
         if pp_size > 1 and tp_rank == 0 and stage != 0:  # bring it to the first stage
             if pp_rank == stage:
                 for t in tensors:
@@ -704,6 +698,115 @@ def expert_to_hf(b: Binding | None, names: tuple[str, ...], arch: HFArch, device
             for t in tensors:
                 dist.recv(t, src=dist.get_global_rank(ep_group, holder), group=ep_group)
     return tensors if ep_rank == 0 and etp_rank == 0 else []
+
+
+def _gather_export(b: Binding, arch: HFArch, tp_size: int, tp_group: Any, release: bool = False) -> list[torch.Tensor]:
+    """The HF tensors of one binding: TP shards all-gathered (collective over the TP group),
+    converted to HF layout."""
+    data = b.param.data
+    if tp_size > 1 and _TP_DIM[b.rule.kind] is not None:
+        shards = [torch.empty_like(data) for _ in range(tp_size)]
+        dist.all_gather(shards, data.contiguous(), group=tp_group)
+    else:
+        shards = [data]
+    tensors = _export(b.rule.kind, shards, arch)
+    if release:
+        b.param.data = torch.empty(0, dtype=data.dtype, device=data.device)
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) megatron shards → (HF name, full tensor) on each pushing unit's leader, nothing across PP
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushUnit:
+    """The part of the policy one trainer process pushes on its own at refit.
+
+    Today a unit is a pipeline stage: its TP ranks (of data-parallel replica 0) gather each
+    tensor the stage owns and its TP rank 0 (the ``leader``) pushes it; ``member`` is false on the
+    other data-parallel replicas. MoE experts are gathered to the leader over the stage's
+    expert-parallel group (``expert_to_hf``), so the ranks of the first expert-data-parallel
+    replica take part too. Ownership and gathering live in ``iter_unit_hf_weights``; which
+    parameters map to which HF tensors stays with the rule table, so new kinds of units
+    (expert-parallel ranks pushing the experts they hold through groups of their own) add a case
+    here and to ``_unit_heads`` without touching the table.
+    """
+
+    index: int
+    count: int
+    leader: bool
+    member: bool
+
+    @property
+    def name(self) -> str:
+        return f"stage{self.index}"
+
+
+def push_unit() -> PushUnit:
+    """This process's unit (one unit, led by this process, outside torch.distributed)."""
+    if not dist.is_initialized():
+        return PushUnit(0, 1, True, True)
+    member = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    pp_size = ps.get_pipeline_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    return PushUnit(pp_rank, pp_size, member and tp_rank == 0, member)
+
+
+def _unit_heads(model_chunks: Sequence[torch.nn.Module], arch: HFArch
+                ) -> tuple[list[str], dict[str, Binding], dict[str, str]]:
+    """This stage's exported rules in HF order, as (first HF names, this rank's bindings by
+    first name, every expert rule of the stage → its dtype). An MoE layer's experts count for the
+    whole stage: each is held by one rank of its expert-parallel group (``expert_to_hf``)."""
+    bindings = [b for b in bind(model_chunks, arch) if b.rule.export]
+    local = {b.hf[0]: b for b in bindings}
+    experts: dict[str, str] = {}
+    for b in bindings:
+        if b.expert is not None:
+            for x in range(arch.num_experts):
+                experts[b.rule.hf[0].format(i=b.layer, x=x)] = str(b.param.dtype)
+    wanted = set(experts) | {h for h, b in local.items() if b.expert is None}
+    return [n for n in hf_shapes(arch) if n in wanted], local, experts
+
+
+def unit_hf_names(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> list[str]:
+    """The HF tensors this process's unit pushes, in the order ``iter_unit_hf_weights`` yields them."""
+    arch = load_hf_config(hf_config)
+    heads, _, _ = _unit_heads(model_chunks, arch)
+    return [n for head in heads for n in _names_of(head, arch)]
+
+
+def iter_unit_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective generator over this unit's TP group (and, for MoE experts, over its stage's
+    expert-parallel group): every process must exhaust it. The unit's leader yields each HF
+    tensor its unit owns (full, unpadded, HF order), one at a time; other members yield nothing;
+    the ranks of the first expert-data-parallel replica that are not members hand their experts
+    to the leader; everyone else returns at once. Nothing crosses pipeline stages, so all units
+    run at the same time. Yielded tensors may alias parameters (copy to keep them)."""
+    unit = push_unit()
+    arch = load_hf_config(hf_config)
+    expert_on = arch.is_moe and (not dist.is_initialized() or ps.get_expert_data_parallel_rank() == 0)
+    if not unit.member and not expert_on:
+        return
+    _, tp_size, tp_group = _tp()
+    heads, local, experts = _unit_heads(model_chunks, arch)
+    device = next((b.param.device for b in local.values()), torch.device("cpu"))
+    for head in heads:
+        names = _names_of(head, arch)
+        if head in experts:
+            if not expert_on:
+                continue
+            dtype = getattr(torch, experts[head].split(".")[-1])
+            tensors = expert_to_hf(local.get(head), names, arch, device, dtype)
+        elif unit.member:
+            tensors = _gather_export(local[head], arch, tp_size, tp_group)
+        else:
+            continue
+        if unit.leader:
+            yield from zip(names, tensors)
+        del tensors
 
 
 def _names_of(head: str, arch: HFArch) -> tuple[str, ...]:

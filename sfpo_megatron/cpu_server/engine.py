@@ -159,6 +159,10 @@ class GenerationEngine:
         self._stop = False
         self._offload_path: Path | None = None
         self._param_shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        # Tensors received for a weight update that is not complete yet, by weight-update group:
+        # applied together (on this thread) when the update commits, dropped if it fails.
+        self._staged: dict[str, dict[str, torch.Tensor]] = {}
+        self._staged_lock = threading.Lock()
         self.stats = {"requests": 0, "sequences": 0, "generated_tokens": 0, "batches": 0, "weight_updates": 0}
         self._started = time.monotonic()
         # (time, tokens) of each sampling step in the last THROUGHPUT_WINDOW_S: the current tokens/s.
@@ -816,36 +820,92 @@ class GenerationEngine:
         self.stats["weight_updates"] += 1
         return f"Loaded {len(plan)} tensors from {len(files)} file(s) in {model_path}."
 
-    def receive_from_group(self, pg: Any, names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]]) -> str:
-        """Receive one bucket broadcast from rank 0, in order. Always joins every broadcast (even for a
-        bad name) so the trainer's collective completes; errors are reported after."""
-        table = self.param_table()
+    def receive_bucket(self, pg: Any, names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]],
+                       flattened: bool = False) -> dict[str, torch.Tensor]:
+        """Receive one bucket broadcast from rank 0 into fresh host buffers; any thread may call it
+        (the model is not touched, so generation goes on). ``flattened``: the bucket is one uint8
+        tensor holding the tensors' bytes back to back in ``names`` order (SGLang's
+        ``load_format: "flattened_bucket"``); otherwise one broadcast per tensor. Always joins the
+        broadcast (even for a bad name) so the trainer's collective completes; errors after."""
+        table = {k: (tuple(v.shape), v.dtype) for k, v in self.param_table().items()}
         problems = []
-        for name, dtype, shape in zip(names, dtypes, shapes):
-            target = table.get(name)
-            if target is None:
+        for name, shape in zip(names, shapes):
+            if name not in table:
                 problems.append(f"{name!r} is not a parameter of this model")
-            elif list(target.shape) != list(shape):
-                problems.append(f"{name} has shape {list(shape)}, the model has {list(target.shape)}")
-        works, staged = [], []
-        for name, dtype, shape in zip(names, dtypes, shapes):
-            target = table.get(name)
-            direct = (not problems and target is not None and target.dtype == dtype and target.is_contiguous()
-                      and target.device.type == "cpu")
-            # Same dtype on the host: receive straight into the parameter (no extra copy). The
-            # group is gloo: a model on a GPU receives into host buffers, copied after.
-            buf = target if direct else torch.empty(shape, dtype=dtype)
-            works.append(dist.broadcast(buf, src=0, group=pg, async_op=True))
-            staged.append((name, buf, direct))
-        for w in works:
-            w.wait()
+            elif list(table[name][0]) != list(shape):
+                problems.append(f"{name} has shape {list(shape)}, the model has {list(table[name][0])}")
+        sizes = [int(torch.Size(s).numel()) * d.itemsize for d, s in zip(dtypes, shapes)]
+        out: dict[str, torch.Tensor] = {}
+        if flattened:
+            flat = torch.empty(sum(sizes), dtype=torch.uint8)
+            dist.broadcast(flat, src=0, group=pg)
+            offset = 0
+            for name, dtype, shape, size in zip(names, dtypes, shapes, sizes):
+                part = flat[offset: offset + size]
+                if offset % dtype.itemsize:  # view(dtype) needs an aligned offset
+                    part = part.clone()
+                out[name] = part.view(dtype).reshape(shape)
+                offset += size
+        else:
+            works = []
+            for name, dtype, shape in zip(names, dtypes, shapes):
+                out[name] = torch.empty(shape, dtype=dtype)
+                works.append(dist.broadcast(out[name], src=0, group=pg, async_op=True))
+            for w in works:
+                w.wait()
         if problems:
             raise ValueError("; ".join(problems))
-        for name, buf, direct in staged:
-            if not direct:
-                table[name].copy_(buf)
-        self.stats["weight_updates"] += 1
-        return f"Received {len(names)} tensors."
+        return out
+
+    def stage(self, group: str, tensors: dict[str, torch.Tensor]) -> int:
+        """Keep a received bucket until the update commits; returns the tensors staged so far."""
+        with self._staged_lock:
+            self._staged.setdefault(group, {}).update(tensors)
+            return sum(len(t) for t in self._staged.values())
+
+    def discard_staged(self, group: str | None = None) -> int:
+        """Drop the staged tensors of ``group`` (all groups: None); returns how many."""
+        with self._staged_lock:
+            dropped = [self._staged.pop(group, {})] if group is not None else list(self._staged.values())
+            if group is None:
+                self._staged.clear()
+        return sum(len(d) for d in dropped)
+
+    def staged_count(self) -> int:
+        with self._staged_lock:
+            return sum(len(t) for t in self._staged.values())
+
+    def apply_staged(self, last: dict[str, torch.Tensor] | None = None) -> int:
+        """Engine thread: write every staged tensor (of all groups) and ``last`` into the model at
+        once, so generation never sees part of an update. Returns how many were written."""
+        with self._staged_lock:
+            pending: dict[str, torch.Tensor] = {}
+            for group in self._staged.values():
+                pending.update(group)
+            self._staged.clear()
+        pending.update(last or {})
+        params = self.model.state_dict(keep_vars=True)
+        views: dict[str, torch.Tensor] | None = None
+        for name, t in pending.items():
+            p = params.get(name)
+            if p is None:  # an MoE expert: a view into transformers' fused expert tensor
+                if views is None:
+                    views = expert_views({k: v.data for k, v in params.items()})
+                if name not in views:
+                    raise KeyError(f"the model has no parameter {name!r}")
+                views[name].copy_(t)
+                continue
+            # A received tensor with storage of its own becomes the parameter (no copy); views
+            # into a flat bucket are copied (a parameter must own its storage: offload saves it).
+            whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+            if (isinstance(p, torch.nn.Parameter) and whole and t.is_contiguous() and t.dtype == p.dtype
+                    and t.device == p.device):
+                p.data = t
+            else:
+                p.data.copy_(t)
+        if pending:
+            self.stats["weight_updates"] += 1
+        return len(pending)
 
     def release_weights(self) -> str:
         if self._released:

@@ -38,6 +38,15 @@ work against either. Semantics that differ from a GPU SGLang server, all deliber
   ``--offload-dir`` and frees them; ``/resume_memory_occupation`` reads them back (content kept, unlike
   SGLang without a CPU backup). ``kv_cache`` (and ``cuda_graph``) are no-ops: the KV cache lives only
   inside a batch. ``/generate`` answers 503 while the weights are released.
+* ``/update_weights_from_distributed`` receives off the engine thread (generation goes on) and
+  writes nothing into the model until the update ends: a bucket with ``flush_cache: true`` (SGLang's
+  default) or a ``weight_version`` applies every staged tensor with its own and flips the version;
+  buckets with ``flush_cache: false`` are staged (per group, so several trainer stages can push at
+  once through their own groups) until that bucket or ``/update_weight_version``, which applies the
+  staged tensors before it sets the version. A refused or broken bucket voids the whole update
+  (every staged tensor dropped); destroying a group drops its staged tensors. SGLang writes each
+  bucket into the live model as it lands. ``load_format: "flattened_bucket"`` (SGLang's name):
+  the bucket is one uint8 tensor, the tensors' bytes back to back in ``names`` order.
 * ``/update_weights_from_tensor`` needs CUDA IPC between colocated GPU processes: 501 here. Its
   payload is pickled handles, which this server never unpickles.
 * ``/flush_cache`` succeeds and does nothing: there is no prefix cache between batches.
@@ -328,7 +337,8 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
             "backend": "sfpo-megatron-cpu", "version": "sfpo-megatron-cpu-0.1", "context_length": context_length,
             "weight_version": engine.weight_version, "uptime_s": time.time() - started,
             "internal_states": [{**engine.stats, **engine.metrics(), "paused": engine.paused,
-                                 "pause_mode": engine.pause_mode, "released": engine.released}],
+                                 "pause_mode": engine.pause_mode, "released": engine.released,
+                                 "staged_tensors": engine.staged_count()}],
         })
         return info
 
@@ -350,11 +360,14 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
         if opt(body, "abort_all_requests", _bool, True):
             engine.abort(message="Aborted by /update_weight_version")
 
-        def apply() -> None:
+        def apply() -> int:
+            applied = engine.apply_staged()  # the staged tensors of a multi-group update land with it
             engine.weight_version = version
+            return applied
 
-        await on_engine(apply)
-        return {"success": True, "message": f"Weight version updated to {version}", "new_version": version}
+        applied = await on_engine(apply)
+        staged = f"; applied {applied} staged tensors" if applied else ""
+        return {"success": True, "message": f"Weight version updated to {version}{staged}", "new_version": version}
 
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
     async def get_weights_by_name(request: Request) -> Any:
@@ -510,6 +523,7 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
             pg = groups.groups.pop(name, None)
         if pg is None:
             return JSONResponse({"success": False, "message": "The group to be destroyed does not exist."}, status_code=400)
+        engine.discard_staged(name)  # an update whose group goes away never commits
         await on_engine(lambda: destroy_weight_update_group(pg))
         return {"success": True, "message": "Succeeded to destroy custom process group."}
 
@@ -534,32 +548,45 @@ def build_app(cfg: ServerConfig, engine: GenerationEngine, context_length: int) 
                 raise RequestError(f"shapes[{i}]", f"expected a list of non-negative integers, got {s!r}")
         name = opt(body, "group_name", _str, DEFAULT_GROUP_NAME)
         load_format = body.get("load_format")
-        if load_format is not None:
-            raise RequestError("load_format", f"the CPU rollout server receives plain tensors only, got {load_format!r}")
+        if load_format not in (None, "flattened_bucket"):
+            raise RequestError("load_format", "the CPU rollout server receives plain tensors or one "
+                                              f"'flattened_bucket', got {load_format!r}")
         with groups.lock:
             pg = groups.groups.get(name)
         if pg is None:
             raise RequestError("group_name", f"no weight-update group named {name!r}; call /init_weights_update_group first")
         version = update_prelude(body)
-
-        def update() -> str:
-            msg = engine.receive_from_group(pg, names, parsed_dtypes, shapes)
-            return msg + set_version(version)
-
+        # SGLang's default flush_cache is true: such a bucket (or one carrying a weight_version)
+        # ends the update. Buckets sent with flush_cache false are staged until then.
+        final = version is not None or opt(body, "flush_cache", _bool, True)
         try:
-            message = await on_engine(update)
+            received = await asyncio.to_thread(engine.receive_bucket, pg, names, parsed_dtypes, shapes,
+                                               load_format == "flattened_bucket")
         except ValueError as e:  # names or shapes: the broadcast itself completed, the group is fine
-            return JSONResponse({"success": False, "message": f"Failed to update parameter online: {e}"}, status_code=400)
+            dropped = engine.discard_staged()
+            return JSONResponse({"success": False, "message": f"Failed to update parameter online: {e} "
+                                 f"(the update is void: {dropped} staged tensors dropped)"}, status_code=400)
         except RuntimeError as e:
             # The collective broke (a peer died, or --weight-update-timeout passed): leave the
-            # group, so the trainer can form a new one with this server at once.
+            # group, so the trainer can form a new one with this server at once, and void the
+            # update, so nothing of it is ever applied.
             with groups.lock:
                 if groups.groups.get(name) is pg:
                     del groups.groups[name]
+            dropped = engine.discard_staged()
             await asyncio.to_thread(destroy_weight_update_group, pg)
-            logger.warning("left weight-update group %r after a failed broadcast: %s", name, e)
+            logger.warning("left weight-update group %r after a failed broadcast (%d staged tensors dropped): %s",
+                           name, dropped, e)
             return JSONResponse({"success": False, "message": f"Failed to update parameter online: {e}"}, status_code=400)
-        return {"success": True, "message": message}
+        if not final:
+            staged = engine.stage(name, received)
+            return {"success": True, "message": f"Staged {len(received)} tensors ({staged} in all); they are "
+                                                "applied by the update's final bucket or /update_weight_version."}
+
+        def update() -> str:
+            return f"Received {len(received)} tensors; applied {engine.apply_staged(received)}." + set_version(version)
+
+        return {"success": True, "message": await on_engine(update)}
 
     @app.post("/update_weights_from_tensor")
     async def update_weights_from_tensor(request: Request) -> Any:

@@ -425,6 +425,7 @@ class RolloutClient:
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str = "weight_update_group", weight_version: str | None = None,
                                         flush_cache: bool = True, abort_all_requests: bool = False,
+                                        load_format: str | None = None,
                                         url: str | None = None, timeout: float | None = None) -> Any:
         """Announce one bucket; the server then receives each tensor from the group's rank 0.
         With ``url``: that server's answer; else {url: answer} over all live servers."""
@@ -432,6 +433,8 @@ class RolloutClient:
                                    "flush_cache": flush_cache, "abort_all_requests": abort_all_requests}
         if weight_version is not None:
             payload["weight_version"] = weight_version
+        if load_format is not None:  # "flattened_bucket": one uint8 tensor for the whole bucket
+            payload["load_format"] = load_format
         if url is not None:
             return self.call(url, "/update_weights_from_distributed", payload, timeout=timeout)
         return self._broadcast("/update_weights_from_distributed", payload, timeout=timeout)

@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from sfpo_megatron.conversion.hf_mapping import push_unit
 from sfpo_megatron.data.tokenizer import HFTokenizer
 from sfpo_megatron.distributed.platform import gpu_available
-from sfpo_megatron.distributed.rank0 import on_rank0
+from sfpo_megatron.distributed.rank0 import on_rank0, rank
+from sfpo_megatron.distributed.weight_update_group import DEFAULT_GROUP_NAME
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.rollout.client import RolloutClient
 from sfpo_megatron.rollout.refit import RefitStats, config_dir, export_hf, refit_weights
@@ -50,6 +52,14 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 class RolloutConfigError(UserError):
     """Rollout flags that cannot work together, named with their values."""
+
+
+def local_address(urls: Sequence[str]) -> str:
+    """The address rollout servers reach this process at (a stage leader's own group)."""
+    hosts = {urlparse(u if "://" in u else f"http://{u}").hostname for u in urls}
+    if hosts <= set(LOCAL_HOSTS):
+        return "127.0.0.1"
+    return socket.gethostbyname(socket.getfqdn())
 
 
 def trainer_address(urls: Sequence[str]) -> str:
@@ -79,7 +89,8 @@ class RolloutEngines:
         self.sglang_args = list(sglang_args)
         self.launcher = None
         self.client = None
-        self.transport = None
+        self.transport = None  # on global rank 0 and on the other stages' leaders
+        self._stage_client = None  # the other stages' leaders: their transport's client
         self._released = False
         check_rollout_args(args)
 
@@ -89,11 +100,25 @@ class RolloutEngines:
         """Collective: servers up and serving this policy at ``weight_version``; returns their urls."""
         if self.args.rollout_backend == "external":
             urls = on_rank0(lambda: self._connect(list(self.args.rollout_urls)))
+            self._connect_stage(urls)
             self.refit(model_chunks, weight_version)
             return urls
         model_dir = export_hf(model_chunks, self.hf_config, self.workdir / "hf_init", weight_version,
                               self.side_file_dirs)
-        return on_rank0(lambda: self._launch(str(model_dir), weight_version))
+        urls = on_rank0(lambda: self._launch(str(model_dir), weight_version))
+        self._connect_stage(urls)
+        return urls
+
+    def _connect_stage(self, urls: list[str]) -> None:
+        """The leaders of the other pipeline stages get their own client and transport: each
+        stage pushes its weights through its own weight-update group (rank 0's is stage 0's)."""
+        unit = push_unit()
+        if rank() == 0 or not unit.leader or self.args.weight_transport not in ("distributed", "disk"):
+            return
+        a = self.args
+        self._stage_client = RolloutClient(urls, timeout=a.rollout_timeout, retries=a.rollout_retries)
+        self.transport = make_transport(a.weight_transport, self._stage_client,
+                                        **self._transport_kwargs(urls, unit.name, local_address(urls)))
 
     def _launch(self, model_path: str, weight_version: int) -> list[str]:
         a = self.args
@@ -132,20 +157,25 @@ class RolloutEngines:
         dead = [u for u, ok in self.client.health().items() if not ok]
         if dead:
             raise RefitError(f"rollout servers not healthy: {dead}")
-        kwargs: dict[str, Any] = {"bucket_bytes": a.update_weight_buffer_size, "timeout_s": a.refit_timeout}
-        if a.weight_transport == "disk":
-            kwargs.update(directory=str(self.workdir / "refit"), config_dir=config_dir(self.hf_config))
-        elif a.weight_transport == "distributed":
-            kwargs.update(master_address=trainer_address(urls))
-            if a.rollout_backend == "cpu":
-                kwargs.update(backend="gloo")  # the CPU server's groups are gloo, whatever its device
-        elif a.weight_transport == "tensor":
-            kwargs.update(tp_size=a.rollout_tp_size)
-        self.transport = make_transport(a.weight_transport, self.client, **kwargs)
+        self.transport = make_transport(a.weight_transport, self.client,
+                                        **self._transport_kwargs(urls, push_unit().name, trainer_address(urls)))
         if a.weight_transport == "distributed":
             self.transport.connect()
         log.info("rollout servers %s, weight transport %s", urls, a.weight_transport)
         return list(urls)
+
+    def _transport_kwargs(self, urls: list[str], stage: str, address: str) -> dict[str, Any]:
+        a = self.args
+        kwargs: dict[str, Any] = {"bucket_bytes": a.update_weight_buffer_size, "timeout_s": a.refit_timeout}
+        if a.weight_transport == "disk":
+            kwargs.update(directory=str(self.workdir / "refit"), config_dir=config_dir(self.hf_config))
+        elif a.weight_transport == "distributed":
+            kwargs.update(master_address=address, group_name=f"{DEFAULT_GROUP_NAME}_{stage}")
+            if a.rollout_backend == "cpu":
+                kwargs.update(backend="gloo")  # the CPU server's groups are gloo, whatever its device
+        elif a.weight_transport == "tensor":
+            kwargs.update(tp_size=a.rollout_tp_size)
+        return kwargs
 
     def close(self) -> None:
         """Rank 0: drop the weight-update group and stop launched servers (idempotent)."""
@@ -155,9 +185,10 @@ class RolloutEngines:
             except Exception as e:  # noqa: BLE001 - shutting down; the servers may be gone
                 log.warning("closing the weight transport: %s", e)
             self.transport = None
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        for client in (self.client, self._stage_client):
+            if client is not None:
+                client.close()
+        self.client = self._stage_client = None
         if self.launcher is not None:
             self.launcher.stop()
             self.launcher = None

@@ -123,6 +123,62 @@ def iter_buckets(
         yield bucket
 
 
+def flatten_bucket(tensors: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """One uint8 tensor holding the tensors' bytes back to back, in order (SGLang's
+    ``FlattenedTensorBucket`` layout: no padding, offsets implied by the dtypes and shapes)."""
+    flat = torch.empty(sum(tensor_bytes(t) for t in tensors), dtype=torch.uint8,
+                       device=device if device is not None else (tensors[0].device if tensors else "cpu"))
+    offset = 0
+    for t in tensors:
+        n = tensor_bytes(t)
+        flat[offset: offset + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        offset += n
+    return flat
+
+
+# Tensors below this size share one flat buffer per bucket (one message instead of one per tensor);
+# larger ones are a message each already, and flattening them would only add a copy on both ends.
+FLAT_TENSOR_BYTES = 1 << 20
+FLAT_BUCKET_BYTES = 32 << 20
+
+
+def iter_mixed_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                       flat_bytes: int = FLAT_BUCKET_BYTES) -> Iterator[tuple[list[tuple[str, torch.Tensor]], bool]]:
+    """(bucket, flattened) pairs: tensors of at least ``FLAT_TENSOR_BYTES`` in buckets of at most
+    ``bucket_bytes`` sent tensor by tensor; smaller ones gathered aside into flat buckets of at most
+    ``min(flat_bytes, bucket_bytes)``. Each stream stays in order."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    flat_cap = min(flat_bytes, bucket_bytes)
+    big: list[tuple[str, torch.Tensor]] = []
+    small: list[tuple[str, torch.Tensor]] = []
+    big_size = small_size = 0
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"weight {name!r} is a {type(tensor).__name__}, expected a torch.Tensor")
+        if name in seen:
+            raise ValueError(f"weight {name!r} appears twice in one push")
+        seen.add(name)
+        nbytes = tensor_bytes(tensor)
+        if nbytes < FLAT_TENSOR_BYTES:
+            if small and small_size + nbytes > flat_cap:
+                yield small, True
+                small, small_size = [], 0
+            small.append((name, tensor))
+            small_size += nbytes
+        else:
+            if big and big_size + nbytes > bucket_bytes:
+                yield big, False
+                big, big_size = [], 0
+            big.append((name, tensor))
+            big_size += nbytes
+    if big:
+        yield big, False
+    if small:
+        yield small, True
+
+
 def _with_last_flag(buckets: Iterator[list]) -> Iterator[tuple[list, bool]]:
     """Yield (bucket, is_last) with one bucket of look-ahead."""
     current = next(buckets, None)
@@ -267,24 +323,50 @@ class DiskTransport(WeightTransport):
 
     def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[Path, int, int, int]:
         """Write one HF-style sharded safetensors dir atomically; return (dir, tensors, shards, bytes)."""
-        final = self.version_dir(weight_version)
-        tmp = self.directory / f".tmp_{final.name}_{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = self.start_version()
         try:
-            shard_names: list[list[str]] = []
-            nbytes = 0
-            for i, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
-                tensors = {n: t.detach().contiguous().cpu() for n, t in bucket}
-                save_file(tensors, str(tmp / f"shard-{i:05d}.safetensors"), metadata={"format": "pt"})
-                shard_names.append([n for n, _ in bucket])
-                nbytes += sum(tensor_bytes(t) for t in tensors.values())
-            total = len(shard_names)
-            weight_map = {}
-            for i, names in enumerate(shard_names):
-                # HF's sharded naming, known only once the stream has ended.
+            part = self.write_part(named_tensors, tmp, "part0")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.finish_version(tmp, [part], weight_version)
+
+    def start_version(self) -> Path:
+        """A fresh temporary directory that ``write_part`` calls fill and ``finish_version`` names."""
+        tmp = self.directory / f".tmp_{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        return tmp
+
+    def write_part(self, named_tensors: Iterable[tuple[str, torch.Tensor]], tmp: str | os.PathLike,
+                   part: str) -> list[tuple[str, list[str], int]]:
+        """Write a stream of tensors as shard files ``{part}-NNNNN.safetensors`` in ``tmp`` (several
+        writers, one ``part`` each, may fill one directory at once); returns (file, names, bytes)
+        of each shard, for ``finish_version``."""
+        shards = []
+        for i, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
+            tensors = {n: t.detach().contiguous().cpu() for n, t in bucket}
+            fname = f"{part}-{i:05d}.safetensors"
+            save_file(tensors, str(Path(tmp) / fname), metadata={"format": "pt"})
+            shards.append((fname, [n for n, _ in bucket], sum(tensor_bytes(t) for t in tensors.values())))
+        return shards
+
+    def finish_version(self, tmp: str | os.PathLike, parts: list[list[tuple[str, list[str], int]]],
+                       weight_version: str) -> tuple[Path, int, int, int]:
+        """Give the shards of every part HF's names (``model-00001-of-0000N``) in part order, write
+        one ``model.safetensors.index.json`` and rename the directory into place atomically."""
+        tmp = Path(tmp)
+        final = self.version_dir(weight_version)
+        try:
+            shards = [shard for part in parts for shard in part]
+            total, nbytes, weight_map = len(shards), 0, {}
+            for i, (name, names, size) in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-                os.rename(tmp / f"shard-{i:05d}.safetensors", tmp / fname)
-                weight_map.update(dict.fromkeys(names, fname))
+                os.rename(tmp / name, tmp / fname)
+                for n in names:
+                    if n in weight_map:
+                        raise RefitError(f"tensor {n} was written twice ({weight_map[n]} and {fname})")
+                    weight_map[n] = fname
+                nbytes += size
             index = {"metadata": {"total_size": nbytes, "weight_version": weight_version}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
             if self.config_dir is not None:
@@ -301,20 +383,31 @@ class DiskTransport(WeightTransport):
             raise
         return final, len(weight_map), total, nbytes
 
-    def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
-        t0 = time.perf_counter()
-        path, num_tensors, num_buckets, nbytes = self.write(named_tensors, weight_version)
-        t1 = time.perf_counter()
+    def load(self, path: Path, weight_version: str) -> None:
+        """``/update_weights_from_disk`` of a finished version on every live server (failures dropped)."""
+        self._version = weight_version
         results = self._survivors(self.client.update_weights_from_disk(
             str(path), weight_version=weight_version, timeout=self.timeout_s, per_server=True),
             "/update_weights_from_disk")
         self._check_results(results, f"/update_weights_from_disk of {path}")
-        self._detail.update(write_s=t1 - t0, server_load_s=time.perf_counter() - t1)
         if path in self._written:
             self._written.remove(path)
         self._written.append(path)
         while len(self._written) > self.keep_last:
             shutil.rmtree(self._written.pop(0), ignore_errors=True)
+        if self.verify:
+            self._verify_version(weight_version)
+
+    def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
+        t0 = time.perf_counter()
+        path, num_tensors, num_buckets, nbytes = self.write(named_tensors, weight_version)
+        t1 = time.perf_counter()
+        verify, self.verify = self.verify, False  # push() verifies once, after this
+        try:
+            self.load(path, weight_version)
+        finally:
+            self.verify = verify
+        self._detail.update(write_s=t1 - t0, server_load_s=time.perf_counter() - t1)
         return num_tensors, num_buckets, nbytes
 
 
@@ -338,8 +431,12 @@ class DistributedTransport(WeightTransport):
         group_name: str = DEFAULT_GROUP_NAME,
         timeout_s: float = DEFAULT_REFIT_TIMEOUT_S,
         verify: bool = True,
+        staged: bool = True,
     ):
         super().__init__(client, bucket_bytes, verify, timeout_s)
+        # staged=False: the per-tensor protocol with the version on the last bucket (SGLang's
+        # plain use; kept to measure against).
+        self.staged = staged
         self.master_address = master_address
         self.master_port = master_port
         self.backend = backend or ("nccl" if gpu_available() else "gloo")
@@ -405,6 +502,46 @@ class DistributedTransport(WeightTransport):
         self._check_results(results, "/init_weights_update_group")
         logger.info("weight-update group %r formed with %d server(s) on port %d", self.group_name, len(self._urls), port)
 
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> PushStats:
+        if not self.staged:
+            return super().push(named_tensors, weight_version)
+        logger.info("refit via %s: pushing version %s to %d server(s)", self.name, weight_version,
+                    len(self.client.live_urls()))
+        stats = self.push_part(named_tensors, weight_version)
+        if stats.num_tensors == 0:
+            raise ValueError("push got no tensors")
+        t0 = time.perf_counter()
+        self.commit(weight_version)
+        stats.seconds += time.perf_counter() - t0
+        return stats
+
+    def push_part(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> PushStats:
+        """Send a stream of tensors that the servers stage, without ending the update: one part
+        of a refit that several trainer processes push at once, each through its own group.
+        ``commit`` (once every part is in) applies them all and sets ``weight_version``."""
+        start = time.perf_counter()
+        self._detail, self._dropped, self._version = {}, [], weight_version
+        num_tensors, num_buckets, nbytes = self._push(named_tensors, weight_version)
+        return PushStats(self.name, weight_version, num_tensors, num_buckets, nbytes, time.perf_counter() - start,
+                         dict(self._detail), list(self._dropped))
+
+    def commit(self, weight_version: str) -> None:
+        """End the update on every live server: ``/update_weight_version`` (the CPU server applies
+        the staged tensors with it; SGLang has written them already), then ``/flush_cache``, then
+        check every server reports the version. A server that fails it is dropped."""
+        self._version = weight_version
+        answers = self._survivors(self.client.call_each(
+            "/update_weight_version", {"new_version": weight_version, "abort_all_requests": False},
+            timeout=self.timeout_s), "/update_weight_version")
+        self._check_results(answers, "/update_weight_version")
+        # The prefix cache holds KV of the old weights. SGLang refuses to flush while requests run
+        # (they finish on their own cache): a warning, not a failure.
+        for url, answer in self.client.call_each("/flush_cache", timeout=self.timeout_s).items():
+            if isinstance(answer, Exception) or not answer.get("success", True):
+                logger.warning("/flush_cache on %s after weight_version %s: %s", url, weight_version, answer)
+        if self.verify:
+            self._verify_version(weight_version)
+
     def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> tuple[int, int, int]:
         if self._pg is not None and self.client.live_urls() != self._urls:
             logger.warning("live servers changed since the weight-update group formed (%s -> %s): re-forming it",
@@ -412,8 +549,22 @@ class DistributedTransport(WeightTransport):
             self._teardown()
         self.connect()
         num_tensors = num_buckets = nbytes = 0
-        for bucket, last in _with_last_flag(iter_buckets(named_tensors, self.bucket_bytes)):
-            failed = self._push_bucket(bucket, weight_version if last else None, last)
+        if self.staged:
+            # Two buckets exist at once (the one on the wire, the next one being gathered): each
+            # gets half of --update-weight-buffer-size.
+            pairs: Iterator[tuple[list, bool]] = iter_mixed_buckets(named_tensors, max(1, self.bucket_bytes // 2))
+        else:
+            pairs = _with_last_flag(iter_buckets(named_tensors, self.bucket_bytes))
+        current = next(pairs, None)
+        while current is not None:
+            bucket, flag = current  # staged: flattened or not; else: the last bucket or not
+            last = flag and not self.staged
+            inflight = self._start_bucket(bucket, weight_version if last else None, last,
+                                          flattened=flag and self.staged)
+            size, count = sum(tensor_bytes(t) for _, t in bucket), len(bucket)
+            del bucket, current  # staged: on the wire as one flat copy
+            current = next(pairs, None) if self.staged else None  # gathered while the bucket travels
+            failed = self._finish_bucket(*inflight)
             if failed:
                 for url, why in failed.items():
                     self._drop(url, why)  # raises RefitError when nobody is left
@@ -421,22 +572,32 @@ class DistributedTransport(WeightTransport):
                 raise ServersDropped(
                     f"refit to weight_version {weight_version}: dropped {sorted(failed)} mid-broadcast; "
                     f"{len(self.client.live_urls())} server(s) left", sorted(failed))
-            num_tensors += len(bucket)
+            num_tensors += count
             num_buckets += 1
-            nbytes += sum(tensor_bytes(t) for _, t in bucket)
+            nbytes += size
+            del inflight
+            if not self.staged:
+                current = next(pairs, None)
         return num_tensors, num_buckets, nbytes
 
-    def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None,
-                     last: bool) -> dict[str, str]:
-        """Broadcast one bucket; {url: why} of the servers that failed it (empty: all received it)."""
-        tensors = [t.detach().to(self.device).contiguous() for _, t in bucket]
-        payload = {
+    def _start_bucket(self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None,
+                      last: bool, flattened: bool = False) -> tuple[dict, dict, list]:
+        """Announce one bucket to every server and start broadcasting it."""
+        tensors = [t.detach() for _, t in bucket]
+        payload: dict[str, Any] = {
             "names": [n for n, _ in bucket],
             "dtypes": [dtype_name(t.dtype) for t in tensors],
             "shapes": [list(t.shape) for t in tensors],
             "group_name": self.group_name,
             "flush_cache": last,
         }
+        if flattened:
+            # One message for the bucket: the tensors' bytes back to back (SGLang's flattened
+            # bucket); names, dtypes and shapes are the manifest, offsets follow from them.
+            payload["load_format"] = "flattened_bucket"
+            sends = [flatten_bucket(tensors, self.device)]
+        else:
+            sends = [t.to(self.device).contiguous() for t in tensors]
         if weight_version is not None:
             payload["weight_version"] = weight_version
         posts = {
@@ -444,7 +605,11 @@ class DistributedTransport(WeightTransport):
                                    **payload)
             for url in self._urls
         }
-        works = [dist.broadcast(t, src=0, group=self._pg, async_op=True) for t in tensors]
+        works = [dist.broadcast(t, src=0, group=self._pg, async_op=True) for t in sends]
+        return payload, posts, works
+
+    def _finish_bucket(self, payload: dict, posts: dict, works: list) -> dict[str, str]:
+        """Wait for a started bucket; {url: why} of the servers that failed it."""
         # Poll rather than wait(): a server that died or refused the request never receives, and
         # waiting on the collective would then hang until the group's timeout instead of reporting it.
         # The last part of the timeout is kept for telling a hung server from a waiting one.
@@ -481,6 +646,10 @@ class DistributedTransport(WeightTransport):
                              f"{self.timeout_s:g}s, and every server still answers /health "
                              f"(waiting: {silent or 'none'})")
         return hung
+
+    def leave(self) -> None:
+        """Drop the group (here and, in the background, on its servers, which drop what it staged)."""
+        self._teardown()
 
     def _teardown(self, wait: bool = False) -> None:
         """Drop the group here and on its servers that are still live. Their destroy may wait

@@ -57,7 +57,9 @@ from sfpo_megatron.demo.task import TASKS  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TASKS_DEFAULT = ("basic_arithmetic", "chain_sum_heldout")
-CENTRE = "sfpo"
+# one colour per arm in every panel
+COLORS = {"grpo": "tab:blue", "sfpo": "tab:orange", "alpha0.5": "tab:green", "alpha1.0": "tab:red",
+          "k1": "tab:purple", "k7": "tab:brown", "no-stage3": "tab:pink", "stop-step": "tab:gray"}
 # Figure 5's panels: which arms each compares (GRPO drawn in all of them).
 PANELS = {"alpha (K = 3)": ("alpha0.5", "sfpo", "alpha1.0"),
           "K (alpha = 0.8)": ("k1", "sfpo", "k7"),
@@ -188,7 +190,7 @@ def plot(results: dict, path: Path) -> Path:
                 curves = [s["arms"][arm]["curve"] for s in per_seed]
                 steps = curves[0]["steps"]
                 acc = 100 * np.mean([cv["accuracy"] for cv in curves], axis=0)
-                ax.plot(steps, acc, marker="o", markersize=3, label=arm,
+                ax.plot(steps, acc, marker="o", markersize=3, label=arm, color=COLORS[arm],
                         linestyle="--" if arm == "grpo" else "-")
             ax.set_title(f"{task}: {title}", fontsize=9)
             ax.set_xlabel("RL step")

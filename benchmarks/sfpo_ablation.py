@@ -83,6 +83,9 @@ def arms(stop_step: int) -> dict[str, dict]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=5, help="RL seeds (runs per arm and task)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="run seeds FIRST..SEEDS-1 only (the report covers 0..SEEDS-1): to split "
+                        "the seeds over processes")
     p.add_argument("--tasks", nargs="+", default=list(TASKS_DEFAULT), choices=sorted(TASKS))
     p.add_argument("--rl-steps", type=int, default=20)
     p.add_argument("--stop-step", type=int, default=None, help="the stop-step arm's switch-off "
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json_atomic(timings_file, timer.phases)
         warm[task] = json.loads(warm_file.read_text())["task"] if warm_file.exists() else None
     # Seeds outermost: an interrupted run leaves every task with the same seeds done.
-    for seed in range(a.seeds):
+    for seed in range(a.first_seed, a.seeds):
         for task, cfg in cfgs.items():
             paths = Paths(cfg.out)
             if a.report_only or (a.skip_done and all(done(cfg, metrics_path(paths, specs, arm, seed))

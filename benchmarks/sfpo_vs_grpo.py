@@ -22,8 +22,12 @@ Validation: `--eval-prompts` prompts x `--eval-samples` samples (avg@k at temper
 top-p 0.7); the largest standard error of any single evaluation is reported and must stay below
 1.5 points (the defaults, 1000 x 2, give about 1.2).
 
+The same numbers for GRPO-E4 against GRPO (the extra passes alone): best-accuracy difference and
+the rollouts and wall-clock each needs to reach GRPO's best, with bootstrap CIs.
+
 Writes benchmarks/results/NAME.json and .png; work files under demo_out/bench_TASK/.
-`--report-only` rebuilds them from the runs already in the work directory.
+`--report-only` rebuilds them from the runs already in the work directory; `--from-json PATH`
+from the curves in a results JSON this script wrote (nothing else needed).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from sfpo_megatron.demo.pipeline import (  # noqa: E402
     warm_start,
 )
 from sfpo_megatron.demo.report import (  # noqa: E402
+    Curve,
     compare,
     curve_from_metrics,
     eval_standard_error,
@@ -85,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the seeds whose runs in WORK all reached --rl-steps (to add seeds)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rebuild the results from the runs in WORK")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="run nothing: rebuild the results from the curves in a results JSON of "
+                        "this script (its settings, timings and task summary are kept)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.seeds < 1:
@@ -103,10 +111,11 @@ def finished(cfg: DemoConfig, metrics: dict[str, Path]) -> bool:
                for path in metrics.values())
 
 
-def seed_result(cfg: DemoConfig, metrics: dict[str, Path], seed: int) -> tuple[dict, list]:
-    """One seed's curves and SFPO's comparison with each control."""
-    curves = {arm: curve_from_metrics(read_metrics(path), f"{arm.upper()} seed {seed}")
-              for arm, path in metrics.items()}
+def seed_result(cfg: DemoConfig, metrics: dict[str, Path] | dict[str, Curve], seed: int) -> tuple[dict, list]:
+    """One seed's curves (from its runs' metrics files, or given) and SFPO's comparison with each
+    control."""
+    curves = {arm: m if isinstance(m, Curve) else curve_from_metrics(read_metrics(m), f"{arm.upper()} seed {seed}")
+              for arm, m in metrics.items()}
     controls = [arm for arm in cfg.arms if arm != "sfpo"]
     vs = {arm: compare(curves[arm], curves["sfpo"]) for arm in controls}
     result = {"seed": seed, "best": {arm: c.best for arm, c in curves.items()},
@@ -115,8 +124,73 @@ def seed_result(cfg: DemoConfig, metrics: dict[str, Path], seed: int) -> tuple[d
     return result, list(curves.values())
 
 
+def equal_steps_result(cfg: DemoConfig, per_seed: list[dict]) -> list[dict]:
+    """Per seed, GRPO-E(K+1) against GRPO in ``summarize_seeds``'s form (GRPO-E(K+1) as subject)."""
+    e = cfg.equal_steps_arm
+    rows = []
+    for s in per_seed:
+        grpo, more = Curve(**s["curves"]["grpo"]), Curve(**s["curves"][e])
+        rows.append({"seed": s["seed"], "best": {"grpo": grpo.best, e: more.best},
+                     "vs": {"grpo": compare(grpo, more).as_dict()}})
+    return rows
+
+
+def report_from_json(a: argparse.Namespace) -> int:
+    """--from-json: every number again from the JSON's curves."""
+    old = json.loads(Path(a.from_json).read_text())
+    # the settings as written (a work directory outside the repository was written as None)
+    cfg = DemoConfig(**{**old["config"], "out": old["config"]["out"] or "."})
+    per_seed, curves = [], []
+    for s in old["seeds"]:
+        seed_curves = {arm: Curve(**c) for arm, c in s["curves"].items()}
+        result, cs = seed_result(cfg, seed_curves, s["seed"])
+        per_seed.append(result)
+        curves += cs
+    return write_results(a, cfg, per_seed, curves, old["task"], old["timings"], old["total_wall_s"],
+                         config=old["config"])
+
+
+def write_results(a: argparse.Namespace, cfg: DemoConfig, per_seed: list[dict], curves: list,
+                  task, timings: dict, total_wall_s: float, config: dict | None = None) -> int:
+    max_se = max(max_standard_error(c, cfg.eval_prompts, cfg.eval_samples) for c in curves)
+    agg = summarize_seeds(per_seed)
+    passes = cfg.passes_per_batch
+    report = format_summary(per_seed, agg, passes)
+    e = cfg.equal_steps_arm
+    equal_rows = equal_steps_result(cfg, per_seed)
+    equal_agg = summarize_seeds(equal_rows, subject=e)
+    report += ("\n\nThe extra passes alone, without SFPO:\n"
+               + format_summary(equal_rows, equal_agg, passes, subject=e).split("\n\n", 1)[1])
+    report += (f"\nlargest standard error of one evaluation: {100 * max_se:.2f} points"
+               "\nwall-clock: the arms of a seed ran side by side on shared cores (each arm's seconds "
+               "include waiting for the others)")
+    print("\n" + report)
+    if max_se >= SE_LIMIT:
+        print(f"WARNING: an evaluation's standard error is {100 * max_se:.2f} points (limit 1.5): "
+              "use more --eval-prompts / --eval-samples")
+    results = Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
+    png = plot_curves(curves, results / f"{a.name}.png",
+                      title=f"{cfg.task}: validation accuracy, {len(per_seed)} seeds per arm")
+    if config is None:
+        config = cfg.as_dict() | {"out": repo_relative(cfg.out)}  # no absolute paths in results
+    out = {"config": config, "task": task, "arms": {arm: {"algorithm": m, "ppo_epochs": ep, "passes_per_batch": passes[arm]}
+                                      for arm, (m, ep) in cfg.arms.items()},
+           "seeds": per_seed, "aggregate": agg,
+           "equal_steps_vs_grpo": {"arm": e, "seeds": [r["vs"]["grpo"] for r in equal_rows],
+                                   "aggregate": equal_agg},
+           "report": report.splitlines(),
+           "max_eval_standard_error": max_se, "timings": timings,
+           "total_wall_s": total_wall_s, "plot": repo_relative(png) or png.name}
+    path = write_json_atomic(results / f"{a.name}.json", out)
+    print(f"wrote {path} and {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.from_json:
+        return report_from_json(a)
     cfg = DemoConfig(out=Path(a.work or REPO / "demo_out" / f"bench_{a.task}"), task=a.task,
                      rl_steps=a.rl_steps, eval_prompts=a.eval_prompts, eval_samples=a.eval_samples,
                      eval_interval=a.eval_interval)
@@ -143,31 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         curves += seed_curves
         print(f"seed {seed}: best " + ", ".join(f"{arm.upper()} {100 * b:.1f} %"
                                                 for arm, b in result["best"].items()), flush=True)
-    max_se = max(max_standard_error(c, cfg.eval_prompts, cfg.eval_samples) for c in curves)
-    agg = summarize_seeds(per_seed)
-    passes = cfg.passes_per_batch
-    report = format_summary(per_seed, agg, passes)
-    report += (f"\nlargest standard error of one evaluation: {100 * max_se:.2f} points"
-               "\nwall-clock: the arms of a seed ran side by side on shared cores (each arm's seconds "
-               "include waiting for the others)")
-    print("\n" + report)
-    if max_se >= SE_LIMIT:
-        print(f"WARNING: an evaluation's standard error is {100 * max_se:.2f} points (limit 1.5): "
-              "use more --eval-prompts / --eval-samples")
-    results = Path(a.results)
-    results.mkdir(parents=True, exist_ok=True)
-    png = plot_curves(curves, results / f"{a.name}.png",
-                      title=f"{a.task}: validation accuracy, {a.seeds} seeds per arm")
-    config = cfg.as_dict() | {"out": repo_relative(cfg.out)}  # no absolute paths in results
-    out = {"config": config, "task": task, "arms": {arm: {"algorithm": m, "ppo_epochs": e, "passes_per_batch": passes[arm]}
-                                      for arm, (m, e) in cfg.arms.items()},
-           "seeds": per_seed, "aggregate": agg, "report": report.splitlines(),
-           "max_eval_standard_error": max_se, "timings": timer.phases,
-           "total_wall_s": sum(t["wall_s"] for t in timer.phases.values()) if a.report_only
-           else time.perf_counter() - t0, "plot": repo_relative(png) or png.name}
-    path = write_json_atomic(results / f"{a.name}.json", out)
-    print(f"wrote {path} and {png}")
-    return 0
+    total = (sum(t["wall_s"] for t in timer.phases.values()) if a.report_only
+             else time.perf_counter() - t0)
+    return write_results(a, cfg, per_seed, curves, task, timer.phases, total)
 
 
 if __name__ == "__main__":  # the phases spawn processes: keep the guard

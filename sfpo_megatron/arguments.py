@@ -247,6 +247,9 @@ def add_algorithm_args(p: argparse.ArgumentParser) -> None:
                         "means on DP rank 0, to reproduce when its trigger fires")
     g.add_argument("--sfpo-stop-step", type=int, default=None,
                    help="fixed switch-off step (ablation) instead of the entropy trigger")
+    g.add_argument("--sfpo-no-slow-pass", action="store_true",
+                   help="SFPO without Stage III (ablation): after the reposition, no slow pass; "
+                        "the trigger watches the last fast pass's entropy")
     g.add_argument("--sfpo-snapshot-offload", action="store_true",
                    help="keep the theta0 snapshot of the main-param shard in host memory")
     g.add_argument("--eps-clip", type=float, default=0.2)

@@ -316,10 +316,12 @@ def sfpo_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollout
               alpha: float, inner_steps: int, num_mini_batches: int, loss_config: LossConfig,
               temperature: float = 1.0, grad_clip: float | None = None,
               loss_scale_factor: float | None = None, lr_scheduler: Any | None = None,
-              on_pass: Callable[[str, list[dict[str, float]]], None] | None = None
-              ) -> dict[str, Any]:
+              on_pass: Callable[[str, list[dict[str, float]]], None] | None = None,
+              slow_pass: bool = True) -> dict[str, Any]:
     """Algorithm 1 for one rollout batch (old log-probs already in ``batch``); returns the logged
-    quantities. ``on_pass(name, rows)`` is called after every pass (``fast{k}``, ``slow``)."""
+    quantities. ``on_pass(name, rows)`` is called after every pass (``fast{k}``, ``slow``).
+    ``slow_pass=False``: the paper's "w/o Stage III" ablation, the step ends at θ̃ (with α = 0
+    the step is still its one GRPO pass)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if inner_steps < 0:
@@ -343,7 +345,8 @@ def sfpo_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollout
         reposition_(params, theta0, alpha)  # Stage II
         out["reposition_norm"] = distance(params, theta0)
         del theta0
-    run("slow")  # Stage III (or the GRPO pass)
+    if slow_pass or alpha == 0.0:
+        run("slow")  # Stage III (or the GRPO pass)
     if lr_scheduler is not None:
         lr_scheduler.step()
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -368,7 +369,23 @@ def test_benchmark_rebuilds_its_results_from_the_runs(tmp_path: Path) -> None:
            "it never did: they favour SFPO)" in out["report"]
     assert out["timings"] == {"rl_s0": {"wall_s": 30.0, "cpu_s": 50.0}} and out["total_wall_s"] == 30.0
     assert out["config"]["out"] is None  # outside the repository: no machine's path in the results
+    # GRPO-E4 against GRPO, by hand: GRPO's best 0.52 (2048 rollouts) / 0.50 (3072); GRPO-E4 first
+    # at or above it at 2048 / 1024 rollouts
+    equal = out["equal_steps_vs_grpo"]
+    assert equal["arm"] == "grpo-e4"
+    assert [(r["control_rollouts"], r["sfpo_rollouts"]) for r in equal["seeds"]] == [(2048, 2048), (3072, 1024)]
+    assert equal["aggregate"]["vs"]["grpo"]["rollout_ratio"]["ratio_of_means"] == pytest.approx(5120 / 3072)
+    assert equal["aggregate"]["vs"]["grpo"]["best_diff"]["mean"] == pytest.approx((0.06 + 0.11) / 2)
+    assert "GRPO-E4 vs GRPO (1 vs 4 optimizer passes per rollout batch):" in out["report"]
+    assert "  GRPO-E4 reached GRPO's best in 2 of 2 seeds" in out["report"]
+    # --from-json: the same results from the JSON alone (the run directories gone)
+    shutil.rmtree(work)
+    assert bench.main(["--from-json", str(tmp_path / "res" / "t.json"), "--results", str(tmp_path / "again"),
+                       "--name", "t"]) == 0
+    assert json.loads((tmp_path / "again" / "t.json").read_text()) == out
     # --skip-done keeps finished seeds; a run that stopped early is not finished
+    for arm, accs in runs[0].items():
+        _write_run(work / f"rl_{arm}_s0" / "logs" / "metrics.jsonl", accs)
     metrics = {arm: work / f"rl_{arm}_s0" / "logs" / "metrics.jsonl" for arm in runs[0]}
     cfg = bench.DemoConfig(rl_steps=8)
     assert bench.finished(cfg, metrics)

@@ -37,7 +37,7 @@ SETTINGS, make_samples = sfpo_common.SETTINGS, sfpo_common.make_samples
 
 SCENARIOS = ["dp1", "eps_high", "dual_clip", "agg_seq", "agg_norm", "no_clip", "recompute", "adam",
              "stop_step", "one_sided", "two_sided", "eps_clip", "kl_k3", "kl_low_var", "offload", "cpu_offload", "rl_arch",
-             "rl_init"]
+             "rl_init", "no_slow"]
 STEPS = 2  # sfpo_worker.STEPS
 REL = 1e-5
 TEMP = float(SETTINGS["--rollout-temperature"])
@@ -61,9 +61,11 @@ def runs(tmp_path_factory) -> dict:
 
 
 @lru_cache(maxsize=None)
-def reference(hf: Path, loss: tuple = (), opt: tuple = (), alphas: tuple = (0.8, 0.8)) -> dict:
+def reference(hf: Path, loss: tuple = (), opt: tuple = (), alphas: tuple = (0.8, 0.8),
+              slow_pass: bool = True) -> dict:
     """The reference's SFPO (K = 2, 2 mini-batches, linear LR decay over --num-rollouts) with
-    ``loss`` / ``opt`` overriding DEFAULT_LOSS / DEFAULT_OPT, α per step (0: one GRPO pass)."""
+    ``loss`` / ``opt`` overriding DEFAULT_LOSS / DEFAULT_OPT, α per step (0: one GRPO pass);
+    ``slow_pass=False``: no Stage III."""
     lc, oc = {**DEFAULT_LOSS, **dict(loss)}, {**DEFAULT_OPT, **dict(opt)}
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -84,7 +86,8 @@ def reference(hf: Path, loss: tuple = (), opt: tuple = (), alphas: tuple = (0.8,
                         inner_steps=int(SETTINGS["--sfpo-inner-steps"]) if alpha else 0,
                         num_mini_batches=int(SETTINGS["--num-steps-per-rollout"]), loss_config=cfg,
                         temperature=TEMP, grad_clip=oc["clip"], lr_scheduler=sched,
-                        loss_scale_factor=float(SETTINGS["--rollout-max-response-len"]))
+                        loss_scale_factor=float(SETTINGS["--rollout-max-response-len"]),
+                        slow_pass=slow_pass)
         grad_norms += [r["grad_norm"] for rows in res["passes"].values() for r in rows]
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "init": init,
             "grad_norms": grad_norms}
@@ -136,6 +139,23 @@ def test_stop_step_switches_to_grpo_after_it(runs):
     assert alphas == [0.8, 0.0]
     assert [m["actor/passes"] for m in r["metrics"]] == [3.0, 1.0]
     assert rel_error(r["params"], reference(runs["hf"], alphas=(0.8, 0.0))) < REL
+
+
+@pytest.mark.flags("--sfpo-no-slow-pass")
+def test_no_slow_pass_ends_each_step_at_the_reposition(runs):
+    """SFPO without Stage III: K fast passes and the reposition, no slow pass; the trigger
+    watches the last fast pass's entropy."""
+    r = runs["no_slow"]
+    k = int(SETTINGS["--sfpo-inner-steps"])
+    assert [m["actor/passes"] for m in r["metrics"]] == [float(k)] * STEPS
+    assert list(r["passes"]) == [f"fast{i}" for i in range(k)]
+    last = r["passes"][f"fast{k - 1}"]
+    tokens = sum(row["num_tokens"] for row in last)
+    assert r["metrics"][-1]["sfpo/entropy"] == pytest.approx(
+        sum(row["entropy"] * row["num_tokens"] for row in last) / tokens, rel=1e-12)
+    assert rel_error(r["params"], reference(runs["hf"], slow_pass=False)) < REL
+    # Not SFPO with its slow pass.
+    assert rel_error(r["params"], reference(runs["hf"])) > 100 * REL
 
 
 @pytest.mark.flags("--recompute-activations")

@@ -90,6 +90,24 @@ def test_ppo_epochs_with_sfpo_or_below_one_is_refused(capsys: pytest.CaptureFixt
         "sfpo-megatron rl: error: --ppo-epochs must be >= 1, got 0"
 
 
+@pytest.mark.flags("--sfpo-no-slow-pass")
+def test_no_slow_pass_needs_sfpo_with_fast_passes(capsys: pytest.CaptureFixture) -> None:
+    base = ["rl", "--model-config", "unused", "--prompt-data", "p.jsonl", "--sfpo-no-slow-pass"]
+    assert main(base + ["--algorithm", "grpo"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sfpo-megatron rl: error: --sfpo-no-slow-pass drops SFPO's Stage III: it needs "
+        "--algorithm sfpo, got --algorithm grpo")
+    assert main(base + ["--sfpo-inner-steps", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sfpo-megatron rl: error: --sfpo-no-slow-pass needs --sfpo-inner-steps >= 1 (with 0 fast "
+        "passes and no slow pass a step would not train)")
+    with pytest.raises(UserError) as e:  # K passes of optimizer steps, not K + 1
+        check_rl_args(_args(["--sfpo-no-slow-pass", "--no-ppo-clip"]))
+    assert str(e.value) == UNCLIPPED.format(
+        steps=3, how="--num-steps-per-rollout 1 x SFPO's --sfpo-inner-steps 3 passes, no slow pass")
+    check_rl_args(_args(["--sfpo-no-slow-pass"]))
+
+
 PROMPTS = [{"prompt": "one two three", "answer": "four"}, {"prompt": "the quick brown", "answer": "fox"}]
 
 

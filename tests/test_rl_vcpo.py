@@ -74,6 +74,14 @@ def test_opob_baseline_and_advantages_hand_computed():
     assert adv[3].item() == 0.0 and adv[4].item() == 0.0
     dr = opob_advantages(rewards, weights, g2, ids, std_normalize=False)
     assert dr[:3].tolist() == pytest.approx([8 / 9, -1 / 9, -1 / 9], rel=1e-14)
+    # the VCPO reference code's normalisation: population std, no epsilon
+    pa, pc = math.sqrt(2.0 / 9.0), 1.0  # population std of (1, 0, 0) and of (2, 0)
+    pop = opob_advantages(rewards, weights, g2, ids, std="population")
+    assert pop.tolist() == pytest.approx([(1 - 1 / 9) / pa, -1 / 9 / pa, -1 / 9 / pa, 0.0, 0.0,
+                                          1 / pc, -1 / pc], rel=1e-12)
+    assert pop[3].item() == 0.0 and pop[4].item() == 0.0
+    with pytest.raises(VCPOError, match=r"std must be one of \('unbiased', 'population'\), got 'sample'"):
+        opob_advantages(rewards, weights, g2, ids, std="sample")
 
 
 def test_unit_weights_and_equal_grad_norms_give_the_group_mean():

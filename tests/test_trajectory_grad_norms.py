@@ -197,6 +197,20 @@ def test_opob_advantages_from_exact_norms(runs):
     assert expected_t.abs().min() > 1e-2
     torch.testing.assert_close(adv, expected_t, rtol=1e-6, atol=0.0)
 
+    # --opob-grad-norm exact's normalisation, the VCPO reference code's: the same untruncated w²
+    # weighting, the population group std (divide by n), no epsilon.
+    ref = []
+    for i, gid in enumerate(groups):
+        members = [j for j, h in enumerate(groups) if h == gid]
+        c = {j: math.exp(2 * log_w[j]) * float(ref_g2[j]) for j in members}
+        baseline = sum(c[j] * rewards[j] for j in members) / sum(c.values())
+        mean = sum(rewards[j] for j in members) / len(members)
+        std = math.sqrt(sum((rewards[j] - mean) ** 2 for j in members) / len(members))
+        ref.append((rewards[i] - baseline) / std)
+    population = opob_advantages(torch.tensor(rewards), weights, g2, batch.group_ids, std="population")
+    torch.testing.assert_close(population, torch.tensor(ref, dtype=torch.float64), rtol=1e-6, atol=0.0)
+    assert (population - adv).abs().max() > 1e-2  # the two normalisations differ on this batch
+
 
 # ---- bad input -------------------------------------------------------------------------------
 

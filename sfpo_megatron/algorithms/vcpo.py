@@ -10,6 +10,13 @@ For trajectory i with response tokens t (π_θ the trainer's policy, μ the roll
     lr = lr_base · min(1, ρ/ρ_base)^p                   p = 1/2 (sqrt), 1 (linear), 0 (none)
     b*_g = Σ_{i∈g} w_i² ‖∇log π(τ_i)‖² R_i / Σ_{i∈g} w_i² ‖∇log π(τ_i)‖²
     A_i = (R_i − b*_g) / (σ_g + eps)                    σ_g: unbiased group std of R (as GRPO)
+    A_i = (R_i − b*_g) / σ_g, or R_i − b*_g if σ_g = 0  σ_g: population std (std="population",
+                                                        the VCPO reference code's, see below)
+
+OPOB's choices against the VCPO reference code (docs/ARCHITECTURE.md, "OPOB and its reference"):
+the weight is w_i² with the untruncated w_i (not w_i²·min(w_i, C)²) in both std modes;
+``std="population"`` (what ``--opob-grad-norm exact`` uses) takes the reference's population
+group std without an epsilon; ``std="unbiased"`` (``logit``) keeps GRPO's unbiased std + eps.
 
 Everything works on log-weights: w = exp(Σ log-ratio) overflows float32 after a few hundred
 tokens of drift, while ESS and the truncated weights are exact in log space.
@@ -28,6 +35,7 @@ from sfpo_megatron.algorithms.advantages import _group_index, group_std
 from sfpo_megatron.errors import UserError
 
 LR_SCALING_MODES = ("sqrt", "linear", "none")
+STD_MODES = ("unbiased", "population")
 
 
 class VCPOError(UserError):
@@ -146,16 +154,27 @@ def opob_advantages(
     *,
     eps: float = 1e-6,
     std_normalize: bool = True,
+    std: str = "unbiased",
 ) -> torch.Tensor:
     """(R_i − b*) / (σ_group + eps) per sample (``[B]``, float64); σ_group as in GRPO.
 
+    ``std="population"``: (R_i − b*) / σ_group with the population std and no epsilon, R_i − b*
+    where σ_group is 0 (the VCPO reference code's normalisation; ``eps`` unused).
     A group whose rewards are all equal gets exactly 0, like the GRPO advantages.
     """
+    if std not in STD_MODES:
+        raise VCPOError(f"std must be one of {STD_MODES}, got {std!r}")
     r = torch.as_tensor(rewards, dtype=torch.float64)
     baseline = opob_baseline(r, weights, grad_sq_norms, group_ids)
     index, num_groups = _group_index(group_ids, r.numel())
     adv = r - baseline
-    if std_normalize:
+    if std_normalize and std == "population":
+        sigma = torch.zeros_like(r)
+        for gi in range(num_groups):
+            sel = index == gi
+            sigma[sel] = torch.std(r[sel], correction=0)
+        adv = torch.where(sigma > 0, adv / torch.where(sigma > 0, sigma, 1.0), adv)
+    elif std_normalize:
         adv = adv / (group_std(r, index, num_groups) + eps)
     for gi in range(num_groups):
         sel = index == gi

@@ -39,6 +39,7 @@ from sfpo_megatron.demo.task import (
     VALID_SEED,
     build_tokenizer,
     get_task,
+    heldout_split,
     sft_corpus,
     write_jsonl,
 )
@@ -163,6 +164,11 @@ class Paths:
     @property
     def model_config(self) -> Path:
         return self.root / "model"
+
+    @property
+    def prompts(self) -> Path:
+        """Where a task with held-out questions keeps its train / valid prompt files."""
+        return self.root / "data"
 
     @property
     def sft_ckpt(self) -> Path:
@@ -346,8 +352,13 @@ def prepare(cfg: DemoConfig, paths: Paths) -> dict[str, Any]:
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
         tie_word_embeddings=True, rope_theta=10000.0)
     config.save_pretrained(paths.model_config)
-    return {"task": task.name, "task_config": dict(task.config), "sft_docs": len(texts),
-            "vocab_size": tok.vocab_size, "example": texts[0]}
+    summary = {"task": task.name, "task_config": dict(task.config), "sft_docs": len(texts),
+               "vocab_size": tok.vocab_size, "example": texts[0]}
+    if task.heldout_fraction > 0:
+        split = heldout_split(task, cfg.train_prompts, cfg.eval_prompts, paths.prompts)
+        del split["paths"]  # under paths.prompts; machine paths stay out of the summary
+        summary["heldout"] = {"fraction": task.heldout_fraction, **split}
+    return summary
 
 
 def preprocess_job(cfg: DemoConfig, paths: Paths) -> Job:
@@ -426,11 +437,17 @@ def rl_flags(cfg: DemoConfig, paths: Paths, arm: str, seed: int, out: Path) -> l
     task = get_task(cfg.task)
     batch = cfg.rollout_prompts * cfg.samples_per_prompt
     micro = max(1, batch // cfg.mini_batches)
+    if task.heldout_fraction > 0:  # the files `prepare` wrote: disjoint questions
+        train_data = str(paths.prompts / "train_prompts.jsonl")
+        valid_data = str(paths.prompts / "valid_prompts.jsonl")
+    else:
+        train_data = task.spec(cfg.train_prompts, TRAIN_SEED)
+        valid_data = task.spec(cfg.eval_prompts, VALID_SEED)
     return [
         "--model-config", str(paths.model_config), "--tokenizer-path", str(paths.tokenizer),
         "--hf-checkpoint", str(paths.hf),
-        "--prompt-data", task.spec(cfg.train_prompts, TRAIN_SEED),
-        "--eval-prompt-data", "val=" + task.spec(cfg.eval_prompts, VALID_SEED),
+        "--prompt-data", train_data,
+        "--eval-prompt-data", "val=" + valid_data,
         "--n-samples-per-eval-prompt", str(cfg.eval_samples), "--eval-interval", str(cfg.eval_interval),
         "--eval-temperature", "1.0", "--eval-top-p", str(cfg.eval_top_p),
         "--reward-fn", REWARD_FN, "--reward-num-workers", "1",

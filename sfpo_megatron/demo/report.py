@@ -212,12 +212,12 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def _passes(passes: Mapping[str, int] | None, control: str) -> str:
+def _passes(passes: Mapping[str, int] | None, control: str, subject: str = "sfpo") -> str:
     """" (1 vs 4 optimizer passes per rollout batch)", naming equal optimizer steps."""
     if passes is None:
         return ""
-    same = ", the same optimizer steps" if passes[control] == passes["sfpo"] else ""
-    return f" ({passes[control]} vs {passes['sfpo']} optimizer passes per rollout batch{same})"
+    same = ", the same optimizer steps" if passes[control] == passes[subject] else ""
+    return f" ({passes[control]} vs {passes[subject]} optimizer passes per rollout batch{same})"
 
 
 def describe_ci(lo: float, hi: float, null: float, above: str, below: str) -> str:
@@ -337,8 +337,11 @@ def _words(n: int, lo: float, hi: float, null: float, above: str, below: str) ->
     return describe_ci(lo, hi, null, above, below)
 
 
-def summarize_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def summarize_seeds(per_seed: Sequence[Mapping[str, Any]], subject: str = "sfpo") -> dict[str, Any]:
     """Aggregate of per-seed results ``{"seed", "best": {arm: acc}, "vs": {control: Comparison.as_dict()}}``.
+
+    ``subject``: the arm compared with the controls (the ``sfpo_*`` fields of a Comparison are
+    its numbers), SFPO unless another arm is compared, e.g. GRPO-E4 with GRPO.
 
     Per arm the mean best accuracy; per control, SFPO's best minus the control's (mean, bootstrap
     95 % CI) and the rollout and wall-clock ratios control / SFPO to the control's best: ratios of
@@ -347,6 +350,7 @@ def summarize_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     if not per_seed:
         raise ReportError("no seeds to summarize")
+    me = subject.upper()
     arms = list(per_seed[0]["best"])
     out: dict[str, Any] = {
         "seeds": len(per_seed),
@@ -360,8 +364,8 @@ def summarize_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         diff, lo, hi = bootstrap_mean_ci([r["sfpo_best"] - r["control_best"] for r in rows])
         agg: dict[str, Any] = {
             "best_diff": {"mean": diff, "ci95": [lo, hi], "words": _words(
-                len(rows), lo, hi, 0.0, f"SFPO's best is higher than {name}'s",
-                f"SFPO's best is lower than {name}'s")},
+                len(rows), lo, hi, 0.0, f"{me}'s best is higher than {name}'s",
+                f"{me}'s best is lower than {name}'s")},
             "seeds_control_beat_warm_start": sum(r["control_rollouts"] > 0 for r in rows),
             "seeds_sfpo_reached": sum(r["sfpo_rollouts"] is not None for r in rows),
         }
@@ -373,14 +377,16 @@ def summarize_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 more = "more rollouts" if key == "rollout_ratio" else "more wall-clock"
                 point, lo, hi = bootstrap_ratio_ci([r[num] for r in used], [r[den] for r in used])
                 agg[key] = {"ratio_of_means": point, "ci95": [lo, hi], "words": _words(
-                    len(used), lo, hi, 1.0, f"SFPO needs {less} than {name}", f"SFPO needs {more} than {name}")}
+                    len(used), lo, hi, 1.0, f"{me} needs {less} than {name}", f"{me} needs {more} than {name}")}
         out["vs"][control] = agg
     return out
 
 
 def format_summary(per_seed: Sequence[Mapping[str, Any]], agg: Mapping[str, Any],
-                   passes: Mapping[str, int] | None = None) -> str:
-    """The benchmark's table: per seed, then means and ratios with their CIs in numbers and words."""
+                   passes: Mapping[str, int] | None = None, subject: str = "sfpo") -> str:
+    """The benchmark's table: per seed, then means and ratios with their CIs in numbers and words
+    (``subject`` as in :func:`summarize_seeds`)."""
+    me = subject.upper()
     arms = list(per_seed[0]["best"])
     lines = ["best validation accuracy (%):",
              f"{'seed':>6} " + " ".join(f"{a.upper():>9}" for a in arms)]
@@ -390,28 +396,28 @@ def format_summary(per_seed: Sequence[Mapping[str, Any]], agg: Mapping[str, Any]
     n = agg["seeds"]
     for control, c in agg["vs"].items():
         name = control.upper()
-        what = _passes(passes, control)
-        lines += ["", f"SFPO vs {name}{what}:",
-                  f"{'seed':>6} {name + ' best':>13} {name + ' roll.':>13} {'SFPO roll.':>10} "
-                  f"{'ratio':>6} {name + ' s':>10} {'SFPO s':>7} {'ratio':>6}"]
+        what = _passes(passes, control, subject)
+        lines += ["", f"{me} vs {name}{what}:",
+                  f"{'seed':>6} {name + ' best':>13} {name + ' roll.':>13} {me + ' roll.':>10} "
+                  f"{'ratio':>6} {name + ' s':>10} {me + ' s':>7} {'ratio':>6}"]
         for s in per_seed:
             r = s["vs"][control]
             lines.append(f"{s['seed']:>6} {100 * r['control_best']:>12.1f}% {_num(r['control_rollouts']):>13} "
                          f"{_num(r['sfpo_rollouts']):>10} {_ratio(r['rollout_ratio']):>6} "
                          f"{r['control_wall_s']:>10.0f} {_num(r['sfpo_wall_s']):>7} {_ratio(r['time_ratio']):>6}")
         d = c["best_diff"]
-        lines.append(f"  best accuracy, SFPO - {name}: {100 * d['mean']:+.1f} points (95 % CI "
+        lines.append(f"  best accuracy, {me} - {name}: {100 * d['mean']:+.1f} points (95 % CI "
                      f"{100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}): {d['words']}")
-        reached = f"  SFPO reached {name}'s best in {c['seeds_sfpo_reached']} of {n} seeds"
+        reached = f"  {me} reached {name}'s best in {c['seeds_sfpo_reached']} of {n} seeds"
         if c["seeds_sfpo_reached"] < n:
-            reached += " (the ratios below leave out the seeds where it never did: they favour SFPO)"
+            reached += f" (the ratios below leave out the seeds where it never did: they favour {me})"
         lines.append(reached)
         for key, what in (("rollout_ratio", "rollouts"), ("time_ratio", "wall-clock")):
             if key in c:
                 lo, hi = c[key]["ci95"]
                 k = c["seeds_in_ratios"]
-                lines.append(f"  {name}/SFPO {what} to {name}'s best: {c[key]['ratio_of_means']:.2f}x "
+                lines.append(f"  {name}/{me} {what} to {name}'s best: {c[key]['ratio_of_means']:.2f}x "
                              f"(95 % CI {lo:.2f}-{hi:.2f}, {k} seed{'s' if k != 1 else ''}): {c[key]['words']}")
             else:
-                lines.append(f"  {name}/SFPO {what} to {name}'s best: no seed to compare")
+                lines.append(f"  {name}/{me} {what} to {name}'s best: no seed to compare")
     return "\n".join(lines)

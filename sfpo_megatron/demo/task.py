@@ -16,6 +16,7 @@ Train prompts, validation prompts and the SFT corpus come from different reasoni
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -51,6 +52,14 @@ class DemoTask:
     # model. basic_arithmetic: the loss falls from a ~0.59 plateau to ~0.42; at 0.50 sampled
     # accuracy (T=1, top-p 0.7) is about 50-60 %.
     sft_target_loss: float = 0.50
+    # Fraction of the question space held out: a question (by its text) is held out when its
+    # SHA-256 falls in that fraction. Held-out questions are the only validation questions and
+    # never appear in the SFT corpus or the RL training prompts (see `heldout_split`).
+    heldout_fraction: float = 0.0
+
+    def is_heldout(self, question: str) -> bool:
+        digest = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big")
+        return digest / 2**64 < self.heldout_fraction
 
     def spec(self, size: int, seed: int) -> str:
         """The `rg:` spec of `size` items from `seed` (the loop's --prompt-data format).
@@ -90,6 +99,15 @@ TASKS: dict[str, DemoTask] = {
         "a + b or a - b with a, b in 0..9",
         sft_target_loss=0.138,
     ),
+    # chain_sum with a quarter of its 200 questions held out: validation asks only questions that
+    # neither the SFT corpus nor the RL prompts contain.
+    "chain_sum_heldout": DemoTask(
+        "chain_sum",
+        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+        "chain_sum, validation on held-out questions only",
+        sft_target_loss=0.138,
+        heldout_fraction=0.25,
+    ),
 }
 
 
@@ -110,8 +128,69 @@ def sft_text(question: str, answer: str, chat_format: ChatFormat | None = None) 
 
 
 def sft_corpus(task: DemoTask, size: int, seed: int = SFT_SEED) -> list[str]:
-    """`size` SFT texts (prompt + correct answer) from the task's SFT stream."""
-    return [sft_text(entry["question"], entry["answer"]) for entry in task.entries(size, seed)]
+    """`size` SFT texts (prompt + correct answer) from the task's SFT stream (held-out questions
+    left out)."""
+    entries = _kept(task, size, seed, heldout=False)
+    return [sft_text(entry["question"], entry["answer"]) for entry in entries]
+
+
+def _kept(task: DemoTask, size: int, seed: int, heldout: bool) -> list[dict[str, Any]]:
+    """The first `size` entries of the stream at `seed` whose question is (``heldout``) or is not
+    held out; every entry when the task holds nothing out."""
+    if task.heldout_fraction <= 0.0:
+        return task.entries(size, seed)
+    share = task.heldout_fraction if heldout else 1.0 - task.heldout_fraction
+    n = int(size / share * 1.2) + 100  # enough draws for `size` kept ones, checked below
+    kept = [e for e in task.entries(n, seed) if task.is_heldout(e["question"]) == heldout]
+    if len(kept) < size:
+        raise DemoTaskError(f"{task.name}: only {len(kept)} of {n} items kept, {size} needed")
+    return kept[:size]
+
+
+def prompt_row(task: DemoTask, entry: dict[str, Any]) -> dict[str, Any]:
+    """A prompt-file row equal to the loop's `rg:` item of `entry` (same prompt, answer and the
+    metadata `reasoning_gym_reward` scores with)."""
+    return {"prompt": entry["question"], "answer": str(entry["answer"]), "rg_dataset": task.name,
+            "rg_config": dict(task.config), "rg_entry": entry}
+
+
+def heldout_split(task: DemoTask, train_size: int, valid_size: int, out_dir: str | os.PathLike,
+                  train_seed: int = TRAIN_SEED, valid_seed: int = VALID_SEED) -> dict[str, Any]:
+    """Train and validation prompt files with disjoint questions (by text) → their paths and
+    the overlap counts.
+
+    Validation holds every distinct held-out question of the validation stream once (at most
+    `valid_size`); training holds `train_size` items of the other questions. Also reports how
+    much the unfiltered streams overlap: the share of `valid_size` validation items whose
+    question occurs among `train_size` training items.
+    """
+    out_dir = Path(out_dir)
+    train = _kept(task, train_size, train_seed, heldout=False)
+    train_questions = {e["question"] for e in train}
+    seen: set[str] = set()
+    valid = []
+    for e in task.entries(max(valid_size, 1) * 8, valid_seed):
+        q = e["question"]
+        if task.is_heldout(q) and q not in train_questions and q not in seen:
+            seen.add(q)
+            valid.append(e)
+    valid = valid[:valid_size]
+    plain_train = {e["question"] for e in task.entries(train_size, train_seed)}
+    plain_valid = task.entries(valid_size, valid_seed)
+    overlap = sum(e["question"] in plain_train for e in plain_valid)
+    paths = {}
+    for split, entries in (("train", train), ("valid", valid)):
+        path = out_dir / f"{split}_prompts.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            for e in entries:
+                f.write(json.dumps(prompt_row(task, e)) + "\n")
+        paths[split] = str(path)
+    return {"paths": paths, "train_items": len(train), "train_questions": len(train_questions),
+            "valid_questions": len(valid),
+            "valid_in_train": sum(e["question"] in train_questions for e in valid),
+            "unfiltered_overlap": {"valid_items": len(plain_valid), "in_train": overlap,
+                                   "share": overlap / len(plain_valid)}}
 
 
 def write_jsonl(texts: Sequence[str], path: str | os.PathLike, key: str = "text") -> Path:

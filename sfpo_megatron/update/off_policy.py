@@ -13,7 +13,9 @@ Called by :class:`~sfpo_megatron.update.policy_update.PolicyUpdater` right after
 * **OPOB** (``--off-policy-baseline opob``): the group advantages are recomputed from the rewards
   with b* = Σ w²‖g‖²R / Σ w²‖g‖², ‖g‖² per trajectory (``--opob-grad-norm``): ``logit``, the
   norm of ∂ log π(τ)/∂logits, comes out of the old-log-prob forward itself (no extra pass);
-  ``exact``, over all parameters, costs one backward per trajectory (``trainer.trajectory_grad_norms``).
+  ``exact``, over all parameters, costs one backward per trajectory (``trainer.trajectory_grad_norms``)
+  and normalises by the population group std without an epsilon, as the VCPO reference code
+  (``logit`` keeps GRPO's unbiased std + ``--advantage-eps``).
 
 Without ``--vcpo`` but with ``--async-rollout`` only the statistics are computed and logged (ESS,
 ρ, w percentiles): the update itself is the plain one.
@@ -121,7 +123,7 @@ def _weight_stats(local: Sequence[TrainBatch], last_stage: bool, threshold: floa
 
 
 def _opob(minis: Sequence[TrainBatch], last_stage: bool, grad_sq: GradSqNorms,
-          advantage_eps: float, std_normalize: bool) -> dict[str, float]:
+          advantage_eps: float, std_normalize: bool, grad_norm: str) -> dict[str, float]:
     """Replace the advantages of this rank's rows by the OPOB ones (whole groups, all DP ranks)."""
     t0 = time.perf_counter()
     local = TrainBatch.concat(list(minis))
@@ -146,7 +148,10 @@ def _opob(minis: Sequence[TrainBatch], last_stage: bool, grad_sq: GradSqNorms,
             sel = gid == g
             gmax[sel] = lw[sel].max()
         w = torch.exp(lw - gmax)
-        adv = opob_advantages(r, w, norms, gid.long(), eps=advantage_eps, std_normalize=std_normalize)
+        # exact: the VCPO reference's population group std, no epsilon (algorithms/vcpo.py)
+        std = "population" if grad_norm == "exact" else "unbiased"
+        adv = opob_advantages(r, w, norms, gid.long(), eps=advantage_eps, std_normalize=std_normalize,
+                              std=std)
         n = local.size
         mine = adv[rank * n:(rank + 1) * n].to(torch.float32)
         offset = 0
@@ -180,5 +185,5 @@ def off_policy_correction(cfg: OffPolicyConfig, minis: Sequence[TrainBatch], *, 
                "vcpo/lr_scale_min": min(scales)}
     metrics.update(_weight_stats(minis, last_stage, cfg.tis_threshold))
     if cfg.opob:
-        metrics.update(_opob(minis, last_stage, grad_sq, advantage_eps, std_normalize))
+        metrics.update(_opob(minis, last_stage, grad_sq, advantage_eps, std_normalize, cfg.grad_norm))
     return metrics, scales if cfg.vcpo else None

@@ -8,7 +8,8 @@ For rollout batch s, starting from θ(s,0):
 3. Stage II: θ̃ = θ(s,0) + α(θ(s,K) − θ(s,0)) on the **fp32 main parameters** the optimizer
    updates — with the distributed optimizer each DP rank's shard of them — then main → model
    params and megatron's usual DP all-gather of the parameter buffers;
-4. Stage III: one more pass from θ̃;
+4. Stage III: one more pass from θ̃ (none with ``--sfpo-no-slow-pass``, the paper's "w/o Stage
+   III" ablation: the step ends at θ̃ and the trigger watches the last fast pass's entropy);
 5. LR scheduler stepped once; the controller observes the step's mean token entropy.
 
 α comes from :class:`~sfpo_megatron.algorithms.sfpo_controller.SFPOController`; α = 0 (always with
@@ -194,9 +195,10 @@ def loss_config_from_args(args: argparse.Namespace) -> PolicyLossConfig:
 
 
 def passes_per_batch(args: argparse.Namespace) -> int:
-    """Passes over a rollout batch while SFPO is on: K + 1 (SFPO with α > 0 and K > 0) or E."""
+    """Passes over a rollout batch while SFPO is on: K + 1 (SFPO with α > 0 and K > 0; K with
+    ``--sfpo-no-slow-pass``) or E."""
     if args.algorithm == "sfpo" and args.sfpo_alpha > 0 and args.sfpo_inner_steps > 0:
-        return args.sfpo_inner_steps + 1
+        return args.sfpo_inner_steps + (0 if getattr(args, "sfpo_no_slow_pass", False) else 1)
     return args.ppo_epochs
 
 
@@ -217,6 +219,13 @@ def check_update_args(args: argparse.Namespace) -> None:
             f"sfpo makes its own (--sfpo-inner-steps {args.sfpo_inner_steps} fast passes + 1 slow "
             "pass, 1 pass once the entropy trigger fired): use --algorithm grpo --ppo-epochs E "
             "as SFPO's control, or --ppo-epochs 1")
+    if getattr(args, "sfpo_no_slow_pass", False):
+        if args.algorithm != "sfpo":
+            raise PolicyUpdateError("--sfpo-no-slow-pass drops SFPO's Stage III: it needs "
+                                    f"--algorithm sfpo, got --algorithm {args.algorithm}")
+        if args.sfpo_inner_steps < 1:
+            raise PolicyUpdateError("--sfpo-no-slow-pass needs --sfpo-inner-steps >= 1 (with 0 fast "
+                                    "passes and no slow pass a step would not train)")
     if getattr(args, "use_dynamic_batch_size", False):
         if args.max_tokens_per_gpu is None or args.max_tokens_per_gpu < 1:
             raise PolicyUpdateError(f"--use-dynamic-batch-size needs --max-tokens-per-gpu N >= 1 "
@@ -232,6 +241,8 @@ def check_update_args(args: argparse.Namespace) -> None:
         if steps > 1:
             if args.algorithm == "grpo":
                 how = f"--ppo-epochs {args.ppo_epochs}"
+            elif passes > 1 and getattr(args, "sfpo_no_slow_pass", False):
+                how = f"SFPO's --sfpo-inner-steps {args.sfpo_inner_steps} passes, no slow pass"
             elif passes > 1:
                 how = f"SFPO's --sfpo-inner-steps {args.sfpo_inner_steps} + 1 passes"
             else:
@@ -314,6 +325,7 @@ class PolicyUpdater:
                                   ps.get_context_parallel_world_size())
         self.num_mini_batches = int(args.num_steps_per_rollout)
         self.ppo_epochs = int(args.ppo_epochs)
+        self.no_slow_pass = bool(getattr(args, "sfpo_no_slow_pass", False))
         self.loss_scale_factor = getattr(args, "rollout_max_response_len", None)
         self.snapshot_offload = bool(getattr(args, "sfpo_snapshot_offload", False))
         self.off_policy = OffPolicyConfig.from_args(args)
@@ -499,11 +511,15 @@ class PolicyUpdater:
             finally:
                 self.snapshot = None  # free the θ(s,0) copy before Stage III
         t_fast = time.perf_counter()
-        # Stage III, or the GRPO step: one pass, or --ppo-epochs passes (GRPO only).
+        # Stage III, or the GRPO step: one pass, or --ppo-epochs passes (GRPO only); none after
+        # the reposition with --sfpo-no-slow-pass (once the trigger fired the step is GRPO's pass).
         names = ["slow"] if self.ppo_epochs == 1 else [f"epoch{e}" for e in range(self.ppo_epochs)]
+        if alpha > 0.0 and self.no_slow_pass:
+            names = []
         for name in names:
             self.last_passes[name] = self._pass(plan)
-        slow = self.last_passes[names[-1]]  # the last pass: the step's actor metrics, entropy
+        last_name = list(self.last_passes)[-1]
+        slow = self.last_passes[last_name]  # the last pass: the step's actor metrics, entropy
         self.setup.scheduler.step(increment=1)
         finish_param_gather(self.setup.optimizer)
         t_end = time.perf_counter()
@@ -542,7 +558,7 @@ class PolicyUpdater:
             metrics[f"actor/pg_clipfrac/{name}"] = (
                 sum(r["pg_clipfrac"] * r["num_tokens"] for r in rows)
                 / (sum(r["num_tokens"] for r in rows) or 1.0))
-        metrics["actor/grad_norm"] = metrics[f"actor/grad_norm/{names[-1]}"]
+        metrics["actor/grad_norm"] = metrics[f"actor/grad_norm/{last_name}"]
         if self.router_stats is not None:
             metrics.update(self.router_stats.collect())
         self._hook("done")

@@ -52,6 +52,7 @@ LAYOUTS = {  # scenario → (tp, pp, extra flags, setting overrides)
     "adam": (1, 1, (), {"--adam-beta1": "0.5", "--adam-beta2": "0.9", "--adam-eps": "1e-3",
                         "--weight-decay": "0.3", "--clip-grad": "0.05"}),
     "stop_step": (1, 1, (), {"--sfpo-stop-step": "1"}),
+    "no_slow": (1, 1, ("--sfpo-no-slow-pass",), {}),
     "one_sided": (1, 1, (), {"--sfpo-zscore-window": "2", "--sfpo-zscore-threshold": "0.5"}),
     "two_sided": (1, 1, ("--sfpo-zscore-two-sided",),
                   {"--sfpo-zscore-window": "2", "--sfpo-zscore-threshold": "0.5"}),

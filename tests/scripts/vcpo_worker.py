@@ -69,8 +69,9 @@ def expected_opob_shift(setup, args, arch, samples: list, label: str) -> float:
           logit_grad_sq_norms(setup.model, batch, micro_batch_size=args.micro_batch_size, **kw))
     rewards = [s.reward for s in samples]
     groups = [s.group_id for s in samples]
+    # exact norms: the VCPO reference's population std (algorithms/vcpo.py)
     opob = opob_advantages(torch.tensor(rewards), torch.exp(torch.tensor(DELTAS, dtype=torch.float64)), g2,
-                           groups)
+                           groups, std="population" if label == "opob" else "unbiased")
     grpo = group_normalized_advantages(rewards, groups).double()
     return float((opob - grpo).abs().mean())
 

@@ -1,0 +1,1 @@
+"""Tools a multi-turn rollout can call (``--tool``): the interface and the built-in ones."""

@@ -90,6 +90,17 @@ def test_three_turns_token_ids_masks_and_logprobs_are_exact(env):
     assert all(lp == 0.0 for lp, m in zip(traj.output_logprobs, traj.loss_mask) if m == 0)
 
 
+def test_a_marker_of_several_tokens_stops_on_the_stop_string(env):
+    """End marker "+2 fox" (three tokens): the server stops on the string; the body is "1"."""
+    fmt = ToolCallFormat(TOOL_CALL[0], "+2 fox", json=False, response_template=TOOL_TEMPLATE)
+    traj = runner(env, Calculator(), max_turns=2, max_total_len=64, fmt=fmt).trajectory(
+        ids(env, " lazy"), GREEDY, seed=1)
+    call = ids(env, " quick1+2 fox")
+    assert traj.output_ids == call + ids(env, " jumps1 over") + call
+    assert traj.responses[0].finish_reason == {"type": "stop", "matched": "+2 fox"}
+    assert (traj.tool_calls, traj.tool_errors, traj.finish_reason) == (1, 0, "max_turns")
+
+
 def test_eos_ends_a_trajectory_without_a_call(env):
     traj = runner(env, Calculator(), max_turns=3, max_total_len=64).trajectory(ids(env, " dog"), GREEDY, seed=1)
     assert traj.output_ids == [EOS] and traj.loss_mask == [1]

@@ -1,7 +1,7 @@
 """Multi-turn tool-use rollouts (``--rollout-mode multi-turn``).
 
-One trajectory, for a prompt: the server generates until the end marker of a tool call (a stop
-string, and its token id when the marker is one token) or EOS; the call is parsed from the
+One trajectory, for a prompt: the server generates until the end marker of a tool call (its
+token id when the marker is one token, else a stop string) or EOS; the call is parsed from the
 decoded turn, the tool runs, its output, in the response template, is tokenized and appended,
 and the server continues from the whole context — up to ``max_turns`` generation turns and
 ``max_total_len`` response tokens::
@@ -135,7 +135,8 @@ class MultiTurnRollout:
         self.max_turns, self.max_total_len = max_turns, max_total_len
         self.max_workers = max_workers
         end_ids = tokenizer.encode(fmt.end)
-        # A marker that is one token stops on the id too (exact, no detokenization needed).
+        # A marker that is one token stops on its id (exact, and servers without a tokenizer,
+        # e.g. for a SentencePiece model, can do it); a longer one on the stop string.
         self.stop_token_ids = end_ids if len(end_ids) == 1 else []
 
     def generate(self, prompts: Sequence[Sequence[int]], params: dict, *, n: int,
@@ -164,8 +165,9 @@ class MultiTurnRollout:
                 traj.finish_reason = "length"
                 return traj
             sp = dict(params, max_new_tokens=min(per_turn_cap, budget),
-                      stop=[self.fmt.end],
                       stop_token_ids=list(params.get("stop_token_ids", [])) + self.stop_token_ids)
+            if not self.stop_token_ids:  # a stop string needs the server's tokenizer: only when must
+                sp["stop"] = [self.fmt.end]
             if seed is not None:
                 sp["sampling_seed"] = turn_seed(seed, turn)
             r = self.client.generate_one(prompt_ids + traj.output_ids, sp)

@@ -2,7 +2,7 @@
 worker), on the tool model (tiny_models.save_tool_model, sampled at temperature 1, so some
 trajectories call the calculator over several turns and some do not):
 
-* synchronous, 3 steps: every step logs the tool metrics, tools were called, and the trainer's
+* synchronous, 3 steps, packed micro-batches: every step logs the tool metrics, tools were called, and the trainer's
   recomputed old log-probs at θ(s,0) equal the server's on the generated tokens — per
   trajectory, |Σ_t mask · (old − rollout)| < 1e-5 in fp32 — which only holds if tool-output
   tokens are off the mask (their logprob placeholder is 0, the model's is not);
@@ -28,16 +28,17 @@ BATCH, N, K = 2, 4, 1
 PROMPTS = [{"prompt": p, "answer": "x"} for p in (" lazy", " dog", " over", " lazy", " quick", " lazy")]
 
 
-def command(model: Path, data: Path, out: Path, steps: int, asynchronous: bool) -> list[str]:
+def command(model: Path, data: Path, out: Path, steps: int, asynchronous: bool,
+            extra: tuple[str, ...] = ()) -> list[str]:
     flags = [PYTHON, "-m", "sfpo_megatron.cli", "rl", "--model-config", str(model), "--hf-checkpoint", str(model),
              "--prompt-data", str(data), "--no-chat-template", "--reward-fn", "rl_test_rewards:tool_answered",
              "--reward-num-workers", "1", "--rollout-batch-size", str(BATCH), "--n-samples-per-prompt", str(N),
              "--rollout-max-response-len", "8", "--num-rollouts", str(steps), "--micro-batch-size", "1",
-             "--lr", "2e-3", "--sfpo-inner-steps", "2", "--seed", "5", "--rollout-mode", "multi-turn",
+             "--lr", "1e-4", "--sfpo-inner-steps", "2", "--seed", "5", "--rollout-mode", "multi-turn",
              "--tool", "calculator", "--tool-call-format", "code", "--tool-call-start", TOOL_CALL[0],
              "--tool-call-end", TOOL_CALL[1], "--tool-response-template", TOOL_TEMPLATE, "--max-turns", "3",
              "--max-total-response-len", "24", "--save", str(out / "ckpt"), "--save-interval", "1",
-             "--log-dir", str(out / "logs")]
+             "--log-dir", str(out / "logs"), *extra]
     return flags + (["--async-rollout", "--max-staleness", str(K), "--vcpo", "--ess-rho-base", "0.55"]
                     if asynchronous else [])
 
@@ -63,7 +64,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.flags("--rollout-mode", "--tool", "--max-turns", "--max-total-response-len")
 def test_sync_multi_turn_run_trains_on_generated_tokens_only(setup):
     out = setup["root"] / "sync"
-    run(command(setup["model"], setup["data"], out, 3, asynchronous=False), timeout=600, env=ENV)
+    # Packed micro-batches (THD): the masks survive the packing too; the async run below is padded.
+    run(command(setup["model"], setup["data"], out, 3, asynchronous=False,
+                extra=("--use-dynamic-batch-size", "--max-tokens-per-gpu", "96")), timeout=600, env=ENV)
     m = metrics(out)
     assert sorted(m) == [1, 2, 3]
     for step, rec in m.items():
@@ -72,6 +75,7 @@ def test_sync_multi_turn_run_trains_on_generated_tokens_only(setup):
             assert key in rec, (step, key)
         assert rec["rollout/train_logprob_seq_abs_diff_max"] < 1e-5, step
         assert rec["rollout/train_inference_logprob_gap"] < 1e-6, step
+        assert rec["batch/micro_batches_per_rank"] < 8, step  # 8 samples packed into fewer rows
     assert sum(rec["rollout/tool_calls"] for rec in m.values()) > 0
     assert max(rec["rollout/turns_max"] for rec in m.values()) >= 2
     assert max(rec["rollout/tool_token_fraction"] for rec in m.values()) > 0

@@ -68,7 +68,7 @@ from sfpo_megatron.rollout.async_producer import (
 )
 from sfpo_megatron.rollout.engines import RolloutEngines, check_rollout_args, tokenizer_side_dirs
 from sfpo_megatron.rollout.generate import RolloutWorker, multi_turn_from_args
-from sfpo_megatron.rollout.tools.base import load_tool
+from sfpo_megatron.rollout.tools import load_tool
 from sfpo_megatron.trainer.model_setup import build_reference_model, build_training_setup
 from sfpo_megatron.trainer.pretrain import check_args
 from sfpo_megatron.trainer.train_batch import check_update_layout

@@ -21,7 +21,7 @@ from sfpo_megatron.algorithms.advantages import group_normalized_advantages
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.records import RolloutBatch, Sample, ScoredGroup
 from sfpo_megatron.rollout.multi_turn import CALL_FORMATS, MultiTurnRollout, ToolCallFormat
-from sfpo_megatron.rollout.tools.base import load_tool
+from sfpo_megatron.rollout.tools import load_tool
 
 CORRECT = 1.0  # a reward at least this counts as a fully correct answer (accuracy, pass@k)
 _SEED_SLOT_BITS = 20  # request seeds are base + prompt * n + sample: room for 2**20 per call

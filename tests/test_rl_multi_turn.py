@@ -4,8 +4,9 @@ trajectories call the calculator over several turns and some do not):
 
 * synchronous, 3 steps, packed micro-batches: every step logs the tool metrics, tools were called, and the trainer's
   recomputed old log-probs at θ(s,0) equal the server's on the generated tokens — per
-  trajectory, |Σ_t mask · (old − rollout)| < 1e-5 in fp32 — which only holds if tool-output
-  tokens are off the mask (their logprob placeholder is 0, the model's is not);
+  trajectory, |Σ_t mask · (old − rollout)| < 1e-5 in fp32 at the initial weights — which only
+  holds if tool-output tokens are off the mask (their logprob placeholder is 0, the model's is
+  not);
 * ``--async-rollout --vcpo``: SIGKILLed after its step-2 checkpoint and restarted with the same
   command; the prompts trained over steps 1..4 are exactly the sampler's stream (none lost,
   none twice) and staleness stays within the bound.
@@ -73,7 +74,9 @@ def test_sync_multi_turn_run_trains_on_generated_tokens_only(setup):
         for key in ("rollout/turns_mean", "rollout/tool_calls", "rollout/tool_errors", "rollout/tool_timeouts",
                     "rollout/tool_token_fraction"):
             assert key in rec, (step, key)
-        assert rec["rollout/train_logprob_seq_abs_diff_max"] < 1e-5, step
+        # Later steps' weights are no longer the clean bigram: fp32 noise grows (measured 8e-6
+        # per trajectory at step 3), still orders below one tool token on the mask (~1).
+        assert rec["rollout/train_logprob_seq_abs_diff_max"] < (1e-5 if step == 1 else 5e-5), step
         assert rec["rollout/train_inference_logprob_gap"] < 1e-6, step
         assert rec["batch/micro_batches_per_rank"] < 8, step  # 8 samples packed into fewer rows
     assert sum(rec["rollout/tool_calls"] for rec in m.values()) > 0

@@ -12,6 +12,15 @@ the answer after the last tool output (`task.final_answer_reward`). Finally
 `sfpo-megatron eval` scores the warm start and the RL policy twice each: with the tool
 (multi-turn) and without it (single-turn: the model writes the "output" itself, so the reward
 measures its own arithmetic).
+
+Measured (2 shared CPU cores, default sizes: 64-dim 2-layer model, 800 SFT iterations, 20 RL
+steps of 32 x 8 trajectories, 200 x 2 validation samples; 19 min): the warm start learns the
+call format (every validation trajectory calls the calculator, no malformed call) but not to
+copy the 3-digit terms into the call or the tool's answer out of its output (SFT loss plateau
+~1.1 against ~0.65 for perfect copying; greedy exact copies 0 / 40), so accuracy is 0.8 % with
+and without the tool before RL and 0.2 % / 0.0 % after. A 128-dim model after 2500 SFT
+iterations copies no better (loss 1.03, 0 / 40 calls). The pipeline is the deliverable here;
+showing the tool's benefit needs a model that can copy (more SFT, or a larger model).
 """
 
 from __future__ import annotations

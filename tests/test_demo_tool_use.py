@@ -66,7 +66,8 @@ def test_final_answer_reward_reads_what_follows_the_last_output(response, score)
     assert final_answer_reward(response, "141", {}) == score
 
 
-@pytest.mark.slow  # SFT, multi-turn RL and four evaluations: a few minutes on 2 cores
+@pytest.mark.slow  # SFT, multi-turn RL and four evaluations: 7-10 minutes on 2 busy cores
+@pytest.mark.timeout(1500)
 def test_tool_demo_quick_runs_every_phase(tmp_path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "sfpo_megatron.demo", "--task", "tool-arithmetic", "--quick",

@@ -12,10 +12,12 @@ Steps (one function each; every heavy part is a process of benchmarks/gpu_check_
    and the SFPO update (tests/scripts/sfpo_common.py's model and batches) on CUDA, fp32 with TF32
    off against the same run on CPU, bf16 against fp32 within a tolerance calibrated by the same
    bf16 run on CPU (see ``bf16_tolerance``); ``--sfpo-snapshot-offload`` with a pinned host θ0;
+   ``--optimizer-cpu-offload`` (HybridDeviceOptimizer) and ``--offload-train`` (a host round trip
+   between two updates, the device memory it frees) against the distributed optimizer without them;
 3. throughput of a random Qwen2.5-1.5B-shaped model, bf16 + distributed optimizer: pretraining
    (`sfpo-megatron pretrain`) and one SFPO update; tokens/s, achieved TFLOP/s against the bf16
-   matmul ceiling measured in the same run, peak memory (no memory planner exists yet: "no
-   estimate");
+   matmul ceiling measured in the same run, peak memory, and for the update `sfpo-megatron
+   plan`'s estimate against the peak allocated memory;
 4. a distributed-optimizer checkpoint save -> load -> update equal to the uninterrupted run, and
    `sfpo-megatron rl` for 3 steps through the CPU rollout server with its engine on the GPU.
 
@@ -254,7 +256,7 @@ def throughput_row(name: str, tokens_per_s: float, flops_per_s: float, ceiling: 
                    peak_gib: float | None) -> dict:
     return {"case": name, "tokens_per_s": tokens_per_s, "tflops": flops_per_s / 1e12,
             "fraction_of_ceiling": flops_per_s / ceiling if ceiling else None,
-            "peak_memory_gib": peak_gib, "planner_estimate_gib": None}
+            "peak_memory_gib": peak_gib, "planner_estimate_gib": None}  # rl jobs: set by the caller
 
 
 # ---- steps ----------------------------------------------------------------------------------------
@@ -360,6 +362,35 @@ def step_parity(kit: Kit, r: StepResult) -> None:
         r.check("--sfpo-snapshot-offload: θ0 in pinned host memory",
                 f"{snap.get('snapshot_devices')} pinned={snap.get('snapshot_pinned')}",
                 "['cpu'] pinned=True", pinned)
+    check_offload(kit, r, sf_dev)
+
+
+def check_offload(kit: Kit, r: StepResult, sf_dev: dict) -> None:
+    """--optimizer-cpu-offload (HybridDeviceOptimizer) and --offload-train, each against the
+    distributed optimizer without it, on the device."""
+    base, hybrid, cycled = sf_dev["distopt"], sf_dev["optimizer_cpu_offload"], sf_dev["offload_train"]
+    init = base["init"]
+    err = rel_to_displacement(hybrid["params"], base["params"], init)
+    used = "HybridDeviceOptimizer" in hybrid["adam"]
+    cpu_note = "dry run: a no-op on the CPU" if kit.dry_run else ""
+    r.measurements["offload"] = {"optimizer_cpu_offload_rel_to_displacement": err,
+                                 "optimizer_cpu_offload_adam": hybrid["adam"],
+                                 "offload_train_cycle": cycled["offload_cycle"]}
+    r.check("--optimizer-cpu-offload: HybridDeviceOptimizer steps the shard", hybrid["adam"],
+            "HybridDeviceOptimizer", None if kit.dry_run else used, cpu_note)
+    r.check("--optimizer-cpu-offload SFPO update vs on-device Adam, ‖Δθ‖ / ‖θ − θ0‖", f"{err:.2e}",
+            f"{FP32_UPDATE_REL:.0e}", err < FP32_UPDATE_REL, cpu_note)
+    same = all(torch.equal(cycled["params"][n], t) for n, t in base["params"].items())
+    r.check("--offload-train: host round trip between updates gives the same parameters (bitwise)",
+            same, "True", same, cpu_note)
+    cycle = cycled["offload_cycle"]
+    if kit.dry_run:
+        r.check("--offload-train: device memory freed while offloaded", "-", "> 90 % of allocated",
+                None, "needs CUDA")
+    else:
+        share = cycle["freed"] / max(cycle["allocated_before"], 1)
+        r.check("--offload-train: device memory freed while offloaded",
+                f"{cycle['freed'] / 2**20:.1f} MiB ({share:.0%})", "> 90 % of allocated", share > 0.9)
 
 
 def step_throughput(kit: Kit, r: StepResult) -> None:
@@ -376,6 +407,8 @@ def step_throughput(kit: Kit, r: StepResult) -> None:
     rows = [throughput_row(f"SFPO update, K={upd['inner_steps']} (bf16, distributed optimizer)",
                            sum(lengths) / upd["update_s"], update_flops / upd["update_s"], ceiling,
                            _peak_gib(upd["memory"]))]
+    update_row = rows[0]
+    update_row["planner_estimate_gib"] = planner_gib(kit, s, max(lengths))
 
     logs = kit.work / "pretrain_logs"
     kit.run("pretrain", [sys.executable, "-m", "sfpo_megatron.cli", "pretrain",
@@ -401,8 +434,33 @@ def step_throughput(kit: Kit, r: StepResult) -> None:
         frac = row["fraction_of_ceiling"]
         r.check(f"{row['case']}: achieved / measured bf16 matmul ceiling", f"{frac:.1%}", "(0, 100%]",
                 frac is not None and 0 < frac <= 1, "a measurement, not a target")
+    peak, planned = update_row["peak_memory_gib"], update_row["planner_estimate_gib"]
+    if kit.dry_run or peak is None:
+        r.check("memory planner vs the SFPO update's peak allocated GPU memory", planned, "within 25 %",
+                None, "needs CUDA: the dry run's peak is the process's RSS")
+    else:
+        err = (planned - peak) / peak
+        r.check("memory planner vs the SFPO update's peak allocated GPU memory",
+                f"{planned:.2f} vs {peak:.2f} GiB ({err:+.0%})", "within 25 %", abs(err) <= 0.25,
+                "planner without refit buffers: this job pushes no weights")
     r.check("pretraining loss finite", all(math.isfinite(m["lm_loss"]) for m in metrics), "True",
             all(math.isfinite(m["lm_loss"]) for m in metrics))
+
+
+def planner_gib(kit: Kit, s: dict, seq_length: int) -> float:
+    """`sfpo-megatron plan` for the throughput job's SFPO update: the most loaded rank's GiB,
+    less the refit buffers (the job pushes no weights)."""
+    cmd = [sys.executable, "-m", "sfpo_megatron.cli", "plan",
+           "--model-config", str(kit.work / "throughput_model"), "--gpus", "1", "--gpu-memory", "1TB",
+           "--bf16", "--use-distributed-optimizer", "--algorithm", "sfpo",
+           "--sfpo-inner-steps", str(s["inner_steps"]), "--sfpo-alpha", "0.8",
+           "--rollout-batch-size", str(s["batch"]), "--n-samples-per-prompt", "1",
+           "--num-steps-per-rollout", "2", "--micro-batch-size", str(s["micro_batch"]),
+           "--seq-length", str(seq_length), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=kit.env("cpu"), timeout=120,
+                          check=True)
+    ranks = json.loads(proc.stdout)["ranks"]
+    return max(r["total"] - r["refit_buffers"] for r in ranks) / 2**30
 
 
 def _peak_gib(mem: dict) -> float | None:
@@ -518,8 +576,10 @@ def markdown(report: dict) -> str:
         for row in rows:
             frac = row["fraction_of_ceiling"]
             peak = "n/a" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.2f}"
+            plan = row["planner_estimate_gib"]
+            plan = "no estimate (plans rl jobs)" if plan is None else f"{plan:.2f}"
             lines.append(f"| {row['case']} | {row['tokens_per_s']:,.0f} | {row['tflops']:.2f} | "
-                         f"{'n/a' if frac is None else f'{frac:.1%}'} | {peak} | no estimate |")
+                         f"{'n/a' if frac is None else f'{frac:.1%}'} | {peak} | {plan} |")
     return "\n".join(lines) + "\n"
 
 

@@ -49,13 +49,19 @@ from sfpo_megatron.models.builder import model_provider  # noqa: E402
 from sfpo_megatron.models.hf_config import load_hf_config  # noqa: E402
 from sfpo_megatron.trainer.main_params import inner_optimizers, main_params  # noqa: E402
 from sfpo_megatron.trainer.model_setup import build_training_setup  # noqa: E402
+from sfpo_megatron.trainer.offload import TrainStateOffload  # noqa: E402
 from sfpo_megatron.trainer.train_batch import collate  # noqa: E402
 from sfpo_megatron.update.policy_update import PolicyUpdater  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # SFPO-update scenarios at TP=PP=DP=1: (extra flags, setting overrides) on sfpo_common.SETTINGS.
 SFPO_SCENARIOS = {"fp32": ((), {}), "bf16": (("--bf16",), {}),
-                  "offload": (("--sfpo-snapshot-offload",), {})}
+                  "offload": (("--sfpo-snapshot-offload",), {}),
+                  # --optimizer-cpu-offload and --offload-train against the distributed optimizer
+                  # without them (fp32: only the optimizer's kernels differ).
+                  "distopt": (("--use-distributed-optimizer",), {}),
+                  "optimizer_cpu_offload": (("--use-distributed-optimizer", "--optimizer-cpu-offload"), {}),
+                  "offload_train": (("--use-distributed-optimizer",), {})}
 SFPO_STEPS = (1, 2)
 # The throughput model: Qwen2.5-1.5B's shape (random weights); "tiny" keeps the shape's kind.
 SHAPES = {
@@ -193,12 +199,29 @@ def sfpo_updates(hf: Path, scenarios: str) -> dict:
                 where.update(_snapshot_placement(u))
 
         updater.stage_hook = record_snapshot
-        metrics = [updater.update(make_samples(step), step) for step in SFPO_STEPS]
-        out[name] = {"params": hf_params(setup, hf), "init": init, "metrics": metrics, "snapshot": where}
+        metrics, cycle = [], {}
+        for step in SFPO_STEPS:
+            metrics.append(updater.update(make_samples(step), step))
+            if name == "offload_train" and step == SFPO_STEPS[0] and torch.cuda.is_available():
+                cycle = offload_cycle(setup)  # as rl/loop.py between an update and the next
+        out[name] = {"params": hf_params(setup, hf), "init": init, "metrics": metrics, "snapshot": where,
+                     "adam": [type(opt.optimizer).__name__ for opt in inner_optimizers(setup.optimizer)],
+                     "offload_cycle": cycle}
         del updater, setup
         gc.collect()
     parallel.destroy()
     return out
+
+
+def offload_cycle(setup) -> dict:
+    """--offload-train's round trip: device bytes before, freed, and back after."""
+    offload = TrainStateOffload(setup.model, setup.optimizer)
+    before = torch.cuda.memory_allocated()
+    freed = offload.to_host()
+    on_host = torch.cuda.memory_allocated()
+    offload.to_device()
+    return {"allocated_before": before, "freed": freed, "allocated_offloaded": on_host,
+            "allocated_after": torch.cuda.memory_allocated()}
 
 
 def _optimizer_state(optimizer) -> dict:

@@ -29,9 +29,10 @@ def add_parallel_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     if rl:
         g.add_argument("--context-parallel-size", type=int, default=1,
-                       help="split sequences over N ranks (megatron's CP lives in Transformer "
-                            "Engine's attention): GPUs with TE only, and not yet run by the "
-                            "policy update; refused with a clear error elsewhere")
+                       help="split every packed sequence over N ranks (megatron's load-balanced "
+                            "chunks; needs --use-dynamic-batch-size): Transformer Engine's "
+                            "attention with --transformer-impl transformer_engine, else the "
+                            "local spec's attention over all-gathered keys and values")
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true",
                    help="needs Transformer Engine or apex norms (GPU)")
@@ -69,6 +70,16 @@ def add_training_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recompute of every layer")
+    if rl:
+        g.add_argument("--offload-train", action="store_true",
+                       help="with --colocate on GPUs: the trainer's weights, gradient buffers and "
+                            "optimizer state wait in pinned host memory while the rollout servers "
+                            "generate, and come back before the update (megatron-core's buffer and "
+                            "optimizer offload); on a CPU machine a no-op with one log line")
+        g.add_argument("--optimizer-cpu-offload", action="store_true",
+                       help="with --use-distributed-optimizer on GPUs: Adam's moments and step on "
+                            "the host (megatron-core's HybridDeviceOptimizer, all of the shard); "
+                            "on a CPU machine a no-op with one log line")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from sfpo_megatron.distributed import parallel
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.models.hf_config import load_hf_config, padded_vocab_size
 from sfpo_megatron.rl.evaluate import run_eval
-from sfpo_megatron.rl.loop import Preempted, check_context_parallel, check_rl_layout
+from sfpo_megatron.rl.loop import Preempted, check_context_parallel, check_offload_args, check_rl_layout
 from sfpo_megatron.rl.loop import run as run_rl
 from sfpo_megatron.rollout.engines import check_rollout_args
 from sfpo_megatron.rollout.sglang_launcher import split_sglang_args
@@ -112,6 +112,11 @@ def plan_layout(args: argparse.Namespace, arch) -> tuple[memory_plan.ModelShape,
     check_update_args(args)
     check_rollout_args(args)
     check_context_parallel(args)
+    check_offload_args(args)
+    if args.context_parallel_size > 1:
+        raise UserError(f"sfpo-megatron plan does not model context parallelism yet "
+                        f"(--context-parallel-size {args.context_parallel_size}): plan the layout "
+                        "with --context-parallel-size 1 and the micro-batch's tokens divided by it")
     dp = check_rl_layout(args, arch, args.gpus)
     if args.use_dynamic_batch_size:
         tokens = args.max_tokens_per_gpu
@@ -127,10 +132,12 @@ def plan_layout(args: argparse.Namespace, arch) -> tuple[memory_plan.ModelShape,
     layout = memory_plan.Layout(
         tp=tp, pp=args.pipeline_model_parallel_size, dp=dp,
         vpp=args.virtual_pipeline_model_parallel_size,
+        ep=getattr(args, "expert_model_parallel_size", 1),
+        etp=getattr(args, "expert_tensor_parallel_size", None),
         distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16,
         recompute=args.recompute_activations, tokens=tokens,
         sfpo=args.algorithm == "sfpo" and args.sfpo_alpha > 0,
-        snapshot_offload=args.sfpo_snapshot_offload,
+        snapshot_offload=args.sfpo_snapshot_offload, optimizer_offload=args.optimizer_cpu_offload,
         refit_buffer=args.update_weight_buffer_size)
     return shape, layout
 

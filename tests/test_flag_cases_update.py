@@ -36,7 +36,7 @@ sfpo_common = load_module(SCRIPTS / "sfpo_common.py")
 SETTINGS, make_samples = sfpo_common.SETTINGS, sfpo_common.make_samples
 
 SCENARIOS = ["dp1", "eps_high", "dual_clip", "agg_seq", "agg_norm", "no_clip", "recompute", "adam",
-             "stop_step", "one_sided", "two_sided", "eps_clip", "kl_k3", "kl_low_var", "offload", "rl_arch",
+             "stop_step", "one_sided", "two_sided", "eps_clip", "kl_k3", "kl_low_var", "offload", "cpu_offload", "rl_arch",
              "rl_init"]
 STEPS = 2  # sfpo_worker.STEPS
 REL = 1e-5
@@ -167,6 +167,15 @@ def test_kl_type_k3_is_low_var_kl(runs):
     assert runs["kl_k3"]["metrics"][1]["actor/kl"] > 0
     # The KL term acts: without it the update lands elsewhere.
     assert rel_error(k3, reference(runs["hf"])) > 100 * REL
+
+
+@pytest.mark.flags("--optimizer-cpu-offload")
+def test_optimizer_cpu_offload_is_a_no_op_on_cpu(runs):
+    # GPU-only (megatron-core's HybridDeviceOptimizer; docs/gpu-validation.md): on a CPU machine the
+    # distributed optimizer keeps its own Adam and the update is the reference's.
+    got = runs["cpu_offload"]
+    assert got["adam"] == runs["dp1"]["adam"] and "HybridDeviceOptimizer" not in got["adam"]
+    assert rel_error(got["params"], reference(runs["hf"])) < REL
 
 
 @pytest.mark.flags("--sfpo-snapshot-offload")

@@ -158,6 +158,27 @@ def test_search_lists_the_fitting_layouts_rl_accepts(capsys) -> None:
     assert (1, 8) not in listed and (1, 1) not in listed and (4, 2) in listed
 
 
+@pytest.mark.flags("--optimizer-cpu-offload", cmd="plan")
+def test_optimizer_cpu_offload_moves_adam_to_the_host(capsys) -> None:
+    common = ["--model-config", str(QWEN7B), "--gpus", "8", "--seq-length", "4096", "--bf16",
+              "--use-distributed-optimizer", "--tensor-model-parallel-size", "4"]
+    on_gpu = plan_json(capsys, *common)["ranks"][0]
+    offload = plan_json(capsys, *common, "--optimizer-cpu-offload")["ranks"][0]
+    assert offload["adam_moments"] == 0 and on_gpu["adam_moments"] > 0
+    assert on_gpu["total"] - offload["total"] == on_gpu["adam_moments"]
+    # Host: the moments, a copy of the main-param shard and its gradient (4 fp32 per element).
+    assert offload["optimizer_host"] == 2 * on_gpu["adam_moments"] == 4 * on_gpu["main_params"]
+    assert on_gpu["optimizer_host"] == 0
+    main(["plan", *common, "--optimizer-cpu-offload", "--gpu-memory", "80GB"])
+    text = capsys.readouterr().out
+    assert ", optimizer on the host" in text.splitlines()[0]
+    host_row = [line.split() for line in text.splitlines() if line.startswith("optimizer (host)")]
+    assert host_row == [["optimizer", "(host)", f"{offload['optimizer_host'] / 2**30:.2f}"]]
+    assert plan_error(capsys, *common[:-3], "--optimizer-cpu-offload") == (
+        "sfpo-megatron plan: error: --optimizer-cpu-offload runs megatron-core's HybridDeviceOptimizer "
+        "inside the distributed optimizer: add --use-distributed-optimizer")
+
+
 def test_layouts_rl_refuses_give_rl_errors(capsys, tmp_path: Path) -> None:
     common = ["--model-config", str(QWEN7B), "--gpus", "8", "--seq-length", "4096"]
     assert plan_error(capsys, *common, "--tensor-model-parallel-size", "3") == (
@@ -169,6 +190,11 @@ def test_layouts_rl_refuses_give_rl_errors(capsys, tmp_path: Path) -> None:
     assert plan_error(capsys, *common, "--pipeline-model-parallel-size", "8") == (
         "sfpo-megatron plan: error: pipeline-model-parallel-size 8 does not divide the number of "
         "layers 28")
+    assert plan_error(capsys, *common, "--context-parallel-size", "2", "--use-dynamic-batch-size",
+                      "--max-tokens-per-gpu", "8192") == (
+        "sfpo-megatron plan: error: sfpo-megatron plan does not model context parallelism yet "
+        "(--context-parallel-size 2): plan the layout with --context-parallel-size 1 and the "
+        "micro-batch's tokens divided by it")
     assert plan_error(capsys, *common, "--rollout-batch-size", "1", "--n-samples-per-prompt",
                       "4") == (
         "sfpo-megatron plan: error: global-batch-size 4 is not divisible by micro-batch-size 1 x "

@@ -39,9 +39,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("packing_rl")
     model = save_rollout_model(root / "model", seed=4)
     out = {}
-    for name, extra in (("padded", []),
-                        ("packed", ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "256"])):
-        sfpo(1, "rl", rl_flags(model, root, name) + extra, timeout=600, env=ENV)
+    packed = ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "256"]
+    for name, nproc, extra in (("padded", 1, []), ("packed", 1, packed),
+                               ("packed_cp2", 2, packed + ["--context-parallel-size", "2"])):
+        sfpo(nproc, "rl", rl_flags(model, root, name) + extra, timeout=600, env=ENV)
         out[name] = read_jsonl(root / name / "metrics.jsonl")[-1]
     out["flags"] = lambda extra: rl_flags(model, root, "refused") + extra
     return out
@@ -85,7 +86,27 @@ def test_flag_errors_before_anything_starts(tmp_path: Path) -> None:
         "--use-dynamic-batch-size's packed micro-batches: add --use-dynamic-batch-size (or drop "
         "--max-tokens-per-gpu)")
     assert refused(flags + ["--context-parallel-size", "2"]) == (
-        "sfpo-megatron rl: error: --context-parallel-size 2 needs GPUs with Transformer Engine "
-        "(megatron's context parallelism lives in TE's attention); this machine has no GPU: use "
-        "--context-parallel-size 1")
+        "sfpo-megatron rl: error: --context-parallel-size 2 splits packed sequences over ranks: add "
+        "--use-dynamic-batch-size --max-tokens-per-gpu N")
+    assert refused(flags + ["--context-parallel-size", "2", "--use-dynamic-batch-size",
+                            "--max-tokens-per-gpu", "64", "--vcpo", "--off-policy-baseline", "opob",
+                            "--opob-grad-norm", "exact"]) == (
+        "sfpo-megatron rl: error: --context-parallel-size 2: --opob-grad-norm exact takes "
+        "per-trajectory gradients, which context parallelism splits over ranks: use "
+        "--opob-grad-norm logit")
+    assert refused(flags + ["--context-parallel-size", "3", "--use-dynamic-batch-size",
+                            "--max-tokens-per-gpu", "64"]) == (
+        "sfpo-megatron rl: error: world size 1 is not a multiple of tensor-model-parallel-size 1 x "
+        "pipeline-model-parallel-size 1 x context-parallel-size 3 = 3")
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.flags("--context-parallel-size")
+def test_context_parallel_run_matches_the_packed_one(runs: dict) -> None:
+    """Two trainer ranks splitting every packed sequence: the same batch, old log-probs and
+    entropy as one rank (each sequence padded inside its segment to a multiple of 4 tokens)."""
+    packed, cp = runs["packed"], runs["packed_cp2"]
+    assert cp["batch/real_tokens"] == packed["batch/real_tokens"]
+    for key in ("actor/entropy_at_theta0", "rollout/train_logprob_abs_diff", "actor/pg_loss"):
+        assert cp[key] == pytest.approx(packed[key], rel=1e-5, abs=1e-7), key

@@ -50,6 +50,11 @@ def model_parallel(tmp_path_factory) -> dict:
     return launch(tmp_path_factory, 2, ["packed_tp2", "packed_pp2"])
 
 
+@pytest.fixture(scope="module")
+def context_parallel(tmp_path_factory) -> dict:
+    return launch(tmp_path_factory, 2, ["packed_cp2", "packed_cp2opob"])
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -118,3 +123,25 @@ def test_packed_equals_padded_tp2_pp2(dp1, model_parallel, name):
         m = model_parallel[name]["metrics"][0]
         assert m["batch/padding_tokens"] == 100 * m["batch/micro_batches_per_rank"] \
             - m["batch/real_tokens"]
+
+
+@pytest.mark.flags("--context-parallel-size")
+def test_context_parallel_equals_padded(dp1, context_parallel):
+    """CP=2: every packed sequence split into megatron's 4 load-balanced chunks over 2 ranks
+    (attention over the all-gathered keys / values, log-probs gathered back): the same update."""
+    assert_same_update(context_parallel["packed_cp2"], dp1["padded_dp1"], "cp2")
+    m = context_parallel["packed_cp2"]["metrics"][0]
+    # Each sequence is padded to a multiple of 2 x CP = 4 tokens, inside its own segment.
+    assert 0 < m["batch/padding_tokens"] < 4 * 16
+    packed, padded = context_parallel["packed_cp2opob"], dp1["padded_opob"]
+    assert_same_update(packed, padded, "cp2 opob")
+    for mp, mpad in zip(packed["metrics"], padded["metrics"]):
+        for key in ("vcpo/opob_advantage_shift", "vcpo/ess"):
+            assert mp[key] == pytest.approx(mpad[key], rel=REL), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["packed_cp2tp2", "packed_cp2dp2"])
+def test_context_parallel_with_tp_and_dp(dp1, tmp_path_factory, name):
+    got = launch(tmp_path_factory, 4, [name])[name]
+    assert_same_update(got, dp1["padded_dp1"], name)

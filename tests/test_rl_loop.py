@@ -60,7 +60,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "--prompt-data", str(prompts), "--skip-malformed", "--rollout-batch-size", "2",
         "--n-samples-per-prompt", str(N), "--dynamic-sampling", "--max-resample-rounds", "3",
         "--num-rollouts", str(STEPS), "--lr", "1e-3", "--sfpo-inner-steps", "2",
-        "--eval-interval", "2", "--colocate", "--weight-transport", "distributed",
+        "--eval-interval", "2", "--colocate", "--offload-train", "--weight-transport", "distributed",
         "--save", str(root / "ckpt"), "--save-interval", "2", "--dist-ckpt-optim-sharding", "dp_reshardable",
         "--distributed-timeout-minutes", "7",
         "--log-dir", str(root / "logs"), "--tensorboard-dir", str(root / "tb")]
@@ -72,6 +72,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.flags("--distributed-timeout-minutes")
 def test_process_group_takes_the_timeout(run: dict) -> None:
     assert "process group: gloo, world size 2, TP 2, PP 1, collective timeout 0:07:00" in run["output"]
+
+
+@pytest.mark.flags("--offload-train")
+def test_offload_train_is_a_logged_no_op_on_cpu(run: dict) -> None:
+    # GPU-only (docs/gpu-validation.md); here the run is the same colocated run, told once.
+    line = ("--offload-train: no GPU on this machine, the trainer's state already lives in host memory: "
+            "nothing to offload")
+    assert run["output"].count(line) == 1
 
 
 def by_iteration(run: dict) -> dict[int, dict]:
@@ -180,6 +188,10 @@ def test_eval_subcommand_reproduces_the_loops_evaluation(run: dict) -> None:
     (["--async-rollout", "--colocate"], "--async-rollout overlaps generation with training, --colocate"),
     (["--async-rollout", "--max-staleness", "-1"], "--max-staleness must be >= 0, got -1"),
     (["--off-policy-baseline", "opob"], "--off-policy-baseline opob is part of VCPO: add --vcpo"),
+    (["--offload-train"], "--offload-train frees the trainer's GPU memory for rollout servers that share "
+     "its GPUs: add --colocate (disaggregated servers have GPUs of their own)"),
+    (["--optimizer-cpu-offload"], "--optimizer-cpu-offload runs megatron-core's HybridDeviceOptimizer "
+     "inside the distributed optimizer: add --use-distributed-optimizer"),
 ])
 def test_bad_flags_fail_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
                                            message: str) -> None:

@@ -51,6 +51,11 @@ class ModelShape:
     tied: bool
     qkv_bias: bool
     qk_norm: bool
+    # Mixture of experts (0 experts: dense): per layer whether its MLP is the sparse block
+    experts: int = 0
+    moe_ffn: int = 0
+    top_k: int = 0
+    moe_layers: tuple[bool, ...] = ()
 
     @classmethod
     def from_arch(cls, arch, padded_vocab: int) -> ModelShape:
@@ -58,7 +63,14 @@ class ModelShape:
         return cls(hidden=arch.hidden_size, ffn=arch.intermediate_size, layers=arch.num_layers,
                    heads=arch.num_heads, kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
                    vocab=arch.vocab_size, padded_vocab=padded_vocab,
-                   tied=arch.tie_word_embeddings, qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm)
+                   tied=arch.tie_word_embeddings, qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm,
+                   experts=getattr(arch, "num_experts", 0),
+                   moe_ffn=getattr(arch, "moe_intermediate_size", 0),
+                   top_k=getattr(arch, "moe_top_k", 0),
+                   moe_layers=tuple(getattr(arch, "moe_layers", ())))
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.experts > 0 and bool(self.moe_layers[i])
 
 
 @dataclass(frozen=True)
@@ -67,12 +79,15 @@ class Layout:
     pp: int = 1
     dp: int = 1
     vpp: int | None = None
+    ep: int = 1  # expert-model-parallel size
+    etp: int | None = None  # expert-tensor-parallel size (None: TP)
     distributed_optimizer: bool = False
     bf16: bool = False
     recompute: bool = False
     tokens: int = 4096  # tokens of one micro-batch
     sfpo: bool = True  # the θ0 snapshot exists (SFPO with α > 0 and K > 0)
     snapshot_offload: bool = False
+    optimizer_offload: bool = False  # --optimizer-cpu-offload
     refit_buffer: int = 512 * 2**20
 
 
@@ -85,10 +100,20 @@ class RankPlan:
     params: int  # parameter count on this rank
     bytes: dict[str, int] = field(default_factory=dict)
     snapshot_host_bytes: int = 0
+    optimizer_host_bytes: int = 0
 
     @property
     def total(self) -> int:
         return sum(self.bytes.values())
+
+
+def expert_tp(lay: Layout) -> int:
+    return lay.tp if lay.etp is None else lay.etp
+
+
+def expert_dp(lay: Layout) -> int:
+    """The expert-data-parallel size: the ranks of a stage (TP x DP) over ETP x EP."""
+    return lay.tp * lay.dp // (expert_tp(lay) * lay.ep)
 
 
 ROWS = ("weights", "grad_buffers", "main_params", "adam_moments", "sfpo_snapshot",
@@ -98,8 +123,12 @@ ROWS = ("weights", "grad_buffers", "main_params", "adam_moments", "sfpo_snapshot
 # ---- parameters -------------------------------------------------------------------------------
 
 
-def layer_param_numels(s: ModelShape, tp: int) -> list[int]:
-    """One decoder layer's parameters on a TP rank, in megatron's order (local / TE spec)."""
+def layer_param_numels(s: ModelShape, tp: int, layer: int = 0, ep: int = 1,
+                       etp: int | None = None) -> tuple[list[int], list[int]]:
+    """One decoder layer's parameters on a TP rank, in megatron's order (local / TE spec):
+    (dense parameters, expert parameters). A sparse layer's MLP is the router ([experts, h],
+    replicated, a dense parameter) and this EP rank's experts, each a SwiGLU MLP of
+    ``moe_ffn / ETP`` (megatron's SequentialMLP: fc1, fc2 per local expert)."""
     qkv_out = (s.heads + 2 * s.kv_heads) * s.head_dim // tp
     numels = [s.hidden, qkv_out * s.hidden]  # input norm, linear_qkv
     if s.qkv_bias:
@@ -107,16 +136,27 @@ def layer_param_numels(s: ModelShape, tp: int) -> list[int]:
     if s.qk_norm:
         numels += [s.head_dim, s.head_dim]
     numels += [s.heads * s.head_dim // tp * s.hidden,  # linear_proj
-               s.hidden,  # pre-MLP norm
-               2 * s.ffn // tp * s.hidden,  # linear_fc1 (gate and up)
+               s.hidden]  # pre-MLP norm
+    if s.is_moe_layer(layer):
+        f = s.moe_ffn // (tp if etp is None else etp)
+        numels.append(s.experts * s.hidden)  # router
+        return numels, [n for _ in range(s.experts // ep) for n in (2 * f * s.hidden, f * s.hidden)]
+    numels += [2 * s.ffn // tp * s.hidden,  # linear_fc1 (gate and up)
                s.ffn // tp * s.hidden]  # linear_fc2
-    return numels
+    return numels, []
+
+
+def chunk_layers(s: ModelShape, lay: Layout, pp_rank: int, vp: int) -> range:
+    """The global indices of one model chunk's layers (megatron's layer offset)."""
+    per_chunk = s.layers // (lay.pp * (lay.vpp or 1))
+    start = (vp * lay.pp + pp_rank) * per_chunk
+    return range(start, start + per_chunk)
 
 
 def chunk_params(s: ModelShape, lay: Layout, pp_rank: int, vp: int) -> list[tuple[int, bool]]:
-    """(numel, shared_embedding) of each parameter of one model chunk, in megatron's order."""
+    """(numel, shared_embedding) of each dense parameter of one model chunk, in megatron's
+    order."""
     chunks = lay.vpp or 1
-    per_chunk = s.layers // (lay.pp * chunks)
     first = pp_rank == 0 and vp == 0
     last = pp_rank == lay.pp - 1 and vp == chunks - 1
     emb = s.padded_vocab // lay.tp * s.hidden
@@ -124,12 +164,21 @@ def chunk_params(s: ModelShape, lay: Layout, pp_rank: int, vp: int) -> list[tupl
     out: list[tuple[int, bool]] = []
     if first:
         out.append((emb, shared))
-    out += [(n, False) for _ in range(per_chunk) for n in layer_param_numels(s, lay.tp)]
+    for i in chunk_layers(s, lay, pp_rank, vp):
+        dense, _ = layer_param_numels(s, lay.tp, i, lay.ep, lay.etp)
+        out += [(n, False) for n in dense]
     if last:
         out.append((s.hidden, False))  # final norm
         if not s.tied or not first:
             out.append((emb, shared))  # output layer (the tied copy on the last stage)
     return out
+
+
+def chunk_expert_params(s: ModelShape, lay: Layout, pp_rank: int, vp: int) -> list[tuple[int, bool]]:
+    """This EP rank's expert parameters of one model chunk: DDP puts them in buffers of their
+    own, sharded over the expert-data-parallel group."""
+    return [(n, False) for i in chunk_layers(s, lay, pp_rank, vp)
+            for n in layer_param_numels(s, lay.tp, i, lay.ep, lay.etp)[1]]
 
 
 def _ceil(n: int, m: int) -> int:
@@ -189,7 +238,8 @@ def shard_numel(ranges: list[tuple[int, int]], buckets: list[tuple[int, int]], d
 # ---- activations ------------------------------------------------------------------------------
 
 
-def layer_activation_bytes(s: ModelShape, tp: int, tokens: int, elem: int) -> int:
+def layer_activation_bytes(s: ModelShape, tp: int, tokens: int, elem: int, moe: bool = False,
+                           etp: int | None = None) -> int:
     """Bytes one layer keeps for its backward, per micro-batch of ``tokens`` tokens on a TP rank
     (no sequence parallelism): Korthikanti et al.'s per-layer count re-derived for this layer
     (a query heads, g KV heads of size d, hidden h, FFN f, all per TP rank where sharded), as
@@ -207,12 +257,24 @@ def layer_activation_bytes(s: ModelShape, tp: int, tokens: int, elem: int) -> in
       2(a+g)d   with QK-norm: q and k before and after their norm;
     in fp32 per token -- the attention's log-sum-exp (a), the norms' 1/rms (2), RoPE's cos and
     sin for q and k (4d). No dropout masks (dropout is 0 in these models).
+
+    A sparse (MoE) layer's MLP instead keeps, per token, its k routed copies: the dispatched
+    input and the expert output (2h each) and each expert's SwiGLU (5 f_moe / ETP), plus the
+    router's fp32 logits, probabilities and routing map (3 x experts). With balanced routing an
+    EP rank receives k copies per token of its micro-batch on average; an imbalanced router
+    sends it more. This MoE term is an estimate, not yet checked against a profiler.
     """
     a, g, d = s.heads // tp, s.kv_heads // tp, s.head_dim
-    per_token = 6 * s.hidden + (a + 2 * g) * d + (a + g) * d + a * d + 5 * s.ffn // tp
+    per_token = 6 * s.hidden + (a + 2 * g) * d + (a + g) * d + a * d
+    fp32 = a + 2 + 4 * d
+    if moe:
+        per_token += s.top_k * (2 * s.hidden + 5 * s.moe_ffn // (tp if etp is None else etp))
+        fp32 += 3 * s.experts
+    else:
+        per_token += 5 * s.ffn // tp
     if s.qk_norm:
         per_token += 2 * (a + g) * d
-    return tokens * (per_token * elem + FP32 * (a + 2 + 4 * d))
+    return tokens * (per_token * elem + FP32 * fp32)
 
 
 def logits_bytes(s: ModelShape, tp: int, tokens: int, elem: int) -> int:
@@ -225,8 +287,11 @@ def logits_bytes(s: ModelShape, tp: int, tokens: int, elem: int) -> int:
 def activation_bytes(s: ModelShape, lay: Layout, pp_rank: int) -> int:
     elem = 2 if lay.bf16 else 4
     t = lay.tokens
-    layers = s.layers // lay.pp  # this stage's layers, over all its virtual chunks
-    one_layer = layer_activation_bytes(s, lay.tp, t, elem)
+    # This stage's layers, over all its virtual chunks.
+    layers = [i for vp in range(lay.vpp or 1) for i in chunk_layers(s, lay, pp_rank, vp)]
+    per_layer = [layer_activation_bytes(s, lay.tp, t, elem, s.is_moe_layer(i), lay.etp)
+                 for i in layers]
+    one_layer = max(per_layer)
     # 1F1B: stage i holds up to pp - i micro-batches between their forward and backward;
     # interleaving adds (pp - 1) / (pp * vpp) of a stage's share (Korthikanti et al. 2022, 4.2.3).
     in_flight = lay.pp - pp_rank
@@ -238,10 +303,10 @@ def activation_bytes(s: ModelShape, lay: Layout, pp_rank: int) -> int:
     if lay.recompute:
         # Each layer keeps only its input; in backward one layer is recomputed at a time, after
         # the head's tensors are freed: the peak is the larger of the two.
-        stored = layers * t * s.hidden * elem
+        stored = len(layers) * t * s.hidden * elem
         total = in_flight * stored + max(one_layer, head)
     else:
-        total = in_flight * layers * one_layer + head
+        total = in_flight * sum(per_layer) + head
     return int(total)
 
 
@@ -259,15 +324,20 @@ def rank_plan(s: ModelShape, lay: Layout, pp_rank: int) -> RankPlan:
     weights = grads = main_elems = 0
     params = 0
     for vp in range(lay.vpp or 1):
-        chunk = chunk_params(s, lay, pp_rank, vp)
-        params += sum(n for n, _ in chunk)
-        numel, ranges, buckets = buffer_layout(chunk, lay.dp, lay.distributed_optimizer)
-        grads += numel * FP32
-        weights += (numel if lay.distributed_optimizer else sum(n for n, _ in chunk)) * weight_elem
-        if lay.distributed_optimizer:
-            main_elems += max(shard_numel(ranges, buckets, lay.dp, r) for r in range(lay.dp))
-        else:
-            main_elems += sum(n for n, _ in chunk)
+        # Dense parameters over the DP group; experts in their own buffers over the
+        # expert-data-parallel group.
+        for chunk, dp in ((chunk_params(s, lay, pp_rank, vp), lay.dp),
+                          (chunk_expert_params(s, lay, pp_rank, vp), expert_dp(lay))):
+            if not chunk:
+                continue
+            params += sum(n for n, _ in chunk)
+            numel, ranges, buckets = buffer_layout(chunk, dp, lay.distributed_optimizer)
+            grads += numel * FP32
+            weights += (numel if lay.distributed_optimizer else sum(n for n, _ in chunk)) * weight_elem
+            if lay.distributed_optimizer:
+                main_elems += max(shard_numel(ranges, buckets, dp, r) for r in range(dp))
+            else:
+                main_elems += sum(n for n, _ in chunk)
     snapshot = main_elems * FP32 if lay.sfpo else 0
     # Main params are separate fp32 tensors only with bf16 model params.
     main = main_elems * FP32 if lay.bf16 else 0
@@ -277,12 +347,15 @@ def rank_plan(s: ModelShape, lay: Layout, pp_rank: int) -> RankPlan:
         "weights": weights,
         "grad_buffers": grads,
         "main_params": main,
-        "adam_moments": 2 * main_elems * FP32,
+        "adam_moments": 0 if lay.optimizer_offload else 2 * main_elems * FP32,
         "sfpo_snapshot": 0 if lay.snapshot_offload else snapshot,
         "activations": activation_bytes(s, lay, pp_rank),
         "refit_buffers": refit,
     }
     plan.snapshot_host_bytes = snapshot if lay.snapshot_offload else 0
+    # HybridDeviceOptimizer on the host: a copy of the main-param shard, its gradient and the two
+    # moments; the distributed optimizer's main-param shard stays on the GPU.
+    plan.optimizer_host_bytes = 4 * main_elems * FP32 if lay.optimizer_offload else 0
     return plan
 
 
@@ -333,7 +406,8 @@ def to_json(s: ModelShape, lay: Layout, plans: list[RankPlan], v: Verdict) -> di
         "model": asdict(s),
         "layout": asdict(lay),
         "ranks": [{"stage": p.stage, "pp_rank": p.pp_rank, "params": p.params, **p.bytes,
-                   "total": p.total, "sfpo_snapshot_host": p.snapshot_host_bytes} for p in plans],
+                   "total": p.total, "sfpo_snapshot_host": p.snapshot_host_bytes,
+                   "optimizer_host": p.optimizer_host_bytes} for p in plans],
         "gpu_memory": v.gpu_memory,
         "fits": v.fits,
         "worst_stage": v.worst_stage,
@@ -350,10 +424,14 @@ def format_table(lay: Layout, plans: list[RankPlan], v: Verdict) -> str:
     width = max(10, *(len(c) for c in cols), *(len(f"{p.params:,}") for p in plans))
     head = f"{'GiB per rank':<16}" + "".join(f"{c:>{width + 2}}" for c in cols)
     lines = [f"layout: TP={lay.tp} PP={lay.pp}" + (f" VPP={lay.vpp}" if lay.vpp else "")
-             + f" DP={lay.dp}, {lay.tokens} tokens per micro-batch"
+             + f" DP={lay.dp}"
+             + (f" EP={lay.ep} ETP={expert_tp(lay)} EDP={expert_dp(lay)}" if lay.ep > 1 or lay.etp
+                else "")
+             + f", {lay.tokens} tokens per micro-batch"
              + (", distributed optimizer" if lay.distributed_optimizer else "")
              + (", bf16" if lay.bf16 else ", fp32")
-             + (", recompute" if lay.recompute else ""), head, "-" * len(head)]
+             + (", recompute" if lay.recompute else "")
+             + (", optimizer on the host" if lay.optimizer_offload else ""), head, "-" * len(head)]
     for row in ROWS:
         lines.append(f"{row:<16}" + "".join(f"{gib(p.bytes[row]):>{width + 2}}" for p in plans))
     lines.append("-" * len(head))
@@ -361,6 +439,9 @@ def format_table(lay: Layout, plans: list[RankPlan], v: Verdict) -> str:
     if any(p.snapshot_host_bytes for p in plans):
         lines.append(f"{'snapshot (host)':<16}"
                      + "".join(f"{gib(p.snapshot_host_bytes):>{width + 2}}" for p in plans))
+    if any(p.optimizer_host_bytes for p in plans):
+        lines.append(f"{'optimizer (host)':<16}"
+                     + "".join(f"{gib(p.optimizer_host_bytes):>{width + 2}}" for p in plans))
     lines.append(f"{'params':<16}" + "".join(f"{p.params:>{width + 2},}" for p in plans))
     if v.fits:
         lines.append(f"verdict: fits in {gib(v.gpu_memory)} GiB ({gib(v.margin)} GiB left on the "

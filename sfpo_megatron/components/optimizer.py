@@ -3,26 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
+import torch.distributed as dist
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from sfpo_megatron.components.adam import use_param_group_step_adam
+from sfpo_megatron.distributed.platform import current_platform
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(args: argparse.Namespace, model_chunks: list):
     """megatron's optimizer for the chunks; TE/apex FusedAdam where installed, else the
-    param-group-step Adam (:mod:`sfpo_megatron.components.adam`), on CPU and GPU alike."""
+    param-group-step Adam (:mod:`sfpo_megatron.components.adam`), on CPU and GPU alike.
+
+    ``--optimizer-cpu-offload`` (GPU): megatron-core's HybridDeviceOptimizer steps the whole
+    shard with torch's AdamW on the host; the distributed optimizer keeps its fp32 main-param
+    shard on the GPU and copies the host result back after each step."""
     use_param_group_step_adam()
+    cpu_offload = _optimizer_cpu_offload(args)
     config = OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16, fp16=False, params_dtype=_dtype(args),
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_param_gather_with_optimizer_step=False,
+        optimizer_cpu_offload=cpu_offload, optimizer_offload_fraction=1.0 if cpu_offload else 0.0,
     )
     return get_megatron_optimizer(config, model_chunks)
+
+
+def _optimizer_cpu_offload(args: argparse.Namespace) -> bool:
+    if not getattr(args, "optimizer_cpu_offload", False):
+        return False
+    if not current_platform().is_cuda:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.info("--optimizer-cpu-offload: no GPU on this machine, the optimizer already runs in "
+                     "host memory: nothing to offload")
+        return False
+    return True
 
 
 def build_scheduler(args: argparse.Namespace, optimizer, total_steps: int):

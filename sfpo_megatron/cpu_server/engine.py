@@ -37,6 +37,11 @@ from sfpo_megatron.cpu_server.requests import FLOAT32_MIN, RequestError, Samplin
 logger = logging.getLogger("sfpo_megatron.cpu_server.server")
 
 THROUGHPUT_WINDOW_S = 10.0
+# An idle engine that receives a request waits this long at most for the requests sent with it
+# (a client's concurrent HTTP calls arrive a few milliseconds apart), stopping as soon as none
+# arrives for ARRIVAL_GAP_S: one batched prefill instead of one prefill and a cache merge each.
+ADMISSION_WINDOW_S = 0.005
+ARRIVAL_GAP_S = 0.001
 
 # ============================================================================================
 # Generation engine: one thread owns the model; batches, sampling, weight updates.
@@ -292,6 +297,8 @@ class GenerationEngine:
                     self._cond.wait()
                 if self._stop:
                     break
+                if not self._commands:
+                    self._gather_arrivals()
                 commands = list(self._commands)
                 self._commands.clear()
                 batch: list[Sequence] = []
@@ -320,6 +327,19 @@ class GenerationEngine:
         for s in leftovers:
             if not s.future.done():
                 s.future.set_exception(EngineError("server shut down"))
+
+    def _gather_arrivals(self) -> None:
+        """Under the lock, idle engine: let requests sent together arrive (see ADMISSION_WINDOW_S)."""
+        deadline = time.monotonic() + ADMISSION_WINDOW_S
+        seen = len(self._waiting)
+        while not self._stop and not self._commands and seen < self.max_batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(min(left, ARRIVAL_GAP_S))
+            if len(self._waiting) == seen:
+                return
+            seen = len(self._waiting)
 
     @staticmethod
     def _run_command(fn: Callable[[], Any], fut: concurrent.futures.Future) -> None:
@@ -488,9 +508,15 @@ class GenerationEngine:
         # Dividing by 1.0 is exact: an all-greedy batch skips the pass and reuses the maxima.
         scaled = adjusted if all(t == 1.0 for t in temps) else adjusted / torch.tensor(temps)[:, None]
         samplable = torch.isfinite(row_max) if scaled is logits else _samplable(scaled)
-        report = None
-        if any(s.spec.return_logprob for s in seqs):
-            report = torch.log_softmax(logits if self.return_original_logprob else scaled, dim=-1)
+        # The sampled token's logprob is its logit minus the row's logsumexp: one reduction pass.
+        # The whole log-softmax row is materialised only for rows that ask for top / given ids.
+        source = logits if self.return_original_logprob else scaled
+        want = any(s.spec.return_logprob for s in seqs)
+        report = lse = None
+        if want and any(s.spec.top_logprobs_num or s.spec.token_ids_logprob for s in seqs):
+            report = torch.log_softmax(source, dim=-1)
+        elif want:
+            lse = torch.logsumexp(source, dim=-1)
         tokens = adjusted.argmax(dim=-1)
         # A request's own parameters can leave its row with nothing to sample (every op above is
         # row-wise): that sequence fails alone with a 400, the rest of the batch goes on unchanged.
@@ -510,7 +536,12 @@ class GenerationEngine:
                 failed.add(r)
                 self._fail(s, RequestError("sampling_params", f"top_k / top_p / min_p filtering left nothing to sample ({e})"))
         token_list = tokens.tolist()
-        lps = [] if report is None else report.gather(1, tokens[:, None])[:, 0].clamp(min=FLOAT32_MIN).tolist()
+        if report is not None:
+            lps = report.gather(1, tokens[:, None])[:, 0].clamp(min=FLOAT32_MIN).tolist()
+        elif lse is not None:
+            lps = (source.gather(1, tokens[:, None])[:, 0] - lse).clamp(min=FLOAT32_MIN).tolist()
+        else:
+            lps = []
         for r, s in enumerate(seqs):
             if r in failed:
                 continue

@@ -65,16 +65,17 @@ def read_dist_env() -> DistEnv:
 
 def check_layout(*, world_size: int, tp: int, pp: int, num_layers: int, num_attention_heads: int,
                  num_query_groups: int, micro_batch_size: int, global_batch_size: int | None,
-                 vpp: int | None = None) -> int:
+                 vpp: int | None = None, cp: int = 1) -> int:
     """Validate a layout; returns the data-parallel size. Errors name the numbers involved."""
     for name, value in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
                         ("micro-batch-size", micro_batch_size)):
         if value < 1:
             raise LayoutError(f"--{name} must be >= 1, got {value}")
-    if world_size % (tp * pp) != 0:
+    if world_size % (tp * pp * cp) != 0:
         raise LayoutError(
             f"world size {world_size} is not a multiple of tensor-model-parallel-size {tp} x "
-            f"pipeline-model-parallel-size {pp} = {tp * pp}")
+            f"pipeline-model-parallel-size {pp}" + (f" x context-parallel-size {cp}" if cp > 1 else "")
+            + f" = {tp * pp * cp}")
     if num_attention_heads % tp != 0:
         raise LayoutError(f"tensor-model-parallel-size {tp} does not divide the number of "
                           f"attention heads {num_attention_heads}")
@@ -86,7 +87,7 @@ def check_layout(*, world_size: int, tp: int, pp: int, num_layers: int, num_atte
         raise LayoutError(f"pipeline-model-parallel-size {pp}"
                           + (f" x virtual-pipeline-model-parallel-size {vpp}" if vpp else "")
                           + f" does not divide the number of layers {num_layers}")
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     if global_batch_size is not None and global_batch_size % (micro_batch_size * dp) != 0:
         raise LayoutError(
             f"global-batch-size {global_batch_size} is not divisible by micro-batch-size "
@@ -104,7 +105,7 @@ def set_seed(seed: int) -> None:
 
 
 def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234,
-               timeout_minutes: int = 30) -> DistEnv:
+               timeout_minutes: int = 30, cp: int = 1) -> DistEnv:
     """Initialise torch.distributed and megatron's parallel groups (idempotent)."""
     platform = setup_platform()
     env = read_dist_env()
@@ -116,14 +117,15 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 123
         if env.rank == 0:
             log.info("process group: %s, world size %d, TP %d, PP %d, collective timeout %s",
                      platform.backend, env.world_size, tp, pp, timeout)
-    if env.world_size % (tp * pp) != 0:
+    if env.world_size % (tp * pp * cp) != 0:
         raise LayoutError(
             f"world size {env.world_size} is not a multiple of tensor-model-parallel-size {tp} x "
-            f"pipeline-model-parallel-size {pp} = {tp * pp}")
+            f"pipeline-model-parallel-size {pp}" + (f" x context-parallel-size {cp}" if cp > 1 else "")
+            + f" = {tp * pp * cp}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            virtual_pipeline_model_parallel_size=vpp,
+            virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
             distributed_timeout_minutes=timeout_minutes)
     set_seed(seed)
     return env

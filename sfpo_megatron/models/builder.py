@@ -172,6 +172,7 @@ _PASSTHROUGH_ARGS = (
     "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
     "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split",
     "cross_entropy_loss_fusion", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo",
+    "context_parallel_size",
 )
 
 

@@ -22,6 +22,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
 
+from sfpo_megatron.distributed.context_parallel import gather_packed, shard_positions
+
 # Megatron's attention_mask_func fills masked scores with -10000; an additive mask of the same
 # value keeps fully masked (padding) rows finite instead of NaN.
 _MASKED = -10000.0
@@ -43,7 +45,6 @@ class SDPAttention(MegatronModule):
     ) -> None:
         super().__init__(config=config)
         unsupported = {
-            "context_parallel_size": config.context_parallel_size != 1,
             "apply_query_key_layer_scaling": config.apply_query_key_layer_scaling,
             "softmax_type": config.softmax_type != "vanilla",
             "window_size": config.window_size is not None,
@@ -52,8 +53,9 @@ class SDPAttention(MegatronModule):
         if bad:
             raise ValueError(f"SDPAttention does not support {', '.join(bad)}; use the TE spec")
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.tp_group = pg_collection.tp
+        self.cp_group = getattr(pg_collection, "cp", None) if config.context_parallel_size > 1 else None
         self.attn_mask_type = attn_mask_type
         tp = pg_collection.tp.size()
         self.heads = divide(config.num_attention_heads, tp)
@@ -93,6 +95,8 @@ class SDPAttention(MegatronModule):
             return self._forward_packed(query, key, value, packed_seq_params, causal)
         if packed_seq_params is not None:
             raise ValueError(f"unsupported packed qkv_format {packed_seq_params.qkv_format!r}")
+        if self.cp_group is not None:
+            raise ValueError("context parallelism needs packed sequences (qkv_format='thd')")
         sq, b = query.shape[:2]
         mask = None
         if attention_mask is not None:
@@ -111,6 +115,8 @@ class SDPAttention(MegatronModule):
             else params.cu_seqlens_q
         cu_kv = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None \
             else params.cu_seqlens_kv
+        if self.cp_group is not None:
+            return self._forward_cp(query, key, value, cu_q, cu_kv, causal)
         tq, tk = query.shape[0], key.shape[0]
         if causal and tq == tk and torch.equal(cu_q.cpu(), cu_kv.cpu()):
             # One causal SDPA per sequence: the cost of the real tokens (sum of L_i^2), not of a
@@ -135,3 +141,30 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))  # [1, h, t, d]
         out = self._attend(q, k, v, mask, causal=False)
         return out.squeeze(0).permute(1, 0, 2).reshape(tq, -1)  # [t, h*d]
+
+    def _forward_cp(self, query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_kv: Tensor,
+                    causal: bool) -> Tensor:
+        """Context parallel: this rank's query tokens (megatron's load-balanced chunks of every
+        sequence) attend to the whole sequence's keys and values, all-gathered over the CP group
+        (the gradient of each rank's keys / values is summed over the ranks whose queries used
+        them). Memory: the full K and V of the micro-batch on every rank, the price of the
+        simplest exact scheme; TE's ring attention on GPUs passes them around instead."""
+        if not causal or not torch.equal(cu_q.cpu(), cu_kv.cpu()):
+            raise ValueError("SDPAttention's context parallelism supports causal self-attention")
+        bounds = [int(x) for x in cu_q.tolist()]
+        cp, rank = self.cp_group.size(), self.cp_group.rank()
+        k_all = gather_packed(key, bounds, self.cp_group, reduce_grad=True)
+        v_all = gather_packed(value, bounds, self.cp_group, reduce_grad=True)
+        local_pos = shard_positions(bounds, cp, rank).to(query.device)
+        outs, start = [], 0
+        for a, b in zip(bounds, bounds[1:]):
+            n = (b - a) // cp  # this rank's tokens of the sequence
+            q = query[start:start + n]
+            pos_q = local_pos[start:start + n] - a
+            pos_k = torch.arange(b - a, device=query.device)
+            mask = torch.zeros((n, b - a), dtype=query.dtype, device=query.device)
+            mask.masked_fill_(pos_q[:, None] < pos_k[None, :], _MASKED)
+            q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k_all[a:b], v_all[a:b]))
+            outs.append(self._attend(q, k, v, mask, causal=False).squeeze(0).permute(1, 0, 2))
+            start += n
+        return torch.cat(outs).reshape(query.shape[0], -1)  # [t, h*d]

@@ -53,7 +53,7 @@ from sfpo_megatron.data.prompts import PromptSampler, dataset_kwargs, load_eval_
 from sfpo_megatron.data.rewards import reward_fn_from_args, reward_runner_from_args
 from sfpo_megatron.data.tokenizer import tokenizer_from_args
 from sfpo_megatron.distributed import parallel
-from sfpo_megatron.distributed.platform import current_platform, gpu_available, setup_platform
+from sfpo_megatron.distributed.platform import current_platform, setup_platform
 from sfpo_megatron.distributed.rank0 import on_rank0
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.models.hf_config import load_hf_config
@@ -70,6 +70,7 @@ from sfpo_megatron.rollout.engines import RolloutEngines, check_rollout_args, to
 from sfpo_megatron.rollout.generate import RolloutWorker, multi_turn_from_args
 from sfpo_megatron.rollout.tools import load_tool
 from sfpo_megatron.trainer.model_setup import build_reference_model, build_training_setup
+from sfpo_megatron.trainer.offload import TrainStateOffload
 from sfpo_megatron.trainer.pretrain import check_args
 from sfpo_megatron.trainer.train_batch import check_update_layout
 from sfpo_megatron.update.policy_update import PolicyUpdater, check_update_args
@@ -152,31 +153,37 @@ def check_rl_args(args: argparse.Namespace) -> None:
     if not args.rollout_temperature > 0:
         raise RLConfigError(f"--rollout-temperature must be > 0 (the trainer's logprobs use it), "
                             f"got {args.rollout_temperature}")
+    check_offload_args(args)
     check_multi_turn_args(args)
     check_update_args(args)  # --ppo-epochs, --no-ppo-clip with several steps, ...
     check_context_parallel(args)
 
 
+def check_offload_args(args: argparse.Namespace) -> None:
+    if args.offload_train and not args.colocate:
+        raise RLConfigError("--offload-train frees the trainer's GPU memory for rollout servers that share its "
+                            "GPUs: add --colocate (disaggregated servers have GPUs of their own)")
+    if args.optimizer_cpu_offload and not args.use_distributed_optimizer:
+        raise RLConfigError("--optimizer-cpu-offload runs megatron-core's HybridDeviceOptimizer inside the "
+                            "distributed optimizer: add --use-distributed-optimizer")
+
+
 def check_context_parallel(args: argparse.Namespace) -> None:
-    """``--context-parallel-size``: megatron's CP lives in Transformer Engine's attention (GPU),
-    and the update does not split sequences over a CP group; refused before anything is built."""
+    """``--context-parallel-size``: each packed sequence split over the CP group (load-balanced
+    chunks); only packed micro-batches can be split, and per-trajectory exact gradient norms
+    cannot. Refused before anything is built."""
     cp = args.context_parallel_size
     if cp == 1:
         return
     if cp < 1:
         raise RLConfigError(f"--context-parallel-size must be >= 1, got {cp}")
-    if not gpu_available():
-        raise RLConfigError(f"--context-parallel-size {cp} needs GPUs with Transformer Engine "
-                            "(megatron's context parallelism lives in TE's attention); this "
-                            "machine has no GPU: use --context-parallel-size 1")
-    if args.transformer_impl != "transformer_engine":
-        raise RLConfigError(f"--context-parallel-size {cp} needs --transformer-impl "
-                            "transformer_engine (megatron's context parallelism lives in TE's "
-                            "attention)")
-    raise RLConfigError(f"--context-parallel-size {cp}: the policy update does not split "
-                        "sequences over a context-parallel group yet; use "
-                        "--context-parallel-size 1 (with --use-dynamic-batch-size for long "
-                        "sequences)")
+    if not args.use_dynamic_batch_size:
+        raise RLConfigError(f"--context-parallel-size {cp} splits packed sequences over ranks: add "
+                            "--use-dynamic-batch-size --max-tokens-per-gpu N")
+    if args.off_policy_baseline == "opob" and args.opob_grad_norm == "exact":
+        raise RLConfigError(f"--context-parallel-size {cp}: --opob-grad-norm exact takes per-trajectory "
+                            "gradients, which context parallelism splits over ranks: use "
+                            "--opob-grad-norm logit")
 
 
 def check_rl_layout(args: argparse.Namespace, arch, world_size: int) -> int:
@@ -203,6 +210,7 @@ class RLRun:
         self.preemption = None
         self.producer = None  # AsyncRolloutProducer on global rank 0 with --async-rollout
         self.batch_log = None
+        self.offload: TrainStateOffload | None = None
         self.tmpdir: str | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ class RLRun:
         check_rl_layout(a, self.arch, parallel.read_dist_env().world_size)
         parallel.initialize(tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
                             vpp=a.virtual_pipeline_model_parallel_size, seed=a.seed,
-                            timeout_minutes=a.distributed_timeout_minutes)
+                            timeout_minutes=a.distributed_timeout_minutes, cp=a.context_parallel_size)
         self.rank = dist.get_rank()
         a.calculate_per_token_loss = False  # the RL losses normalise over the mini-batch themselves
         self.setup_ = build_training_setup(a, self.arch, total_scheduler_steps=max(a.num_rollouts, 1))
@@ -236,8 +244,21 @@ class RLRun:
         self.engines = RolloutEngines(a, a.model_config, workdir, tokenizer_side_dirs(a, self.tokenizer),
                                       self.sglang_args)
         self.engines.start(self.setup_.model, self.state.weight_version)
+        self.offload = self._train_offload()
+        if self.offload is not None:
+            self.offload.to_host()  # the servers generate the first batch
         if a.async_rollout:
             on_rank0(self._start_producer)
+
+    def _train_offload(self) -> TrainStateOffload | None:
+        if not self.args.offload_train:
+            return None
+        if not current_platform().is_cuda:
+            if self.rank == 0:
+                log.info("--offload-train: no GPU on this machine, the trainer's state already lives in "
+                         "host memory: nothing to offload")
+            return None
+        return TrainStateOffload(self.setup_.model, self.setup_.optimizer)
 
     def _setup_rank0_data(self) -> None:
         a = self.args
@@ -309,6 +330,8 @@ class RLRun:
         if self.rank == 0:
             self._log_batch(step, rollout)
         self.engines.release_memory()  # colocated: the servers give the devices to training
+        if self.offload is not None:
+            self.offload.to_device()
         update = self.updater.update(rollout.samples, step)
         refit_wait_s = 0.0
         if a.async_exact_staleness:
@@ -317,7 +340,8 @@ class RLRun:
             t_wait = time.perf_counter()
             on_rank0(lambda: self.producer.wait_until_produced(step + a.max_staleness))
             refit_wait_s = time.perf_counter() - t_wait
-        refit = self.engines.refit(self.setup_.model, st.weight_version + 1)
+        refit = self.engines.refit(self.setup_.model, st.weight_version + 1,
+                                   after_push=self.offload.to_host if self.offload is not None else None)
         st.weight_version += 1
         st.step = step
         if self.producer is not None:
@@ -390,10 +414,15 @@ class RLRun:
 
         # The sampler lives on rank 0; every rank saves the same extra_state.
         extra = on_rank0(state)
+        offloaded = self.offload is not None and self.offload.on_host
+        if offloaded:  # the checkpoint reads the device buffers
+            self.offload.to_device()
         # The save's helper processes must outlive a group-wide SIGTERM (see components/preemption.py).
         with self.preemption.deferred():
             save_checkpoint(self.args.save, st.step, self.setup_.model, self.setup_.optimizer,
                             self.setup_.scheduler, extra, optim_sharding=self.args.dist_ckpt_optim_sharding)
+        if offloaded:
+            self.offload.to_host()
 
     def close(self) -> None:
         if self.producer is not None:

@@ -29,7 +29,7 @@ import argparse
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -164,11 +164,16 @@ class RolloutEngines:
 
     # ---- weights -------------------------------------------------------------------------------
 
-    def refit(self, model_chunks: Sequence, weight_version: int) -> RefitStats:
-        """Collective: push the policy as ``weight_version`` (resuming released server memory)."""
+    def refit(self, model_chunks: Sequence, weight_version: int,
+              after_push: Callable[[], Any] | None = None) -> RefitStats:
+        """Collective: push the policy as ``weight_version`` (resuming released server memory).
+        ``after_push`` runs once the weights are pushed, before the servers take their KV cache
+        back (``--offload-train`` frees the trainer's memory there)."""
         if self._released:
             on_rank0(lambda: self._resume(["weights"]))
         stats = refit_weights(model_chunks, self.hf_config, self.transport, weight_version)
+        if after_push is not None:
+            after_push()
         if self._released:
             on_rank0(lambda: self._resume(["kv_cache"]))
             self._released = False

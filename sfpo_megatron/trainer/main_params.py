@@ -9,7 +9,9 @@ Where the main parameters live (the three megatron optimizers, all reached throu
 * ``DistributedOptimizer``: this DP rank's fp32 shard (a view of the param buffer with fp32
   params, an fp32 copy with bf16), written into the param buffer by
   ``_copy_main_params_to_model_params`` and all-gathered by ``DistributedDataParallel.
-  start_param_sync`` — the same calls megatron makes after ``optimizer.step()``.
+  start_param_sync`` — the same calls megatron makes after ``optimizer.step()``. With
+  ``--optimizer-cpu-offload`` (GPU) its Adam is megatron's HybridDeviceOptimizer, which steps
+  host copies of the shard: a reposition is copied to them as well.
 
 So a snapshot costs one copy of the main-param shard (4 bytes / parameter / DP size, in host
 memory with offload) and a reposition no communication beyond the ordinary all-gather.
@@ -113,9 +115,19 @@ class MainParamSnapshot:
     @torch.no_grad()
     def reposition_(self, alpha: float) -> None:
         """Main params ← lerp(θ(s,0), θ, α) in place (exact at α = 0 and 1)."""
-        for _, params, copies in self.groups:
+        for opt, params, copies in self.groups:
             for p, p0 in zip(params, copies):
                 p.copy_(torch.lerp(p0.to(p.device, non_blocking=True), p, alpha))
+            _sync_host_copies(opt)
+
+
+def _sync_host_copies(opt) -> None:
+    """``--optimizer-cpu-offload``: megatron's HybridDeviceOptimizer steps host copies of the
+    main params and copies them back to the device after each step, so the host copies are
+    the truth the next step starts from: a reposition must reach them too."""
+    hybrid = getattr(opt, "optimizer", None)
+    for device_param, host_param in getattr(hybrid, "gpu_params_map_cpu_copy", {}).items():
+        host_param.copy_(device_param)
 
 
 @torch.no_grad()

@@ -23,10 +23,13 @@ the rows' usual ``[n, S]`` layout (:meth:`PackedMicroBatch.unpack`), so the loss
 
 Padding (``T`` rounded up to ``multiple``, or to the fixed budget under pipeline parallelism,
 whose p2p tensors have one shape) is one more segment of its own, so no real token attends to it.
+Under context parallelism each sequence is also padded, inside its own segment (after its last
+token, so causal attention never reaches it), to a multiple of 2 x CP: its 2 x CP chunks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -147,12 +150,19 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int,
 @dataclass(frozen=True)
 class PackSpec:
     """How micro-batches are padded: ``T`` rounded up to ``multiple`` (TP size: sequence
-    parallelism splits T), or exactly ``fixed_length`` (pipeline parallelism)."""
+    parallelism splits T; and 2 x CP), or exactly ``fixed_length`` (pipeline parallelism); each
+    sequence to ``segment_multiple`` (2 x CP)."""
 
     max_tokens: int
     pad_id: int
     multiple: int = 1
     fixed_length: int | None = None
+    # Context parallelism: every sequence padded to a multiple of 2 x CP (its 2 x CP chunks)
+    segment_multiple: int = 1
+
+    def segment_length(self, tokens: int) -> int:
+        """A sequence's length in the pack (its own padding included)."""
+        return -(-tokens // self.segment_multiple) * self.segment_multiple
 
     def padded_length(self, tokens: int) -> int:
         if self.fixed_length is not None:
@@ -161,9 +171,12 @@ class PackSpec:
         return -(-tokens // self.multiple) * self.multiple
 
 
-def pack_spec(max_tokens: int, pad_id: int, tp_size: int, pp_size: int) -> PackSpec:
-    fixed = -(-max_tokens // tp_size) * tp_size if pp_size > 1 else None
-    return PackSpec(max_tokens=max_tokens, pad_id=pad_id, multiple=tp_size, fixed_length=fixed)
+def pack_spec(max_tokens: int, pad_id: int, tp_size: int, pp_size: int, cp_size: int = 1) -> PackSpec:
+    segment = 2 * cp_size if cp_size > 1 else 1
+    multiple = math.lcm(tp_size, segment)
+    fixed = -(-max_tokens // multiple) * multiple if pp_size > 1 else None
+    return PackSpec(max_tokens=max_tokens, pad_id=pad_id, multiple=multiple, fixed_length=fixed,
+                    segment_multiple=segment)
 
 
 @dataclass
@@ -216,25 +229,26 @@ def pack_rows(batch: TrainBatch, index: Sequence[int], spec: PackSpec) -> Packed
         rows.loss_mask = torch.zeros_like(rows.loss_mask)
         rows.advantages = torch.zeros_like(rows.advantages)
     real = sum(lens)
-    if real > spec.max_tokens:
-        raise PackingError(f"micro-batch of {real} tokens is over --max-tokens-per-gpu "
+    segs = [spec.segment_length(n) for n in lens]
+    if sum(segs) > spec.max_tokens:
+        raise PackingError(f"micro-batch of {sum(segs)} tokens is over --max-tokens-per-gpu "
                            f"{spec.max_tokens}")
-    total = spec.padded_length(real)
-    if total < real:
-        raise PackingError(f"micro-batch of {real} tokens does not fit the fixed length {total}")
+    total = spec.padded_length(sum(segs))
+    if total < sum(segs):
+        raise PackingError(f"micro-batch of {sum(segs)} tokens does not fit the fixed length {total}")
     tokens = torch.full((1, total), spec.pad_id, dtype=torch.long)
     labels = torch.full((1, total), spec.pad_id, dtype=torch.long)
     positions = torch.zeros((1, total), dtype=torch.long)
     gather = torch.zeros((len(lens), s), dtype=torch.long)
     valid = torch.zeros((len(lens), s), dtype=torch.bool)
     cu, offset = [0], 0
-    for r, n in enumerate(lens):
+    for r, (n, seg) in enumerate(zip(lens, segs)):
         tokens[0, offset:offset + n] = rows.tokens[r, :n]
         labels[0, offset:offset + n] = rows.labels[r, :n]
-        positions[0, offset:offset + n] = torch.arange(n)
+        positions[0, offset:offset + seg] = torch.arange(seg)  # padding to seg: after, unseen
         gather[r, :n] = torch.arange(offset, offset + n)
         valid[r, :n] = True
-        offset += n
+        offset += seg
         cu.append(offset)
     if total > offset:  # padding: a segment of its own
         positions[0, offset:] = torch.arange(total - offset)
@@ -248,7 +262,8 @@ def pack_rows(batch: TrainBatch, index: Sequence[int], spec: PackSpec) -> Packed
 def packed_tokens(plan: Sequence[Sequence[Sequence[int]]], lengths: Sequence[int],
                   spec: PackSpec) -> int:
     """Tokens the ranks forward for ``plan`` (per rank, micro-batches of sample indices)."""
-    return sum(spec.padded_length(sum(lengths[i] for i in mb)) for bins in plan for mb in bins)
+    return sum(spec.padded_length(sum(spec.segment_length(lengths[i]) for i in mb))
+               for bins in plan for mb in bins)
 
 
 def with_lengths(batch: TrainBatch, lengths: Sequence[int]) -> TrainBatch:

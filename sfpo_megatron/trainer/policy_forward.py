@@ -33,6 +33,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from sfpo_megatron.distributed.context_parallel import gather_packed, shard_positions
 from sfpo_megatron.distributed.platform import current_platform
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.trainer.packing import PackedMicroBatch, PackSpec, pack_rows
@@ -57,9 +58,16 @@ def _forward_step(logits_fn: LogitsFn, data_iterator, model):
     tokens = mb.tokens.to(dev, non_blocking=True)
     if isinstance(mb, PackedMicroBatch):
         cu = mb.cu_seqlens.to(dev)
+        # cu_seqlens and max_seqlen describe the whole pack; with context parallelism this rank
+        # forwards its chunks of every sequence (megatron's RoPE and attention expect that).
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
                                  max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
-        output = model(tokens, mb.position_ids.to(dev), None, packed_seq_params=params)
+        positions = mb.position_ids
+        cp = _cp_positions(mb)
+        if cp is not None:
+            tokens, positions = tokens[:, cp.to(dev)], positions[:, cp]
+        output = model(tokens, positions.to(dev), None, packed_seq_params=params)
         return output, partial(logits_fn, mb)
     position_ids = torch.arange(mb.seq_length, device=dev).unsqueeze(0).expand_as(tokens)
     # attention_mask=None: causal attention (right padding is never attended by real tokens).
@@ -97,14 +105,39 @@ def run_schedule(model: Sequence[torch.nn.Module], micro_batches: Sequence[Micro
               forward_only=forward_only)
 
 
+def _cp_positions(mb: MicroBatch) -> torch.Tensor | None:
+    """This CP rank's positions in a packed micro-batch (None without context parallelism)."""
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1 or not isinstance(mb, PackedMicroBatch):
+        return None
+    return shard_positions(mb.cu_seqlens.tolist(), cp, ps.get_context_parallel_rank())
+
+
+def _labels(mb: MicroBatch, device: torch.device) -> torch.Tensor:
+    labels = mb.labels
+    cp = _cp_positions(mb)
+    if cp is not None:
+        labels = labels[:, cp]
+    return labels.to(device, non_blocking=True)
+
+
+def _packed(mb: PackedMicroBatch, values: torch.Tensor) -> torch.Tensor:
+    """Per-token values of this rank's tokens → the whole pack's ``[T]`` (gathered over CP:
+    every CP rank then computes the same loss, and the backward keeps each rank's own tokens,
+    summed over the ranks by the DP x CP gradient reduction)."""
+    if ps.get_context_parallel_world_size() == 1:
+        return values
+    return gather_packed(values.reshape(-1), mb.cu_seqlens.tolist(),
+                         ps.get_context_parallel_group(), reduce_grad=False)
+
+
 def token_logprobs(mb: MicroBatch, logits: torch.Tensor, temperature: float, vocab_size: int
                    ) -> tuple[TrainBatch, torch.Tensor, torch.Tensor]:
     """(rows, log π(label), entropy) of a micro-batch's logits, in the rows' ``[n, S]`` layout."""
-    labels = mb.labels.to(logits.device, non_blocking=True)
     logprobs, entropy = vocab_parallel_logprobs_and_entropy(
-        logits, labels, temperature=temperature, vocab_size=vocab_size)
+        logits, _labels(mb, logits.device), temperature=temperature, vocab_size=vocab_size)
     if isinstance(mb, PackedMicroBatch):
-        return mb.rows, mb.unpack(logprobs), mb.unpack(entropy)
+        return mb.rows, mb.unpack(_packed(mb, logprobs)), mb.unpack(_packed(mb, entropy))
     return mb, logprobs, entropy
 
 
@@ -155,10 +188,10 @@ def _collect(temperature: float, vocab_size: int, grad_sq: bool, mb: MicroBatch,
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     rows = None
     if grad_sq:  # the same logits, one more pair of vocab reductions: no extra forward
-        labels = mb.labels.to(logits.device, non_blocking=True)
-        per_token = vocab_parallel_logit_grad_sq(logits, labels, temperature, vocab_size)
+        per_token = vocab_parallel_logit_grad_sq(logits, _labels(mb, logits.device), temperature,
+                                                 vocab_size)
         if isinstance(mb, PackedMicroBatch):
-            per_token = mb.unpack(per_token)
+            per_token = mb.unpack(_packed(mb, per_token))
         rows = torch.where(mask, per_token.double(), 0.0).sum(dim=-1)
     return (torch.zeros((), device=logprobs.device),
             (torch.where(mask, logprobs, zero).detach(), torch.where(mask, entropy, zero).detach(), rows))

@@ -54,14 +54,15 @@ class Preempted(SystemExit):
 def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
     """Layout and batch checks before anything is built; returns the data-parallel size."""
     if args.global_batch_size is None:
-        dp = world_size // max(1, args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
+        dp = world_size // max(1, args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+                               * getattr(args, "context_parallel_size", 1))
         args.global_batch_size = args.micro_batch_size * max(dp, 1)
     dp = parallel.check_layout(
         world_size=world_size, tp=args.tensor_model_parallel_size,
         pp=args.pipeline_model_parallel_size, vpp=args.virtual_pipeline_model_parallel_size,
         num_layers=arch.num_layers, num_attention_heads=arch.num_heads,
         num_query_groups=arch.num_kv_heads, micro_batch_size=args.micro_batch_size,
-        global_batch_size=args.global_batch_size)
+        global_batch_size=args.global_batch_size, cp=getattr(args, "context_parallel_size", 1))
     if args.sequence_parallel and args.transformer_impl != "transformer_engine":
         raise parallel.LayoutError("--sequence-parallel needs --transformer-impl "
                                    "transformer_engine (megatron's torch norms refuse it)")

@@ -291,7 +291,13 @@ class PolicyUpdater:
                                     "calculate_per_token_loss (its loss is already normalised "
                                     "over the mini-batch)")
         if ps.get_context_parallel_world_size() > 1:
-            raise PolicyUpdateError("context parallelism is not supported by the policy update")
+            if not getattr(args, "use_dynamic_batch_size", False):
+                raise PolicyUpdateError("context parallelism splits packed sequences: add "
+                                        "--use-dynamic-batch-size --max-tokens-per-gpu N")
+            if getattr(args, "off_policy_baseline", "none") == "opob" and \
+                    getattr(args, "opob_grad_norm", "logit") == "exact":
+                raise PolicyUpdateError("--opob-grad-norm exact takes per-trajectory gradients, which "
+                                        "context parallelism splits over ranks: use --opob-grad-norm logit")
         check_supported(setup.optimizer)
         self.args = args
         self.setup = setup
@@ -313,7 +319,8 @@ class PolicyUpdater:
             # a multiple of the TP size (sequence parallelism splits it).
             self.pack = pack_spec(int(args.max_tokens_per_gpu), self.pad_id,
                                   ps.get_tensor_model_parallel_world_size(),
-                                  ps.get_pipeline_model_parallel_world_size())
+                                  ps.get_pipeline_model_parallel_world_size(),
+                                  ps.get_context_parallel_world_size())
         self.num_mini_batches = int(args.num_steps_per_rollout)
         self.ppo_epochs = int(args.ppo_epochs)
         self.loss_scale_factor = getattr(args, "rollout_max_response_len", None)
@@ -355,6 +362,8 @@ class PolicyUpdater:
             plan = _Plan(local_mini_batches(batch, self.num_mini_batches, dp_rank, dp_size), dens)
             plan.tokens = _token_metrics(real, float(batch.size * batch.seq_length), micro)
             return plan
+        # Sequences as they sit in a pack (padded to 2 x CP chunks under context parallelism).
+        lengths = [self.pack.segment_length(n) for n in lengths]
         check_budget(lengths, self.pack.max_tokens)
         # The plan is computed from the whole batch on every rank, so every rank knows every
         # rank's micro-batches (equal counts) without communication.

@@ -2,7 +2,8 @@
 padded micro-batches and with packed token-budget micro-batches (--use-dynamic-batch-size).
 
 Each scenario ``<mode>_<layout>`` (mode ``padded`` or ``packed``; layout ``dp1``, ``dp2`` (with
-the distributed optimizer), ``tp2``, ``pp2``, ``opob`` (DP=1, VCPO with the OPOB baseline)) writes, from global rank 0, ``<out>/<scenario>.pt``:
+the distributed optimizer), ``tp2``, ``pp2``, ``opob`` (DP=1, VCPO with the OPOB baseline), ``cp2`` / ``cp2opob`` (context
+parallelism over 2 ranks), ``cp2tp2`` / ``cp2dp2`` (4 ranks)) writes, from global rank 0, ``<out>/<scenario>.pt``:
 the old log-probs and entropies of the whole step-1 batch at θ0, the per-step metrics, every
 pass's per-mini-batch statistics and the final parameters (HF names, full tensors).
 
@@ -29,6 +30,11 @@ LAYOUTS = {  # layout → (tp, pp, extra flags)
     "pp2": (1, 2, ()),
     # VCPO with OPOB: the "logit" gradient norms come out of the (packed) old-log-prob forward.
     "opob": (1, 1, ("--vcpo", "--off-policy-baseline", "opob")),
+    # Context parallelism: each packed sequence split over 2 ranks (megatron's chunks).
+    "cp2": (1, 1, ("--context-parallel-size", "2")),
+    "cp2opob": (1, 1, ("--context-parallel-size", "2", "--vcpo", "--off-policy-baseline", "opob")),
+    "cp2tp2": (2, 1, ("--context-parallel-size", "2")),  # 4 processes
+    "cp2dp2": (1, 1, ("--context-parallel-size", "2", "--use-distributed-optimizer")),  # 4 processes
 }
 SETTINGS = {"--micro-batch-size": "2", "--num-steps-per-rollout": "2",
             "--rollout-max-response-len": "80"}
@@ -71,12 +77,15 @@ def theta0_logprobs(setup, args, arch, packed: bool):
     batch = collate(long_tailed_samples(1), 0)
     kw = {}
     if packed:
-        kw = dict(packing=first_fit_decreasing(row_lengths(batch), BUDGET),
-                  pack=pack_spec(BUDGET, 0, ps.get_tensor_model_parallel_world_size(),
-                                 ps.get_pipeline_model_parallel_world_size()))
+        spec = pack_spec(BUDGET, 0, ps.get_tensor_model_parallel_world_size(),
+                         ps.get_pipeline_model_parallel_world_size(),
+                         ps.get_context_parallel_world_size())
+        lengths = [spec.segment_length(n) for n in row_lengths(batch)]
+        kw = dict(packing=first_fit_decreasing(lengths, BUDGET), pack=spec)
     res = compute_logprobs(setup.model, batch, micro_batch_size=args.micro_batch_size,
                            temperature=args.rollout_temperature, vocab_size=arch.vocab_size, **kw)
-    if res is None or ps.get_tensor_model_parallel_rank() or ps.get_data_parallel_rank():
+    if res is None or ps.get_tensor_model_parallel_rank() or ps.get_data_parallel_rank() \
+            or ps.get_context_parallel_rank():
         return None
     return {"logprobs": res.logprobs.cpu(), "entropy": res.entropy.cpu(),
             "loss_mask": batch.loss_mask}
@@ -93,7 +102,7 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
         overrides["--max-tokens-per-gpu"] = str(BUDGET)
         flags = (*flags, "--use-dynamic-batch-size")
     args = rl_args(hf, overrides, flags)
-    reinit(tp, pp, args.seed)
+    reinit(tp, pp, args.seed, args.context_parallel_size)
     setup, arch = build_setup(args, hf)
     result = {"theta0": to_rank0(theta0_logprobs(setup, args, arch, mode == "packed")),
               "metrics": [], "passes": []}

@@ -59,6 +59,7 @@ LAYOUTS = {  # scenario → (tp, pp, extra flags, setting overrides)
     "kl_k3": (1, 1, (), {"--kl-coef": "0.05", "--kl-type": "k3"}),
     "kl_low_var": (1, 1, (), {"--kl-coef": "0.05", "--kl-type": "low_var_kl"}),
     "offload": (1, 1, ("--sfpo-snapshot-offload",), {}),
+    "cpu_offload": (1, 1, ("--use-distributed-optimizer", "--optimizer-cpu-offload"), {}),
     # rl's model and DDP flags, and its --load flags (rl/state.py:init_policy).
     "rl_arch": (1, 1, ("--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"),
                 {"--make-vocab-size-divisible-by": "96"}),
@@ -67,14 +68,14 @@ LAYOUTS = {  # scenario → (tp, pp, extra flags, setting overrides)
 ONE_STEP = {"grpo", "alpha0", "k0a1", "dp2_grpo", "dp2_k0a1"}
 
 
-def reinit(tp: int, pp: int, seed: int) -> None:
+def reinit(tp: int, pp: int, seed: int, cp: int = 1) -> None:
     from megatron.core import parallel_state as ps
 
     from sfpo_megatron.distributed import parallel
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    parallel.initialize(tp=tp, pp=pp, seed=seed)
+    parallel.initialize(tp=tp, pp=pp, seed=seed, cp=cp)
 
 
 def hf_params(setup, hf: Path) -> dict[str, torch.Tensor]:
@@ -216,6 +217,8 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
     result["local_layers"] = len(hooks)
 
     result["passes"] = updater.last_passes
+    from sfpo_megatron.trainer.main_params import inner_optimizers
+    result["adam"] = [type(opt.optimizer).__name__ for opt in inner_optimizers(setup.optimizer)]
     result["entropy_history"] = updater.controller.state_dict()["history"]
     result["params"] = hf_params(setup, hf)
     return result

@@ -19,6 +19,11 @@ def add_model_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
                    default="delayed")
     g.add_argument("--bf16", action="store_true", help="bf16 model params, fp32 main params")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"],
+                   default="alltoall", help="MoE models: megatron's token dispatcher")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="MoE models: weight of the router's load-balancing loss (default: the HF "
+                        "config's router_aux_loss_coef; 0 turns it off)")
     if not rl:  # rl pads each batch to its longest prompt + response
         g.add_argument("--seq-length", type=int, default=256)
 
@@ -34,6 +39,11 @@ def add_parallel_args(p: argparse.ArgumentParser, rl: bool = False) -> None:
                             "attention with --transformer-impl transformer_engine, else the "
                             "local spec's attention over all-gathered keys and values")
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="MoE models: split the experts over N ranks")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="MoE models: tensor-parallel size of each expert (default: "
+                        "--tensor-model-parallel-size)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="needs Transformer Engine or apex norms (GPU)")
     g.add_argument("--use-distributed-optimizer", action="store_true")

@@ -121,7 +121,7 @@ def test_converter_refuses_unsupported_model_type(tmp_path):
     tool = load_module(TOOLS / "convert_hf_to_mcore.py")
     with pytest.raises(UnsupportedModelError) as err:
         tool.main(["--hf-dir", str(gpt2_dir), "--save", str(tmp_path / "out")])
-    assert str(err.value) == "unsupported model_type 'gpt2'; supported: llama, qwen2, qwen3"
+    assert str(err.value) == "unsupported model_type 'gpt2'; supported: llama, qwen2, qwen3, qwen3_moe"
     assert not (tmp_path / "out").exists()
 
 
@@ -134,7 +134,7 @@ def test_converter_cli_prints_one_line(tmp_path, capsys):
     qwen2 = save_conversion_models(tmp_path, ("qwen2_untied",))["qwen2_untied"]
     cases = [
         (to_mcore.cli, ["--hf-dir", str(gpt2_dir), "--save", str(tmp_path / "out")],
-         "convert_hf_to_mcore.py: error: unsupported model_type 'gpt2'; supported: llama, qwen2, qwen3"),
+         "convert_hf_to_mcore.py: error: unsupported model_type 'gpt2'; supported: llama, qwen2, qwen3, qwen3_moe"),
         (to_mcore.cli, ["--hf-dir", str(qwen2), "--save", str(tmp_path / "out"),
                         "--tensor-model-parallel-size", "3"],
          "convert_hf_to_mcore.py: error: num_attention_heads=4 is not divisible by "

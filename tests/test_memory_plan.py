@@ -199,13 +199,19 @@ def test_layouts_rl_refuses_give_rl_errors(capsys, tmp_path: Path) -> None:
                       "4") == (
         "sfpo-megatron plan: error: global-batch-size 4 is not divisible by micro-batch-size 1 x "
         "data-parallel-size 8 = 8")
-    moe = json.loads((QWEN7B / "config.json").read_text())
-    moe.update(model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8)
-    (tmp_path / "config.json").write_text(json.dumps(moe))
-    assert plan_error(capsys, "--model-config", str(tmp_path), "--gpus", "8",
-                      "--seq-length", "4096") == (
-        "sfpo-megatron plan: error: unsupported model_type 'qwen3_moe'; supported: llama, "
-        "qwen2, qwen3")
+    moe = json.loads((CONFIGS / "qwen3-30b-a3b" / "config.json").read_text())
+    assert plan_error(capsys, "--model-config", str(CONFIGS / "qwen3-30b-a3b"), "--gpus", "8",
+                      "--seq-length", "4096", "--expert-model-parallel-size", "3") == (
+        "sfpo-megatron plan: error: expert-model-parallel-size 3 does not divide the number of "
+        f"experts {moe['num_experts']}")
+
+
+def test_plan_of_a_moe_model(capsys) -> None:
+    """A Qwen3-MoE config loads and is planned with its experts over the expert-parallel group."""
+    assert main(["plan", "--model-config", str(CONFIGS / "qwen3-30b-a3b"), "--gpus", "8",
+                 "--seq-length", "4096", "--bf16", "--use-distributed-optimizer",
+                 "--expert-model-parallel-size", "8"]) == 0
+    assert "layout: TP=1 PP=1 DP=8 EP=8 ETP=1 EDP=1" in capsys.readouterr().out
 
 
 def test_memory_doc_shows_the_planner_output(capsys) -> None:

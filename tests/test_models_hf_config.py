@@ -96,7 +96,7 @@ def test_tied_embeddings_and_vocab_padding():
 def test_unsupported_model_type_names_it_and_the_supported_ones():
     with pytest.raises(UnsupportedModelError) as err:
         load_hf_config({"model_type": "gpt2", "vocab_size": 10})
-    assert str(err.value) == "unsupported model_type 'gpt2'; supported: llama, qwen2, qwen3"
+    assert str(err.value) == "unsupported model_type 'gpt2'; supported: llama, qwen2, qwen3, qwen3_moe"
 
 
 @pytest.mark.parametrize("change, message", [

@@ -7,12 +7,14 @@ presets below are the models several tests share.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import torch
 
-FAMILIES = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig"}
+FAMILIES = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig",
+            "qwen3_moe": "Qwen3MoeConfig"}
 # Every tiny model: hidden 64, 2 layers, 4 attention heads, 2 KV heads (fields override these).
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
@@ -82,6 +84,19 @@ CONVERSION_MODELS = {
     "llama_gqa": ("llama", dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)),
     "llama_1kv": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=False, rope_theta=5e5)),
 }
+
+
+# The MoE tests' Qwen3-MoE: 8 experts, top-2, experts of width 32 (on top of CONVERSION).
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+           head_dim=16, tie_word_embeddings=False, router_aux_loss_coef=0.01)
+
+
+def save_moe_model(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   **fields) -> Path:
+    """A tiny random Qwen3-MoE (MOE on CONVERSION, perturbed); ``fields`` override, e.g.
+    ``mlp_only_layers=[0]`` for a dense first layer."""
+    return save_tiny_model(path, "qwen3_moe", seed, perturb=0.05, dtype=dtype,
+                           **{**CONVERSION, **MOE, **fields})
 
 
 def save_conversion_models(root: Path, names=tuple(CONVERSION_MODELS),
@@ -171,6 +186,21 @@ def save_rollout_model(path: Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = EOS
     model.save_pretrained(path)
     return save_bpe_tokenizer(path, ROLLOUT_CORPUS, 300)
+
+
+def save_moe_rollout_model(path: Path, seed: int = 0) -> Path:
+    """save_rollout_model's vocabulary and tokenizer on a tiny random Qwen3-MoE (MOE). The
+    tokenizer is declared a Qwen2Tokenizer, as Qwen3-MoE's are, which adds "<|endoftext|>"."""
+    model = tiny_model("qwen3_moe", seed, **{**MOE, "vocab_size": ROLLOUT_VOCAB,
+                                            "max_position_embeddings": 512,
+                                            "initializer_range": 0.2, "eos_token_id": EOS})
+    model.generation_config.eos_token_id = EOS
+    model.save_pretrained(path)
+    save_bpe_tokenizer(path, ROLLOUT_CORPUS, 300)
+    config = Path(path) / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "tokenizer_class": "Qwen2Tokenizer"}))
+    return Path(path)
 
 
 # ---- the tool-use model: a bigram chain that calls a tool --------------------------------------

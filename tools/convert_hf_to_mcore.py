@@ -1,7 +1,8 @@
 """HuggingFace checkpoint → megatron-core torch_dist checkpoint that the trainer's --load reads.
 
     torchrun --nproc_per_node N tools/convert_hf_to_mcore.py --hf-dir DIR --save OUT \\
-        --tensor-model-parallel-size T --pipeline-model-parallel-size P
+        --tensor-model-parallel-size T --pipeline-model-parallel-size P \
+        [--expert-model-parallel-size E]
 
 (also under ``srun``, or plain ``python`` for N=1). Each rank builds its TP/PP shard of the model
 and reads only its slices of the safetensors shards (``SafetensorsSource``), so no process holds
@@ -28,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="MoE models: split the experts over N ranks")
+    p.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="MoE models: tensor-parallel size of each expert (default: TP)")
     p.add_argument("--params-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="dtype of the saved weights; auto = the HF config's dtype (else fp32)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
@@ -83,22 +88,23 @@ def main(argv: list[str] | None = None) -> None:
 
     tp, pp, vpp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                    args.virtual_pipeline_model_parallel_size)
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
     arch = load_hf_config(args.hf_dir)
-    check_parallel_layout(arch, tp, pp, vpp)  # before any process group exists
+    check_parallel_layout(arch, tp, pp, vpp, ep, etp)  # before any process group exists
     setup_platform()
-    env = parallel.initialize(tp=tp, pp=pp, vpp=vpp, seed=0)
+    env = parallel.initialize(tp=tp, pp=pp, vpp=vpp, seed=0, ep=ep, etp=etp)
     rank0 = env.rank == 0
     dtype = resolve_dtype(args.params_dtype, arch)
     t0 = time.perf_counter()
     chunks = [
         model_provider(arch, tp=tp, pp=pp, vpp=vpp, params_dtype=dtype,
-                       vp_stage=i if vpp else None, perform_initialization=False,
+                       vp_stage=i if vpp else None, perform_initialization=False, ep=ep, etp=etp,
                        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
         for i in range(vpp or 1)
     ]
     load_hf_weights(chunks, arch, args.hf_dir, progress=rank0)
     if rank0:
-        print(f"loaded {args.hf_dir} into megatron (tp={tp} pp={pp}, {dtype}) in "
+        print(f"loaded {args.hf_dir} into megatron (tp={tp} pp={pp} ep={ep}, {dtype}) in "
               f"{time.perf_counter() - t0:.1f}s; saving torch_dist checkpoint...", flush=True)
     t1 = time.perf_counter()
     path = save_checkpoint(args.save, 0, [SplitStateForSave(c) for c in chunks],

@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="MoE models: split the experts over N ranks")
+    p.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="MoE models: tensor-parallel size of each expert (default: TP)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     return p.parse_args(argv)
 
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     from sfpo_megatron.distributed.platform import setup_platform
     from sfpo_megatron.errors import UserError
     from sfpo_megatron.models.builder import model_provider
-    from sfpo_megatron.models.hf_config import parse_dtype, resolve_dtype
+    from sfpo_megatron.models.hf_config import check_parallel_layout, parse_dtype, resolve_dtype
 
     hf_dir, arch = resolve_hf_config(args.load, args.hf_config)
     try:
@@ -127,12 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise UserError(f"--max-shard-size: {e}") from None
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
+    check_parallel_layout(arch, tp, pp, ep=ep, etp=etp)  # before any process group exists
     setup_platform()
-    env = parallel.initialize(tp=tp, pp=pp, seed=0)
+    env = parallel.initialize(tp=tp, pp=pp, seed=0, ep=ep, etp=etp)
     rank0 = env.rank == 0
     dtype = parse_dtype(resolve_dtype(args.dtype, arch))
     t0 = time.perf_counter()
     model = model_provider(arch, tp=tp, pp=pp, params_dtype=dtype, perform_initialization=False,
+                           ep=ep, etp=etp,
                            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
     path, iteration = load_model(args.load, [model])
     if rank0:

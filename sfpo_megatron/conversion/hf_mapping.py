@@ -14,12 +14,19 @@ qkv         per KV group: its q heads, k, v          whole KV groups
 gate_up     [gate; up]                               per rank [gate_r; up_r]
 =========== ======================================= ===========================================
 
+Mixture-of-experts layers (Qwen3-MoE) map the router (HF ``mlp.gate`` ↔ ``mlp.router``) and each
+expert: HF ``mlp.experts.{x}.{gate,up,down}_proj`` ↔ megatron
+``mlp.experts.local_experts.{e}.linear_fc1/fc2`` (``SequentialMLP``), where expert ``x`` lives on
+expert-parallel rank ``x // local`` as local expert ``e = x % local``. Experts are split over the
+expert-tensor-parallel group (not the TP group) in the same ``gate_up`` / ``row`` layouts.
+
 Two directions:
 
 * ``load_hf_weights(model_chunks, hf_config, source)``: HF tensors → this rank's shards, reading
   only the slices this rank needs (``SafetensorsSource`` streams from the shards).
 * ``iter_hf_weights(model_chunks, hf_config)``: a collective generator every trainer rank runs;
-  TP shards are all-gathered, PP stages sent to the first stage, and global rank 0 yields
+  TP shards are all-gathered, experts brought to the first rank of the expert-parallel group
+  (``expert_to_hf``), PP stages sent to the first stage, and global rank 0 yields
   ``(hf_name, full tensor)`` one tensor at a time in HF order (other ranks yield nothing).
 
 Padded vocab rows are zero: their logits are 0, so drop ``logits[..., vocab_size:]`` before any
@@ -80,6 +87,8 @@ class Rule:
     kind: str  # one of KINDS
     when: Callable[[HFArch], bool] = lambda arch: True
     export: bool = True  # False: a copy that HF does not store (tied output layer on last stage)
+    moe: bool | None = None  # layer rules: None every layer, True MoE layers, False dense ones
+    expert: bool = False  # one per expert: "{x}" global expert (HF), "{e}" local expert (mcore)
 
 
 _L = "model.layers.{i}."
@@ -96,8 +105,14 @@ LAYER_RULES: tuple[Rule, ...] = (
     Rule("self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",), "row"),
     Rule("pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), "replicated"),
     Rule("mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
-         "gate_up"),
-    Rule("mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), "row"),
+         "gate_up", moe=False),
+    Rule("mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), "row", moe=False),
+    Rule("mlp.router.weight", (_L + "mlp.gate.weight",), "replicated", moe=True),
+    Rule("mlp.experts.local_experts.{e}.linear_fc1.weight",
+         (_L + "mlp.experts.{x}.gate_proj.weight", _L + "mlp.experts.{x}.up_proj.weight"),
+         "gate_up", moe=True, expert=True),
+    Rule("mlp.experts.local_experts.{e}.linear_fc2.weight",
+         (_L + "mlp.experts.{x}.down_proj.weight",), "row", moe=True, expert=True),
 )
 EMBEDDING_RULE = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")
 FINAL_RULES: tuple[Rule, ...] = (
@@ -124,11 +139,34 @@ HF_SIDE_FILES = (
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def is_moe_layer(a: HFArch, i: int) -> bool:
+    return a.is_moe and a.moe_layers[i]
+
+
+def layer_rules(a: HFArch, i: int) -> Iterator[tuple[Rule, int | None]]:
+    """Layer ``i``'s rules in HF order, each with its global expert index (None: not an expert
+    rule); expert rules repeat for every expert, expert-major."""
+    moe = is_moe_layer(a, i)
+    rules = [r for r in LAYER_RULES if r.when(a) and r.moe in (None, moe)]
+    for rule in rules:
+        if not rule.expert:
+            yield rule, None
+        elif rule is next(r for r in rules if r.expert):
+            for x in range(a.num_experts):
+                for expert_rule in (r for r in rules if r.expert):
+                    yield expert_rule, x
+
+
+def _hf_names(rule: Rule, i: int, x: int | None) -> tuple[str, ...]:
+    return tuple(n.format(i=i, x=x) for n in rule.hf)
+
+
 def hf_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
     """Every HF tensor of the model with its shape, in the order ``iter_hf_weights`` yields them."""
     a = load_hf_config(hf_config)
     q, kv, h, f = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.hidden_size, \
         a.intermediate_size
+    fm = a.moe_intermediate_size
     per_layer = {
         "input_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
@@ -140,13 +178,15 @@ def hf_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
         "post_attention_layernorm.weight": (h,),
         "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
         "mlp.down_proj.weight": (h, f),
+        "mlp.gate.weight": (a.num_experts, h),
+        "mlp.experts.{x}.gate_proj.weight": (fm, h), "mlp.experts.{x}.up_proj.weight": (fm, h),
+        "mlp.experts.{x}.down_proj.weight": (h, fm),
     }
     shapes = {"model.embed_tokens.weight": (a.vocab_size, h)}
     for i in range(a.num_layers):
-        for rule in LAYER_RULES:
-            if rule.when(a):
-                for name in rule.hf:
-                    shapes[name.format(i=i)] = per_layer[name[len(_L):]]
+        for rule, x in layer_rules(a, i):
+            for name in rule.hf:
+                shapes[name.format(i=i, x=x)] = per_layer[name[len(_L):]]
     shapes["model.norm.weight"] = (h,)
     if not a.tie_word_embeddings:
         shapes["lm_head.weight"] = (a.vocab_size, h)
@@ -178,7 +218,7 @@ def _load(kind: str, read: "TensorSource", names: Sequence[str], a: HFArch, rank
     if kind == "row":
         return read(names[0], (ALL, _span(read.shape(names[0])[1], rank, size)))
     if kind == "gate_up":
-        rows = _span(a.intermediate_size, rank, size)
+        rows = _span(read.shape(names[0])[0], rank, size)
         return torch.cat([read(names[0], (rows,)), read(names[1], (rows,))])
     if kind == "qkv":
         groups = a.num_kv_heads // size
@@ -397,32 +437,41 @@ class Binding:
     hf: tuple[str, ...]  # HF names with the global layer index filled in
     param: torch.nn.Parameter
     mcore: str  # full megatron parameter name
+    layer: int | None = None  # global layer index (layer rules)
+    expert: int | None = None  # global expert index (expert rules)
 
 
 def bind(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> list[Binding]:
     """Every parameter of this rank's model chunks with its rule; errors on an unmapped one."""
     arch = load_hf_config(hf_config)
+    ep_rank, ep_size, _ = _ep()
+    local_experts = arch.num_experts // ep_size
     out: list[Binding] = []
     for chunk in model_chunks:
         model = unwrap(chunk)
         found: list[Binding] = []
 
-        def add(rule: Rule, prefix: str, module: torch.nn.Module, i: int | None = None) -> None:
+        def add(rule: Rule, prefix: str, module: torch.nn.Module, i: int | None = None,
+                x: int | None = None) -> None:
             if not rule.when(arch):
                 return
             name = rule.mcore
+            if x is not None:
+                name = name.format(e=x - ep_rank * local_experts)
             param = _get(module, name)
             if param is None and name in TE_ALIASES:
                 name = TE_ALIASES[name]
                 param = _get(module, name)
             if param is not None:
-                hf = tuple(n.format(i=i) for n in rule.hf)
-                found.append(Binding(rule, hf, param, prefix + name))
+                found.append(Binding(rule, _hf_names(rule, i, x), param, prefix + name, i, x))
 
         add(EMBEDDING_RULE, "", model)
         for j, layer in enumerate(model.decoder.layers):
-            for rule in LAYER_RULES:
-                add(rule, f"decoder.layers.{j}.", layer, layer.layer_number - 1)
+            i = layer.layer_number - 1
+            mine = range(ep_rank * local_experts, (ep_rank + 1) * local_experts)
+            for rule, x in layer_rules(arch, i):
+                if x is None or x in mine:
+                    add(rule, f"decoder.layers.{j}.", layer, i, x)
         for rule in FINAL_RULES:
             add(rule, "", model)
         bound = {id(b.param) for b in found}
@@ -439,6 +488,20 @@ def _tp() -> tuple[int, int, Any]:
         return 0, 1, None
     return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
             ps.get_tensor_model_parallel_group())
+
+
+def _ep() -> tuple[int, int, Any]:
+    if not dist.is_initialized():
+        return 0, 1, None
+    return (ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size(),
+            ps.get_expert_model_parallel_group())
+
+
+def _etp() -> tuple[int, int, Any]:
+    if not dist.is_initialized():
+        return 0, 1, None
+    return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
+            ps.get_expert_tensor_parallel_group())
 
 
 def _padded_vocab(model_chunks: Sequence[torch.nn.Module]) -> int:
@@ -465,7 +528,8 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any,
     elif isinstance(source, dict):
         source = StateDictSource(source)
     rank, size, _ = _tp()
-    check_parallel_layout(arch, tp=size)
+    etp_rank, etp_size, _ = _etp()
+    check_parallel_layout(arch, tp=size, ep=_ep()[1], etp=etp_size)
     check_hf_checkpoint(source, arch, checkpoint_config)
     bindings = bind(model_chunks, arch)
     padded = _padded_vocab(model_chunks)
@@ -476,7 +540,10 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any,
         if b.rule.kind == "vocab":
             _load_vocab_rows(b, source, arch, padded, rank, size)
             continue
-        shard = _load(b.rule.kind, source, b.hf, arch, rank, size)
+        if b.expert is not None:  # experts are split over the expert-tensor-parallel group
+            shard = _load(b.rule.kind, source, b.hf, arch, etp_rank, etp_size)
+        else:
+            shard = _load(b.rule.kind, source, b.hf, arch, rank, size)
         if tuple(shard.shape) != tuple(b.param.shape):
             raise ShapeMismatchError(
                 f"{', '.join(b.hf)} give a shard of shape {list(shard.shape)} for megatron "
@@ -517,14 +584,17 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
     Global rank 0 yields every HF tensor (full, unpadded, in ``hf_shapes`` order) one at a time;
     the other ranks yield nothing. Only one full tensor exists at a time (plus what the consumer
     keeps). Yielded tensors may alias model parameters: copy them if kept past the next update.
-    Data-parallel replicas other than the first return at once (they hold the same weights).
+    Data-parallel replicas other than the first return at once (they hold the same weights),
+    except that MoE experts come from every rank of the first expert-data-parallel replica.
     With megatron DDP's ``overlap_param_gather`` the updated parameters arrive during the next
     forward: call ``chunk.start_param_sync(force_sync=True)`` on each chunk first. ``release=True`` frees each parameter once exported (converters only: the model is unusable
     afterwards), which keeps an export's peak memory near one model.
     """
     arch = load_hf_config(hf_config)
     dist_on = dist.is_initialized()
-    if dist_on and ps.get_data_parallel_rank(with_context_parallel=True) != 0:
+    dense_on = not dist_on or ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    expert_on = arch.is_moe and (not dist_on or ps.get_expert_data_parallel_rank() == 0)
+    if not dense_on and not expert_on:
         return
     tp_rank, tp_size, tp_group = _tp()
     pp_rank = ps.get_pipeline_model_parallel_rank() if dist_on else 0
@@ -532,15 +602,27 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
     bindings = bind(model_chunks, arch)
     local = {b.hf[0]: b for b in bindings if b.rule.export}
     device = bindings[0].param.device if bindings else torch.device("cpu")
-    owner: dict[str, tuple[int, str]] = {name: (0, "") for name in local}
+    shapes = hf_shapes(arch)
+    # every expert of this stage's MoE layers, held somewhere in its expert-parallel group
+    stage_experts = {}
+    for b in bindings:
+        if b.expert is not None:
+            for x in range(arch.num_experts):
+                stage_experts[b.rule.hf[0].format(i=b.layer, x=x)] = str(b.param.dtype)
+    if not dense_on:  # only hands its experts to its expert-parallel group's first rank
+        for head in (n for n in shapes if n in stage_experts):
+            expert_to_hf(local.get(head), _names_of(head, arch), arch, device,
+                         getattr(torch, stage_experts[head].split(".")[-1]), release)
+        return
+    mine = {name: (pp_rank, str(b.param.dtype)) for name, b in local.items()}
+    mine.update({name: (pp_rank, dtype) for name, dtype in stage_experts.items()})
+    owner: dict[str, tuple[int, str]] = mine
     if pp_size > 1:
         pp_group = ps.get_pipeline_model_parallel_group()
         first = dist.get_global_rank(pp_group, 0)
-        mine = {name: (pp_rank, str(b.param.dtype)) for name, b in local.items()}
         everyone: list[dict] = [None] * pp_size  # type: ignore[list-item]
         dist.all_gather_object(everyone, mine, group=pp_group)
         owner = {k: v for d in everyone for k, v in d.items()}
-    shapes = hf_shapes(arch)
     heads = [n for n in shapes if n in owner]  # first HF name of each exported rule, HF order
     covered = {n for head in heads for n in _names_of(head, arch)}
     if covered != set(shapes):
@@ -549,10 +631,14 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
     yield_here = not dist_on or dist.get_rank() == 0
     for head in heads:
         stage, dtype_name = owner[head]
+        dtype = getattr(torch, dtype_name.split(".")[-1])
         names = _names_of(head, arch)
         b = local.get(head)
         tensors: list[torch.Tensor] = []
-        if b is not None:  # this stage owns it: gather TP shards, convert to HF layout
+        if head in stage_experts:
+            if expert_on:
+                tensors = expert_to_hf(b, names, arch, device, dtype, release)
+        elif b is not None:  # this stage owns it: gather TP shards, convert to HF layout
             data = b.param.data
             if tp_size > 1 and _TP_DIM[b.rule.kind] is not None:
                 shards = [torch.empty_like(data) for _ in range(tp_size)]
@@ -568,7 +654,6 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
                 for t in tensors:
                     dist.send(t.contiguous(), dst=first, group=pp_group)
             elif pp_rank == 0:
-                dtype = getattr(torch, dtype_name.split(".")[-1])
                 src = dist.get_global_rank(pp_group, stage)
                 tensors = [torch.empty(shapes[n], dtype=dtype, device=device) for n in names]
                 for t in tensors:
@@ -579,13 +664,57 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any, *,
         del tensors
 
 
+def expert_to_hf(b: Binding | None, names: tuple[str, ...], arch: HFArch, device: torch.device,
+                 dtype: torch.dtype, release: bool = False) -> list[torch.Tensor]:
+    """One expert rule's HF tensors (``names``), gathered over the expert-parallel group.
+
+    Collective over this stage's expert-tensor-parallel and expert-parallel groups: every rank of
+    the stage's first expert-data-parallel replica calls it for every expert rule in HF order.
+    The expert's owner (expert-parallel rank ``x // local``; ``b`` is its binding, None
+    elsewhere) all-gathers its expert-TP shards and, from expert-TP rank 0, sends the HF tensors
+    to expert-parallel rank 0, which returns them: every expert reaches that rank exactly once.
+    Other ranks return [].
+    """
+    ep_rank, ep_size, ep_group = _ep()
+    etp_rank, etp_size, etp_group = _etp()
+    x = int(names[0].split(".")[5])
+    holder = x // (arch.num_experts // ep_size)
+    tensors: list[torch.Tensor] = []
+    if ep_rank == holder:
+        if b is None:
+            raise MappingError(f"expert-parallel rank {ep_rank} does not hold {names[0]}")
+        data = b.param.data
+        if etp_size > 1:
+            shards = [torch.empty_like(data) for _ in range(etp_size)]
+            dist.all_gather(shards, data.contiguous(), group=etp_group)
+        else:
+            shards = [data]
+        tensors = _export(b.rule.kind, shards, arch)
+        if release:
+            b.param.data = torch.empty(0, dtype=data.dtype, device=data.device)
+        del shards, data
+    if holder != 0 and etp_rank == 0:
+        if ep_rank == holder:
+            for t in tensors:
+                dist.send(t.contiguous(), dst=dist.get_global_rank(ep_group, 0), group=ep_group)
+        elif ep_rank == 0:
+            h, f = arch.hidden_size, arch.moe_intermediate_size
+            tensors = [torch.empty((h, f) if n.endswith("down_proj.weight") else (f, h),
+                                   dtype=dtype, device=device) for n in names]
+            for t in tensors:
+                dist.recv(t, src=dist.get_global_rank(ep_group, holder), group=ep_group)
+    return tensors if ep_rank == 0 and etp_rank == 0 else []
+
+
 def _names_of(head: str, arch: HFArch) -> tuple[str, ...]:
     """All HF names of the rule whose first name is ``head``."""
     for rule in (EMBEDDING_RULE, *FINAL_RULES):
         if rule.export and rule.when(arch) and rule.hf[0] == head:
             return rule.hf
-    i = int(head.split(".")[2])
-    for rule in LAYER_RULES:
-        if rule.when(arch) and rule.hf[0].format(i=i) == head:
-            return tuple(n.format(i=i) for n in rule.hf)
+    parts = head.split(".")
+    i = int(parts[2])
+    x = int(parts[5]) if parts[3:5] == ["mlp", "experts"] else None
+    for rule, rx in layer_rules(arch, i):
+        if rx == x and rule.hf[0].format(i=i, x=x) == head:
+            return _hf_names(rule, i, x)
     raise MappingError(f"internal: no rule exports {head}")

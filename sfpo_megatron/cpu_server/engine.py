@@ -48,6 +48,26 @@ ARRIVAL_GAP_S = 0.001
 # ============================================================================================
 
 
+
+def expert_views(table: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 keeps an MoE layer's experts fused in memory (``experts.gate_up_proj``
+    [E, 2F, H] with gate rows first, ``experts.down_proj`` [E, H, F]) while checkpoints and the
+    trainer's weight updates name them one by one (``experts.{x}.gate_proj.weight`` ...): views
+    into the fused tensors under those names, so writing a view writes the model."""
+    views = {}
+    for name, t in table.items():
+        if name.endswith(".experts.gate_up_proj") and t.dim() == 3:
+            prefix = name[: -len("gate_up_proj")]
+            for x in range(t.shape[0]):
+                gate, up = t[x].chunk(2)
+                views[f"{prefix}{x}.gate_proj.weight"] = gate
+                views[f"{prefix}{x}.up_proj.weight"] = up
+        elif name.endswith(".experts.down_proj") and t.dim() == 3:
+            prefix = name[: -len("down_proj")]
+            for x in range(t.shape[0]):
+                views[f"{prefix}{x}.down_proj.weight"] = t[x]
+    return views
+
 class EngineError(RuntimeError):
     pass
 
@@ -750,8 +770,11 @@ class GenerationEngine:
     # ---- weights (run through call(): on the engine thread) -----------------------------
 
     def param_table(self) -> dict[str, torch.Tensor]:
-        """HF name -> tensor, tied aliases included (``lm_head.weight`` of a tied model)."""
-        return {k: v.data for k, v in self.model.state_dict(keep_vars=True).items()}
+        """HF name -> tensor, tied aliases included (``lm_head.weight`` of a tied model), and the
+        experts of MoE models one by one under their checkpoint names."""
+        table = {k: v.data for k, v in self.model.state_dict(keep_vars=True).items()}
+        table.update(expert_views(table))
+        return table
 
     def load_from_disk(self, model_path: str) -> str:
         path = Path(model_path)

@@ -12,6 +12,8 @@ process-wide, once:
 * the CUDA RNG API maps to the CPU generator, so megatron's RNG tracker
   (``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork()``) forks the CPU state the
   same way it forks the CUDA state on GPUs;
+* the MoE alltoall dispatcher's token counts become numpy arrays as they do when megatron copies
+  them off a GPU (``all_to_all_single`` takes split sizes as sequences, not tensors);
 * ``Tensor.type()`` of a CPU tensor reports ``torch.cuda.*Tensor`` so the optimizers' dtype checks
   (``param.type() == 'torch.cuda.FloatTensor'``) take their normal branches.
 
@@ -30,6 +32,7 @@ import logging
 from typing import Any
 
 import megatron.core.tensor_parallel.random as mcore_random
+import megatron.core.transformer.moe.token_dispatcher as mcore_token_dispatcher
 import torch
 import torch.utils._device as torch_device
 
@@ -194,6 +197,16 @@ def _patch_megatron() -> None:
     def _set_state(new_state, device=-1, graph_safe=False):
         torch.set_rng_state(new_state)
 
+    # megatron converts the dispatcher's split sizes to numpy only when they are CUDA tensors
+    move = mcore_token_dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(move)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    mcore_token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     mcore_random._get_cuda_rng_state = _get_state
     mcore_random._set_cuda_rng_state = _set_state
     logging.getLogger(mcore_random.__name__).addFilter(_RngForkWarningFilter())

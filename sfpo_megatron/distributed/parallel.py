@@ -65,8 +65,10 @@ def read_dist_env() -> DistEnv:
 
 def check_layout(*, world_size: int, tp: int, pp: int, num_layers: int, num_attention_heads: int,
                  num_query_groups: int, micro_batch_size: int, global_batch_size: int | None,
-                 vpp: int | None = None, cp: int = 1) -> int:
-    """Validate a layout; returns the data-parallel size. Errors name the numbers involved."""
+                 vpp: int | None = None, cp: int = 1, ep: int = 1, etp: int | None = None,
+                 num_experts: int = 0) -> int:
+    """Validate a layout; returns the data-parallel size. Errors name the numbers involved.
+    ``ep`` / ``etp``: expert-(tensor-)parallel sizes; ``num_experts`` 0 is a dense model."""
     for name, value in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
                         ("micro-batch-size", micro_batch_size)):
         if value < 1:
@@ -87,12 +89,36 @@ def check_layout(*, world_size: int, tp: int, pp: int, num_layers: int, num_atte
         raise LayoutError(f"pipeline-model-parallel-size {pp}"
                           + (f" x virtual-pipeline-model-parallel-size {vpp}" if vpp else "")
                           + f" does not divide the number of layers {num_layers}")
+    check_expert_layout(world_size=world_size, tp=tp, pp=pp, ep=ep, etp=etp,
+                        num_experts=num_experts)
     dp = world_size // (tp * pp * cp)
     if global_batch_size is not None and global_batch_size % (micro_batch_size * dp) != 0:
         raise LayoutError(
             f"global-batch-size {global_batch_size} is not divisible by micro-batch-size "
             f"{micro_batch_size} x data-parallel-size {dp} = {micro_batch_size * dp}")
     return dp
+
+
+def check_expert_layout(*, world_size: int, tp: int, pp: int, ep: int = 1, etp: int | None = None,
+                        num_experts: int | None = None) -> None:
+    """The expert-parallel part of a layout (``num_experts`` None: not known here)."""
+    etp = tp if etp is None else etp
+    for name, value in (("expert-model-parallel-size", ep), ("expert-tensor-parallel-size", etp)):
+        if value < 1:
+            raise LayoutError(f"--{name} must be >= 1, got {value}")
+    if num_experts is not None:
+        if ep > 1 and num_experts == 0:
+            raise LayoutError(f"expert-model-parallel-size {ep} needs a mixture-of-experts "
+                              "model; this model has no experts")
+        if num_experts and num_experts % ep:
+            raise LayoutError(f"expert-model-parallel-size {ep} does not divide the number of "
+                              f"experts {num_experts}")
+    # megatron lays the experts out as expert-TP x EP x expert-DP x PP over the same ranks
+    if world_size % (etp * ep * pp):
+        raise LayoutError(
+            f"world size {world_size} is not a multiple of expert-tensor-parallel-size {etp} x "
+            f"expert-model-parallel-size {ep} x pipeline-model-parallel-size {pp} = "
+            f"{etp * ep * pp}")
 
 
 def set_seed(seed: int) -> None:
@@ -105,8 +131,10 @@ def set_seed(seed: int) -> None:
 
 
 def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234,
-               timeout_minutes: int = 30, cp: int = 1) -> DistEnv:
-    """Initialise torch.distributed and megatron's parallel groups (idempotent)."""
+               timeout_minutes: int = 30, cp: int = 1, ep: int = 1,
+               etp: int | None = None) -> DistEnv:
+    """Initialise torch.distributed and megatron's parallel groups (idempotent); ``ep`` /
+    ``etp``: expert-(tensor-)parallel sizes."""
     platform = setup_platform()
     env = read_dist_env()
     if not dist.is_initialized():
@@ -122,10 +150,12 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 123
             f"world size {env.world_size} is not a multiple of tensor-model-parallel-size {tp} x "
             f"pipeline-model-parallel-size {pp}" + (f" x context-parallel-size {cp}" if cp > 1 else "")
             + f" = {tp * pp * cp}")
+    check_expert_layout(world_size=env.world_size, tp=tp, pp=pp, ep=ep, etp=etp)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+            expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
             distributed_timeout_minutes=timeout_minutes)
     set_seed(seed)
     return env

@@ -10,6 +10,11 @@ Two layer specs, picked by ``transformer_impl`` and never swapped silently:
 * ``"transformer_engine"``: megatron's TE spec, optionally with FP8 (``fp8="hybrid"|"e4m3"``,
   ``fp8_recipe``). Asking for it without an importable Transformer Engine is an error.
 
+Mixture-of-experts configs (Qwen3-MoE) take megatron-core's MoE layers from the same specs
+(``get_gpt_decoder_block_spec``: dense and MoE layers where ``moe_layer_freq`` says), with
+``SequentialMLP`` experts on the local spec (no grouped GEMM) and the token dispatcher of
+``moe_token_dispatcher_type``.
+
 ``GPTModel`` wrapping (megatron DDP, Float16Module) is the trainer's job.
 """
 
@@ -20,7 +25,9 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
@@ -78,8 +85,27 @@ def check_impl(transformer_impl: str, fp8: str | None, fp8_recipe: str) -> None:
         )
 
 
-def layer_spec(arch: HFArch, transformer_impl: str = "local"):
-    """The transformer-layer ``ModuleSpec`` for ``arch``."""
+def _torch_router_gemm() -> None:
+    """megatron-core 0.16.1's router GEMM tests ``te_general_gemm is not None``, a name its
+    ``moe_utils`` defines only when Transformer Engine imports; without TE it is a NameError.
+    Defining it as None selects megatron's own torch path."""
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def layer_spec(arch: HFArch, transformer_impl: str = "local", config=None,
+               vp_stage: int | None = None):
+    """The transformer-layer ``ModuleSpec`` for ``arch`` (MoE: this stage's block spec, from
+    ``config``)."""
+    if arch.is_moe:
+        _torch_router_gemm()
+        block = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=transformer_impl == "transformer_engine",
+            normalization="RMSNorm", vp_stage=vp_stage)
+        if transformer_impl == "local":
+            for spec in block.layer_specs:
+                spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        return block
     if transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
 
@@ -120,6 +146,10 @@ def model_provider(
     vp_stage: int | None = None,
     make_vocab_size_divisible_by: int = 128,
     max_sequence_length: int | None = None,
+    ep: int = 1,
+    etp: int | None = None,
+    moe_token_dispatcher_type: str = "alltoall",
+    moe_aux_loss_coeff: float | None = None,
     **config_overrides: Any,
 ):
     """This rank's ``GPTModel`` for the HF model ``hf_config`` (a directory, config.json path,
@@ -135,14 +165,17 @@ def model_provider(
     check_impl(transformer_impl, fp8, fp8_recipe)
     actual_tp = parallel_state.get_tensor_model_parallel_world_size()
     actual_pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if (actual_tp, actual_pp) != (tp, pp):
+    actual_ep = parallel_state.get_expert_model_parallel_world_size()
+    if (actual_tp, actual_pp, actual_ep) != (tp, pp, ep):
         raise ValueError(
-            f"model_provider asked for tp={tp}, pp={pp} but megatron parallel_state is "
-            f"initialised with tp={actual_tp}, pp={actual_pp}"
+            f"model_provider asked for tp={tp}, pp={pp}, ep={ep} but megatron parallel_state is "
+            f"initialised with tp={actual_tp}, pp={actual_pp}, ep={actual_ep}"
         )
     config = transformer_config_from_hf(
         arch, tp=tp, pp=pp, vpp=vpp, params_dtype=parse_dtype(params_dtype),
-        transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe, **config_overrides,
+        transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe, ep=ep, etp=etp,
+        moe_token_dispatcher_type=moe_token_dispatcher_type,
+        moe_aux_loss_coeff=moe_aux_loss_coeff, **config_overrides,
     )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
@@ -152,7 +185,7 @@ def model_provider(
                                                              vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, transformer_impl),
+        transformer_layer_spec=layer_spec(arch, transformer_impl, config, vp_stage),
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
@@ -207,5 +240,9 @@ def build_model(hf_config: Any, args: Any, pre_process: bool | None = None,
         vp_stage=vp_stage,
         make_vocab_size_divisible_by=arg("make_vocab_size_divisible_by", 128),
         max_sequence_length=arg("max_position_embeddings"),
+        ep=arg("expert_model_parallel_size", 1),
+        etp=arg("expert_tensor_parallel_size"),
+        moe_token_dispatcher_type=arg("moe_token_dispatcher_type", "alltoall"),
+        moe_aux_loss_coeff=arg("moe_aux_loss_coeff"),
         **overrides,
     )

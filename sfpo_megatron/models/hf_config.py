@@ -6,6 +6,12 @@ Supported families live in ``FAMILIES`` (one line each). The settings that exact
 ``rope_parameters["rope_theta"]`` (transformers 5), non-interleaved RoPE, ``layernorm_epsilon =
 rms_norm_eps``, SwiGLU as ``gated_linear_unit=True`` + silu, tied embeddings as
 ``share_embeddings_and_output_weights``.
+
+Qwen3-MoE (``qwen3_moe``) builds megatron-core's own MoE layers: a top-k softmax router (HF's
+``norm_topk_prob=True`` is megatron's softmax over the top-k logits, ``False`` its
+``moe_router_pre_softmax``), ``moe_intermediate_size`` per expert, dense layers where
+``decoder_sparse_step`` / ``mlp_only_layers`` put them (``moe_layer_freq`` as a 0/1 list), and the
+auxiliary load-balancing loss weighted by ``router_aux_loss_coef``.
 """
 
 from __future__ import annotations
@@ -39,13 +45,16 @@ class Family:
     architecture: str  # the HF ``architectures[0]`` this family is exported as
     qkv_bias: bool  # biases on q/k/v only (Qwen2)
     qk_norm: bool  # per-head RMSNorm on q and k (Qwen3)
+    moe: bool = False  # sparse MoE MLPs (Qwen3-MoE)
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaForCausalLM", qkv_bias=False, qk_norm=False),
     "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, qk_norm=False),
     "qwen3": Family("Qwen3ForCausalLM", qkv_bias=False, qk_norm=True),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", qkv_bias=False, qk_norm=True, moe=True),
 }
+TOKEN_DISPATCHERS = ("alltoall", "allgather")
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -54,6 +63,7 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 ARCHITECTURE_FIELDS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
     "num_kv_heads", "head_dim", "qkv_bias", "qk_norm", "tie_word_embeddings",
+    "num_experts", "moe_intermediate_size", "moe_layers",
 )
 
 
@@ -81,7 +91,18 @@ class HFArch:
     # llama3 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_positions)
     llama3_rope_scaling: tuple[float, float, float, int] | None = None
     torch_dtype: str | None = None
+    # Mixture of experts (0 experts: a dense model)
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()  # per layer: True where the MLP is the sparse MoE block
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.0
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     def layout(self) -> dict[str, Any]:
         """The architecture-defining fields (see ``ARCHITECTURE_FIELDS``)."""
@@ -155,6 +176,7 @@ def load_hf_config(hf_config: Any) -> HFArch:
         raise UnsupportedModelError(f"{model_type}: use_sliding_window=True is not supported")
     heads = int(cfg["num_attention_heads"])
     rope_theta, llama3 = _rope(cfg)
+    moe = _moe_fields(cfg) if family.moe else {}
     return HFArch(
         model_type=model_type,
         architecture=family.architecture,
@@ -176,11 +198,52 @@ def load_hf_config(hf_config: Any) -> HFArch:
         llama3_rope_scaling=llama3,
         torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         raw=cfg,
+        **moe,
     )
 
 
-def check_parallel_layout(arch: HFArch, tp: int = 1, pp: int = 1, vpp: int | None = None) -> None:
-    """Refuse TP/PP sizes that megatron cannot shard this model into (error names the numbers)."""
+def _moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config; which layers are sparse follows HF's
+    ``Qwen3MoeDecoderLayer``: not in ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``."""
+    # published configs say num_experts; transformers 5 saves it as num_local_experts
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    layers = int(cfg["num_hidden_layers"])
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense = set(cfg.get("mlp_only_layers") or ())
+    sparse = tuple(experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(layers))
+    if not any(sparse):
+        raise UnsupportedModelError(
+            f"{cfg['model_type']}: no layer has experts (num_experts={experts}, "
+            f"decoder_sparse_step={step}, mlp_only_layers={sorted(dense)})")
+    top_k = int(cfg.get("num_experts_per_tok") or 0)
+    if not 1 <= top_k <= experts:
+        raise UnsupportedModelError(
+            f"{cfg['model_type']}: num_experts_per_tok={top_k} must be between 1 and "
+            f"num_experts={experts}")
+    if not cfg.get("moe_intermediate_size"):
+        raise UnsupportedModelError(f"{cfg['model_type']}: the config has no moe_intermediate_size")
+    return dict(num_experts=experts, moe_top_k=top_k,
+                moe_intermediate_size=int(cfg["moe_intermediate_size"]), moe_layers=sparse,
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                router_aux_loss_coef=float(cfg.get("router_aux_loss_coef") or 0.0))
+
+
+def check_parallel_layout(arch: HFArch, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                          ep: int = 1, etp: int | None = None) -> None:
+    """Refuse TP/PP/EP sizes that megatron cannot shard this model into (error names the
+    numbers)."""
+    if ep > 1 and not arch.is_moe:
+        raise ParallelLayoutError(
+            f"expert-model-parallel-size={ep} needs a mixture-of-experts model; "
+            f"{arch.architecture} has no experts")
+    if arch.is_moe and arch.num_experts % ep:
+        raise ParallelLayoutError(
+            f"num_experts={arch.num_experts} is not divisible by expert-model-parallel-size={ep}")
+    etp = tp if etp is None else etp
+    if arch.is_moe and arch.moe_intermediate_size % etp:
+        raise ParallelLayoutError(
+            f"moe_intermediate_size={arch.moe_intermediate_size} is not divisible by "
+            f"expert-tensor-parallel-size={etp}")
     if arch.num_heads % tp:
         raise ParallelLayoutError(
             f"num_attention_heads={arch.num_heads} is not divisible by "
@@ -240,12 +303,18 @@ def transformer_config_from_hf(
     transformer_impl: str = "local",
     fp8: str | None = None,
     fp8_recipe: str = "delayed",
+    ep: int = 1,
+    etp: int | None = None,
+    moe_token_dispatcher_type: str = "alltoall",
+    moe_aux_loss_coeff: float | None = None,
     **overrides: Any,
 ):
     """The ``TransformerConfig`` of this HF model; ``overrides`` are further TransformerConfig
-    fields from the trainer (recompute, sequence_parallel, use_cpu_initialization, ...)."""
+    fields from the trainer (recompute, sequence_parallel, use_cpu_initialization, ...).
+    MoE models: ``ep`` / ``etp`` are the expert-(tensor-)parallel sizes, ``moe_aux_loss_coeff``
+    replaces the config's ``router_aux_loss_coef`` (0 turns the auxiliary loss off)."""
     arch = load_hf_config(hf_config)
-    check_parallel_layout(arch, tp, pp, vpp)
+    check_parallel_layout(arch, tp, pp, vpp, ep, etp)
     dtype = parse_dtype(params_dtype)
     known = {f.name for f in dataclasses.fields(TransformerConfig)}
     unknown = sorted(set(overrides) - known)
@@ -287,6 +356,28 @@ def transformer_config_from_hf(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
+    if arch.is_moe:
+        if moe_token_dispatcher_type not in TOKEN_DISPATCHERS:
+            raise ValueError(f"unknown moe_token_dispatcher_type {moe_token_dispatcher_type!r}; "
+                             f"use one of {', '.join(TOKEN_DISPATCHERS)}")
+        coeff = arch.router_aux_loss_coef if moe_aux_loss_coeff is None else moe_aux_loss_coeff
+        kwargs.update(
+            num_moe_experts=arch.num_experts,
+            moe_router_topk=arch.moe_top_k,
+            moe_ffn_hidden_size=arch.moe_intermediate_size,
+            moe_layer_freq=[int(s) for s in arch.moe_layers],
+            moe_router_score_function="softmax",
+            # HF: softmax over all experts, top-k, then (norm_topk_prob) renormalise; megatron
+            # without pre-softmax takes the softmax over the top-k logits, which is the same.
+            moe_router_pre_softmax=not arch.norm_topk_prob,
+            moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none",
+            moe_aux_loss_coeff=coeff,
+            moe_router_dtype="fp32",  # HF's router softmax runs in fp32
+            moe_grouped_gemm=False,
+            moe_token_dispatcher_type=moe_token_dispatcher_type,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=tp if etp is None else etp,
+        )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

@@ -101,10 +101,13 @@ def run_eval(args: argparse.Namespace, sglang_args: Sequence[str] = ()) -> dict[
     parallel.check_layout(world_size=env.world_size, tp=args.tensor_model_parallel_size,
                           pp=args.pipeline_model_parallel_size, vpp=args.virtual_pipeline_model_parallel_size,
                           num_layers=arch.num_layers, num_attention_heads=arch.num_heads,
-                          num_query_groups=arch.num_kv_heads, micro_batch_size=1, global_batch_size=None)
+                          num_query_groups=arch.num_kv_heads, micro_batch_size=1, global_batch_size=None,
+                          ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
+                          num_experts=arch.num_experts)
     parallel.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, seed=args.seed,
-                        timeout_minutes=args.distributed_timeout_minutes)
+                        timeout_minutes=args.distributed_timeout_minutes,
+                        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size)
     model = build_frozen_model(args, arch)
     iteration = 0
     if args.load:

@@ -224,7 +224,8 @@ class RLRun:
         check_rl_layout(a, self.arch, parallel.read_dist_env().world_size)
         parallel.initialize(tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
                             vpp=a.virtual_pipeline_model_parallel_size, seed=a.seed,
-                            timeout_minutes=a.distributed_timeout_minutes, cp=a.context_parallel_size)
+                            timeout_minutes=a.distributed_timeout_minutes, cp=a.context_parallel_size,
+                            ep=a.expert_model_parallel_size, etp=a.expert_tensor_parallel_size)
         self.rank = dist.get_rank()
         a.calculate_per_token_loss = False  # the RL losses normalise over the mini-batch themselves
         self.setup_ = build_training_setup(a, self.arch, total_scheduler_steps=max(a.num_rollouts, 1))

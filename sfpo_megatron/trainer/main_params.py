@@ -13,6 +13,11 @@ Where the main parameters live (the three megatron optimizers, all reached throu
   ``--optimizer-cpu-offload`` (GPU) its Adam is megatron's HybridDeviceOptimizer, which steps
   host copies of the shard: a reposition is copied to them as well.
 
+Mixture-of-experts models get a ``ChainedOptimizer`` whose second optimizer holds the expert
+parameters (their own grad buffers, reduced over the expert-data-parallel group): everything here
+walks every inner optimizer, so the experts' main-param shards are snapshotted and repositioned
+too, and their distance is reduced over that optimizer's own grad-stats group.
+
 So a snapshot costs one copy of the main-param shard (4 bytes / parameter / DP size, in host
 memory with offload) and a reposition no communication beyond the ordinary all-gather.
 

@@ -4,10 +4,11 @@ the optimizer hooks megatron's schedules expect (Megatron-LM's ``get_model`` + `
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -19,6 +20,8 @@ from megatron.core.utils import get_model_config
 from sfpo_megatron.components.checkpoint import CheckpointError, load_checkpoint
 from sfpo_megatron.components.optimizer import build_optimizer, build_scheduler
 from sfpo_megatron.models.builder import build_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,6 +86,14 @@ def build_training_setup(args: argparse.Namespace, arch, total_scheduler_steps: 
     optimizer = build_optimizer(args, model)
     scheduler = build_scheduler(args, optimizer, total_scheduler_steps)
     config = get_model_config(model[0])
+    if config.num_moe_experts and parallel_state.get_data_parallel_rank() == 0 \
+            and parallel_state.get_pipeline_model_parallel_rank() == 0 \
+            and parallel_state.get_tensor_model_parallel_rank() == 0:
+        log.info("mixture of experts: %d experts, top-%d, expert-parallel size %d, expert-TP "
+                 "size %d, %s token dispatcher, aux loss coefficient %g", config.num_moe_experts,
+                 config.moe_router_topk, config.expert_model_parallel_size,
+                 config.expert_tensor_parallel_size, config.moe_token_dispatcher_type,
+                 config.moe_aux_loss_coeff)
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     if args.overlap_grad_reduce:

@@ -53,6 +53,16 @@ class Preempted(SystemExit):
 
 def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
     """Layout and batch checks before anything is built; returns the data-parallel size."""
+    tp, etp = args.tensor_model_parallel_size, args.expert_tensor_parallel_size
+    if arch.is_moe and tp > 1 and not args.sequence_parallel:
+        raise parallel.LayoutError(
+            f"tensor-model-parallel-size {tp} with a mixture-of-experts model needs "
+            "--sequence-parallel (megatron's MoE layers refuse to train without it)")
+    if arch.is_moe and etp is not None and etp > tp:
+        # measured: the expert gradients then differ from the expert-TP = TP run's
+        raise parallel.LayoutError(
+            f"expert-tensor-parallel-size {etp} > tensor-model-parallel-size {tp} is not "
+            "supported for training")
     if args.global_batch_size is None:
         dp = world_size // max(1, args.tensor_model_parallel_size * args.pipeline_model_parallel_size
                                * getattr(args, "context_parallel_size", 1))
@@ -62,7 +72,9 @@ def check_args(args: argparse.Namespace, arch, world_size: int) -> int:
         pp=args.pipeline_model_parallel_size, vpp=args.virtual_pipeline_model_parallel_size,
         num_layers=arch.num_layers, num_attention_heads=arch.num_heads,
         num_query_groups=arch.num_kv_heads, micro_batch_size=args.micro_batch_size,
-        global_batch_size=args.global_batch_size, cp=getattr(args, "context_parallel_size", 1))
+        global_batch_size=args.global_batch_size, cp=getattr(args, "context_parallel_size", 1),
+        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
+        num_experts=arch.num_experts)
     if args.sequence_parallel and args.transformer_impl != "transformer_engine":
         raise parallel.LayoutError("--sequence-parallel needs --transformer-impl "
                                    "transformer_engine (megatron's torch norms refuse it)")
@@ -192,7 +204,8 @@ def pretrain(args: argparse.Namespace) -> dict:
     tokenizer = build_tokenizer(args, arch)  # before any process group: a bad flag stops here
     parallel.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, seed=args.seed,
-                        timeout_minutes=args.distributed_timeout_minutes)
+                        timeout_minutes=args.distributed_timeout_minutes,
+                        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size)
     args.calculate_per_token_loss = True
     setup = build_training_setup(args, arch, total_scheduler_steps=args.train_iters)
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

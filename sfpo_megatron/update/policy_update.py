@@ -85,6 +85,7 @@ from sfpo_megatron.trainer.main_params import (
     scaled_lr,
 )
 from sfpo_megatron.trainer.model_setup import zero_grads
+from sfpo_megatron.trainer.moe_metrics import RouterStats
 from sfpo_megatron.trainer.packing import (
     PackSpec,
     balance_over_dp,
@@ -301,6 +302,9 @@ class PolicyUpdater:
         check_supported(setup.optimizer)
         self.args = args
         self.setup = setup
+        # MoE policies: router load balance and aux loss of each step's training passes
+        self.router_stats = RouterStats(setup.model, setup.config) \
+            if getattr(setup.config, "num_moe_experts", None) else None
         self.ref_model = list(ref_model) if ref_model is not None else None
         self.loss_config = loss_config_from_args(args)
         self.controller = controller_from_args(args)
@@ -556,5 +560,7 @@ class PolicyUpdater:
                 sum(r["pg_clipfrac"] * r["num_tokens"] for r in rows)
                 / (sum(r["num_tokens"] for r in rows) or 1.0))
         metrics["actor/grad_norm"] = metrics[f"actor/grad_norm/{names[-1]}"]
+        if self.router_stats is not None:
+            metrics.update(self.router_stats.collect())
         self._hook("done")
         return metrics

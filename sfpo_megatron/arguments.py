@@ -221,6 +221,31 @@ def add_rollout_args(p: argparse.ArgumentParser) -> None:
                         "sequence per forward; SGLang: --enable-deterministic-inference)")
 
 
+def add_multi_turn_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-turn tool use")
+    g.add_argument("--rollout-mode", choices=["single-turn", "multi-turn"], default="single-turn",
+                   help="multi-turn: the model calls --tool; its output is appended as context "
+                        "(loss mask 0) and generation continues")
+    g.add_argument("--tool", default="python",
+                   help="python (a resource-limited subprocess), calculator (safe arithmetic) or "
+                        "pkg.module:ToolClass")
+    g.add_argument("--max-turns", type=int, default=4,
+                   help="generation turns per trajectory; a call in the last one ends it "
+                        "(finish reason max_turns)")
+    g.add_argument("--max-total-response-len", type=int, default=None,
+                   help="response tokens per trajectory, generated and tool output together "
+                        "(finish reason length); default --rollout-max-response-len, which "
+                        "bounds each turn")
+    g.add_argument("--tool-call-format", choices=["json", "code"], default="json",
+                   help='json: <tool_call>{"name": ..., "arguments": {...}}</tool_call> (Qwen); '
+                        "code: <code>...</code>, the body is the tool's one argument")
+    g.add_argument("--tool-call-start", default=None, help="start marker of a call (overrides the format's)")
+    g.add_argument("--tool-call-end", default=None,
+                   help="end marker of a call: a stop string, and a stop token when it is one token")
+    g.add_argument("--tool-response-template", default="\n<tool_response>\n{output}\n</tool_response>\n",
+                   help="text the tool's output is appended in ({output}); tokenized, loss mask 0")
+
+
 def add_algorithm_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy optimisation (SFPO / GRPO)")
     g.add_argument("--algorithm", choices=["sfpo", "grpo"], default="sfpo")
@@ -309,7 +334,7 @@ def build_rl_parser() -> argparse.ArgumentParser:
     add_training_args(p, rl=True)
     add_checkpoint_args(p)
     add_logging_args(p, rl=True)
-    for add in (add_rl_data_args, add_rollout_args, add_algorithm_args, add_async_args):
+    for add in (add_rl_data_args, add_rollout_args, add_multi_turn_args, add_algorithm_args, add_async_args):
         add(p)
     # Set by the loop from the rollout batch (global_batch_size) or unused (train_iters); kept as
     # attributes because the shared trainer setup reads them.

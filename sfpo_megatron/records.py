@@ -44,6 +44,9 @@ class ScoredGroup:
     rewards: list[float] = field(default_factory=list)
     weight_version: str | None = None
     weight_versions: list[str | None] = field(default_factory=list)  # per sample
+    # Multi-turn rollouts: per sample, 1 on generated tokens and 0 on tool output; and its tool use.
+    loss_masks: list[list[int]] = field(default_factory=list)
+    tool_stats: list[dict] = field(default_factory=list)
 
     @property
     def all_equal(self) -> bool:
@@ -59,13 +62,16 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     rollout_logprobs: list[float]  # the rollout engine's logprob of each response token
-    weight_version: int  # policy version that generated the response
+    weight_version: int  # policy version that generated the response (multi-turn: its oldest turn's)
     finish_reason: str = "length"
     response_text: str = ""
     answer: Any = None
     metadata: dict = field(default_factory=dict)
     reward: float = 0.0
     advantage: float = 0.0  # sequence-level, filled in by algorithms/advantages.py
+    # Per response token: 1 trains on it, 0 is context (a tool's output; its logprob is a 0.0
+    # placeholder). None: every response token trains.
+    loss_mask: list[int] | None = None
 
 
 @dataclass

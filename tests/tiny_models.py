@@ -201,3 +201,57 @@ def save_moe_rollout_model(path: Path, seed: int = 0) -> Path:
     config.write_text(json.dumps({**json.loads(config.read_text()),
                                   "tokenizer_class": "Qwen2Tokenizer"}))
     return Path(path)
+
+
+# ---- the tool-use model: a bigram chain that calls a tool --------------------------------------
+
+# The multi-turn tests' call format over the rollout tokenizer's one-token words: a call is
+# " quick<expression> fox", a tool's output comes back as " jumps<output> over".
+TOOL_CALL = (" quick", " fox")
+TOOL_TEMPLATE = " jumps{output} over"
+# After token a the model's most likely next token is TOOL_CHAIN[a] (EOS for any other token):
+# from " lazy" it writes " quick1+2 fox" (a calculator call), after a tool's output it calls
+# again, and " dog" is answered with EOS at once.
+TOOL_CHAIN = {" lazy": " quick", " quick": "1", "1": "+", "+": "2", "2": " fox", " over": " quick"}
+
+
+def tool_model_logits(path: Path, gap: float = 6.0, seed: int = 0) -> torch.Tensor:
+    """[V, V]: row a is the next-token logits of the tool model in ``path`` after token a,
+    whatever came before: ``gap`` on the chain's next token (EOS off the chain), seeded noise in
+    [-1, 1] elsewhere."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    ids = {w: tok.encode(w).ids for w in list(TOOL_CHAIN) + list(TOOL_CHAIN.values())}
+    assert all(len(i) == 1 for i in ids.values()), ids
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.rand(ROLLOUT_VOCAB, ROLLOUT_VOCAB, generator=g) * 2 - 1
+    logits[:, EOS] = gap
+    for a, b in TOOL_CHAIN.items():
+        logits[ids[a][0], EOS] = 0.0
+        logits[ids[a][0], ids[b][0]] = gap
+    return logits
+
+
+def save_tool_model(path: Path, gap: float = 6.0, seed: int = 0) -> Path:
+    """A Qwen2 (hidden size = vocabulary, 320) whose attention and MLP outputs are zero (o_proj,
+    down_proj = 0), so the residual stream is the token's one-hot embedding and the LM head maps
+    it to ``tool_model_logits(gap, seed)``: an exact bigram model. Saved with the rollout model's
+    BPE tokenizer (EOS 300)."""
+    path = Path(path)
+    save_bpe_tokenizer(path, ROLLOUT_CORPUS, 300)
+    v = ROLLOUT_VOCAB
+    model = tiny_model("qwen2", seed, vocab_size=v, hidden_size=v, intermediate_size=64,
+                       max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-12,
+                       eos_token_id=EOS)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(v))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        # The final norm turns the one-hot e_a into sqrt(v) * e_a.
+        model.lm_head.weight.copy_(tool_model_logits(path, gap, seed).T / v ** 0.5)
+    model.generation_config.eos_token_id = EOS
+    model.save_pretrained(path)
+    return path

@@ -20,13 +20,17 @@ from pathlib import Path
 
 from sfpo_megatron.demo.pipeline import DemoConfig, DemoError, Paths, Timer, run_rl_arms, warm_start
 from sfpo_megatron.demo.report import compare, curve_from_metrics, format_table, plot_curves, read_metrics
-from sfpo_megatron.demo.task import TASKS
+from sfpo_megatron.demo.task import TASKS, TOOL_TASK
+from sfpo_megatron.demo.tool_use import main as tool_main
+from sfpo_megatron.demo.tool_use import tool_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser("python -m sfpo_megatron.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    p.add_argument("--task", default="basic_arithmetic", choices=sorted(TASKS))
+    p.add_argument("--task", default="basic_arithmetic", choices=sorted(TASKS) + [TOOL_TASK],
+                   help=f"{TOOL_TASK}: the tool-use demo (SFT shows calculator calls, multi-turn RL, "
+                        "accuracy with and without the tool)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="reduced sizes: checks every phase in a few minutes")
     p.add_argument("--rl-steps", type=int, default=None, help="RL steps per arm")
@@ -87,6 +91,11 @@ def format_timings(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.task == TOOL_TASK:
+        overrides = {"out": Path(args.out), "seed": args.seed}
+        if args.rl_steps is not None:
+            overrides["rl_steps"] = args.rl_steps
+        return tool_main(tool_config(args.quick, **overrides), show_progress=not args.no_progress)
     cfg = config_from_args(args)
     print(f"sfpo demo: task {cfg.task}, output in {cfg.out}/ (logs in {cfg.out}/logs/)", flush=True)
     try:

@@ -35,12 +35,16 @@ from tqdm import tqdm
 
 from sfpo_megatron.data.tokenizer import load_tokenizer
 from sfpo_megatron.demo.task import (
+    TOOL_CALL,
+    TOOL_OUTPUT,
+    TOOL_TASK,
     TRAIN_SEED,
     VALID_SEED,
     build_tokenizer,
     get_task,
     heldout_split,
     sft_corpus,
+    tool_sft_corpus,
     write_jsonl,
 )
 from sfpo_megatron.errors import UserError
@@ -341,9 +345,11 @@ def prepare(cfg: DemoConfig, paths: Paths) -> dict[str, Any]:
     """Tokenizer, SFT corpus (JSONL) and the tiny Qwen2 config; returns a summary."""
     task = get_task(cfg.task)
     _fresh(paths.sft_jsonl.parent, paths.model_config)
-    texts = sft_corpus(task, cfg.sft_docs)
+    tool = cfg.task == TOOL_TASK
+    texts = tool_sft_corpus(cfg.sft_docs) if tool else sft_corpus(task, cfg.sft_docs)
     write_jsonl(texts, paths.sft_jsonl)
-    model_file = build_tokenizer(texts, paths.tokenizer.with_suffix(""), cfg.vocab_size)
+    model_file = build_tokenizer(texts, paths.tokenizer.with_suffix(""), cfg.vocab_size,
+                                 TOOL_CALL + TOOL_OUTPUT if tool else ())
     tok = load_tokenizer(model_file)
     config = transformers.Qwen2Config(
         vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,

@@ -111,9 +111,25 @@ TASKS: dict[str, DemoTask] = {
 }
 
 
+# The tool-use demo (`--task tool-arithmetic`): sums and differences of 3-digit terms, which the
+# demo's model cannot compute, but can hand to the calculator tool and copy its answer from.
+TOOL_TASK = "tool-arithmetic"
+TOOL_ARITHMETIC = DemoTask(
+    "basic_arithmetic",
+    {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 3,
+     "operators": ("+", "-"), "allow_parentheses": False, "allow_negation": False},
+    "a + b or a - b with terms of up to 3 digits, through the calculator tool",
+)
+TOOL_CALL = ("<code>", "</code>")  # --tool-call-format code
+TOOL_OUTPUT = ("<output>", "</output>")
+TOOL_TEMPLATE = TOOL_OUTPUT[0] + "{output}" + TOOL_OUTPUT[1]  # --tool-response-template
+
+
 def get_task(name: str) -> DemoTask:
+    if name == TOOL_TASK:
+        return TOOL_ARITHMETIC
     if name not in TASKS:
-        raise DemoTaskError(f"unknown demo task {name!r}; known: {', '.join(sorted(TASKS))}")
+        raise DemoTaskError(f"unknown demo task {name!r}; known: {', '.join(sorted(TASKS) + [TOOL_TASK])}")
     return TASKS[name]
 
 
@@ -193,6 +209,26 @@ def heldout_split(task: DemoTask, train_size: int, valid_size: int, out_dir: str
                                    "share": overlap / len(plain_valid)}}
 
 
+def tool_sft_text(question: str, answer: str, expression: str, chat_format: ChatFormat | None = None) -> str:
+    """Prompt, the calculator call, its output and the answer copied from it: the trajectory a
+    multi-turn rollout builds when the model calls the tool and answers."""
+    return (render_prompt(question, chat_format) + f" {TOOL_CALL[0]}{expression}{TOOL_CALL[1]}"
+            + TOOL_TEMPLATE.format(output=answer) + f" {answer}")
+
+
+def tool_sft_corpus(size: int, seed: int = SFT_SEED) -> list[str]:
+    return [tool_sft_text(e["question"], e["answer"], e["metadata"]["expression"])
+            for e in TOOL_ARITHMETIC.entries(size, seed)]
+
+
+def final_answer_reward(response: str, answer: str, metadata: dict[str, Any]) -> float:
+    """1.0 when what follows the last tool output (the whole response if none) is exactly the
+    answer (use as --reward-fn `sfpo_megatron.demo.task:final_answer_reward`). Without the tool
+    the model writes the "output" itself, so the same reward measures its own arithmetic."""
+    tail = response.rsplit(TOOL_OUTPUT[1], 1)[-1]
+    return 1.0 if tail.strip() == str(answer).strip() else 0.0
+
+
 def write_jsonl(texts: Sequence[str], path: str | os.PathLike, key: str = "text") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,14 +238,16 @@ def write_jsonl(texts: Sequence[str], path: str | os.PathLike, key: str = "text"
     return path
 
 
-def build_tokenizer(texts: Sequence[str], out_prefix: str | os.PathLike, vocab_size: int = 64) -> Path:
+def build_tokenizer(texts: Sequence[str], out_prefix: str | os.PathLike, vocab_size: int = 64,
+                    symbols: Sequence[str] = ()) -> Path:
     """SentencePiece BPE model for the task's texts: digits single tokens, text kept verbatim.
 
     BPE rather than unigram: on this tiny, repetitive corpus unigram keeps only single
     characters, while BPE merges the fixed words ("Calculate", "Assistant"), which shortens every
-    sequence by half.
+    sequence by half. ``symbols`` (the tool demo's markers) are single pieces: one-token stop
+    markers, and the same tokens wherever they occur.
     """
-    return train_sentencepiece(texts, vocab_size, out_prefix, model_type="bpe")
+    return train_sentencepiece(texts, vocab_size, out_prefix, user_defined_symbols=symbols, model_type="bpe")
 
 
 def exact_match_reward(response: str, answer: str, metadata: dict[str, Any]) -> float:

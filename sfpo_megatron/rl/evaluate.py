@@ -43,15 +43,17 @@ from sfpo_megatron.distributed.rank0 import on_rank0
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.models.hf_config import load_hf_config
 from sfpo_megatron.rollout.engines import RolloutEngines, tokenizer_side_dirs
-from sfpo_megatron.rollout.generate import CORRECT, generate_groups, request_seed, sampling_params
+from sfpo_megatron.rollout.generate import (CORRECT, generate_groups, multi_turn_from_args, request_seed,
+                                            sampling_params, tool_metrics)
 from sfpo_megatron.trainer.model_setup import build_frozen_model
 
 log = logging.getLogger("sfpo_megatron.eval")
 
 
 def evaluate(client, datasets: dict[str, Any], tokenizer, rewards, *, n: int, params: dict, seed: int,
-             step: int, expected_version: str | None) -> dict[str, float]:
-    """avg@k / pass@k per dataset, and their average over the datasets (global rank 0 only)."""
+             step: int, expected_version: str | None, multi_turn=None) -> dict[str, float]:
+    """avg@k / pass@k per dataset, and their average over the datasets (global rank 0 only);
+    ``multi_turn``: with the tool (``--rollout-mode multi-turn``)."""
     metrics: dict[str, float] = {}
     floor = eval_score_floor(getattr(rewards, "fn", None))
     t0 = time.perf_counter()
@@ -59,7 +61,7 @@ def evaluate(client, datasets: dict[str, Any], tokenizer, rewards, *, n: int, pa
         items = [ds[i] for i in range(len(ds))]
         groups, counts = generate_groups(client, items, tokenizer, rewards, n=n, params=params,
                                          seed=request_seed(seed, step, 0, f"eval:{name}"),
-                                         expected_version=expected_version)
+                                         expected_version=expected_version, multi_turn=multi_turn)
         scored = [[0.0 if floor is not None and r < floor else r for r in g.rewards] for g in groups]
         all_rewards = [r for g in scored for r in g]
         metrics[f"eval/{name}/avg@{n}"] = sum(all_rewards) / len(all_rewards)
@@ -67,6 +69,7 @@ def evaluate(client, datasets: dict[str, Any], tokenizer, rewards, *, n: int, pa
         metrics[f"eval/{name}/response_length"] = (sum(len(x) for g in groups for x in g.response_ids)
                                                   / len(all_rewards))
         metrics[f"eval/{name}/reward_errors"] = float(counts.errors + counts.timeouts)
+        metrics.update(tool_metrics([t for g in groups for t in g.tool_stats], f"eval/{name}/"))
         log.info("eval %s: avg@%d %.4f pass@%d %.4f (%d prompts)", name, n, metrics[f"eval/{name}/avg@{n}"],
                  n, metrics[f"eval/{name}/pass@{n}"], len(groups))
     if len(datasets) >= 2:
@@ -132,7 +135,8 @@ def run_eval(args: argparse.Namespace, sglang_args: Sequence[str] = ()) -> dict[
             datasets = load_eval_datasets(args.eval_prompt_data, tokenizer, **dataset_kwargs(args))
             return evaluate(engines.client, datasets, tokenizer, reward_runner,
                             n=args.n_samples_per_eval_prompt, params=eval_params(args, tokenizer),
-                            seed=args.seed, step=iteration, expected_version=str(version))
+                            seed=args.seed, step=iteration, expected_version=str(version),
+                            multi_turn=multi_turn_from_args(args, engines.client, tokenizer))
 
         metrics = on_rank0(work)
     finally:

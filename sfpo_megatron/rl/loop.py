@@ -67,7 +67,8 @@ from sfpo_megatron.rollout.async_producer import (
     staleness_metrics,
 )
 from sfpo_megatron.rollout.engines import RolloutEngines, check_rollout_args, tokenizer_side_dirs
-from sfpo_megatron.rollout.generate import RolloutWorker
+from sfpo_megatron.rollout.generate import RolloutWorker, multi_turn_from_args
+from sfpo_megatron.rollout.tools import load_tool
 from sfpo_megatron.trainer.model_setup import build_reference_model, build_training_setup
 from sfpo_megatron.trainer.offload import TrainStateOffload
 from sfpo_megatron.trainer.pretrain import check_args
@@ -89,6 +90,17 @@ class Preempted(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"preempted after step {step}")
         self.step = step
+
+
+def check_multi_turn_args(args: argparse.Namespace) -> None:
+    """``--rollout-mode multi-turn``'s limits and tool, checked before any process starts."""
+    if args.rollout_mode != "multi-turn":
+        return
+    if args.max_turns < 1:
+        raise RLConfigError(f"--max-turns must be >= 1, got {args.max_turns}")
+    if args.max_total_response_len is not None and args.max_total_response_len < 1:
+        raise RLConfigError(f"--max-total-response-len must be >= 1, got {args.max_total_response_len}")
+    load_tool(args.tool).close()  # a --tool that does not import stops here
 
 
 def check_rl_args(args: argparse.Namespace) -> None:
@@ -142,6 +154,7 @@ def check_rl_args(args: argparse.Namespace) -> None:
         raise RLConfigError(f"--rollout-temperature must be > 0 (the trainer's logprobs use it), "
                             f"got {args.rollout_temperature}")
     check_offload_args(args)
+    check_multi_turn_args(args)
     check_update_args(args)  # --ppo-epochs, --no-ppo-clip with several steps, ...
     check_context_parallel(args)
 
@@ -376,7 +389,8 @@ class RLRun:
     def _evaluate(self, step: int) -> dict[str, float]:
         return evaluate(self.engines.client, self.eval_datasets, self.tokenizer, self.rewards,
                         n=self.args.n_samples_per_eval_prompt, params=eval_params(self.args, self.tokenizer),
-                        seed=self.args.seed, step=step, expected_version=str(self.state.weight_version))
+                        seed=self.args.seed, step=step, expected_version=str(self.state.weight_version),
+                        multi_turn=multi_turn_from_args(self.args, self.engines.client, self.tokenizer))
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         self.metrics_logger.log(step, {**metrics, **memory_stats(current_platform().device())})

@@ -88,7 +88,7 @@ def staleness_metrics(versions: list[int], trained_version: int, max_staleness: 
 
 # What training needs of a sample; texts, answers and dataset metadata stay out of checkpoints.
 _SAMPLE_FIELDS = ("prompt_index", "group_id", "prompt_ids", "response_ids", "rollout_logprobs",
-                  "weight_version", "finish_reason", "reward", "advantage")
+                  "weight_version", "finish_reason", "reward", "advantage", "loss_mask")
 
 
 def batch_to_state(result: RolloutBatch) -> dict:

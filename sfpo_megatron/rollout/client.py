@@ -275,6 +275,13 @@ class RolloutClient:
             pool.shutdown(wait=True, cancel_futures=True)
         return results  # type: ignore[return-value]
 
+    def generate_one(self, input_ids: Sequence[int], sampling_params: dict,
+                     return_logprob: bool = True) -> Response:
+        """One request as given (``sampling_params`` complete, its seed included), with failover."""
+        out, url, attempts = self.generate_raw({"input_ids": list(input_ids), "sampling_params": dict(sampling_params),
+                                                "return_logprob": return_logprob})
+        return self._sample(out, 0, 0, list(input_ids), url, attempts)
+
     @staticmethod
     def _sample(out: dict, i: int, j: int, prompt: list[int], url: str, attempts: int) -> Response:
         meta = out.get("meta_info", {})

@@ -20,6 +20,8 @@ from typing import Any
 from sfpo_megatron.algorithms.advantages import group_normalized_advantages
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.records import RolloutBatch, Sample, ScoredGroup
+from sfpo_megatron.rollout.multi_turn import CALL_FORMATS, MultiTurnRollout, ToolCallFormat
+from sfpo_megatron.rollout.tools import load_tool
 
 CORRECT = 1.0  # a reward at least this counts as a fully correct answer (accuracy, pass@k)
 _SEED_SLOT_BITS = 20  # request seeds are base + prompt * n + sample: room for 2**20 per call
@@ -59,31 +61,20 @@ def sampling_params(max_new_tokens: int, temperature: float, top_p: float, top_k
 
 
 def generate_groups(client, items: Sequence[Any], tokenizer, rewards, *, n: int, params: dict,
-                    seed: int, expected_version: str | None) -> tuple[list[ScoredGroup], RewardCounts]:
-    """``n`` scored samples for each prompt item (global rank 0 only: HTTP and reward workers)."""
+                    seed: int, expected_version: str | None,
+                    multi_turn=None) -> tuple[list[ScoredGroup], RewardCounts]:
+    """``n`` scored samples for each prompt item (global rank 0 only: HTTP and reward workers).
+    ``multi_turn`` (a ``rollout.multi_turn.MultiTurnRollout``): tool-use trajectories instead of
+    one response each; the reward scores the whole decoded trajectory."""
     if len(items) * n >= 1 << _SEED_SLOT_BITS:
         raise ValueError(f"{len(items)} prompts x {n} samples exceed the {1 << _SEED_SLOT_BITS} "
                          "request seeds of one generate call")
-    out = client.generate([it.prompt_ids for it in items], params, n=n, return_logprob=True, seed=seed)
-    groups = []
-    for item, samples in zip(items, out):
-        for s in samples:
-            if s.aborted:
-                raise RolloutResponseError(f"the response to prompt {item.index} (sample {s.sample_index}) was "
-                                           f"aborted by {s.server}: {s.finish_reason}")
-            if expected_version is not None and s.weight_version != expected_version:
-                raise RolloutVersionError(
-                    f"synchronous rollout expected weight_version {expected_version!r} but sample "
-                    f"{s.sample_index} of prompt {item.index} came from {s.weight_version!r} ({s.server})")
-            if s.output_logprobs is None or len(s.output_logprobs) != len(s.output_ids):
-                raise RolloutResponseError(f"{s.server} returned no per-token logprobs for prompt {item.index}")
-        groups.append(ScoredGroup(
-            item=item, response_ids=[list(s.output_ids) for s in samples],
-            logprobs=[list(s.output_logprobs) for s in samples],
-            finish_reasons=[str((s.finish_reason or {}).get("type", "unknown")) for s in samples],
-            texts=[tokenizer.decode(s.output_ids) for s in samples],
-            weight_version=samples[0].weight_version if samples else None,
-            weight_versions=[s.weight_version for s in samples]))
+    if multi_turn is not None:
+        groups = _multi_turn_groups(multi_turn, items, tokenizer, n=n, params=params, seed=seed,
+                                    expected_version=expected_version)
+    else:
+        groups = _single_turn_groups(client, items, tokenizer, n=n, params=params, seed=seed,
+                                     expected_version=expected_version)
     flat = [(g, t) for g in groups for t in g.texts]
     scores, errors, timeouts = rewards.score_counted(
         [t for _, t in flat], [g.item.answer for g, _ in flat],
@@ -94,6 +85,67 @@ def generate_groups(client, items: Sequence[Any], tokenizer, rewards, *, n: int,
     return groups, RewardCounts(errors, timeouts)
 
 
+def check_response(s, prompt: int, sample: int, expected_version: str | None, what: str = "") -> None:
+    """A response (or a trajectory's turn, ``what``) the trainer can use: not aborted, with
+    logprobs, and in a synchronous rollout from ``expected_version``."""
+    if s.aborted:
+        raise RolloutResponseError(f"the response to prompt {prompt} (sample {sample}{what}) was "
+                                   f"aborted by {s.server}: {s.finish_reason}")
+    if expected_version is not None and s.weight_version != expected_version:
+        raise RolloutVersionError(
+            f"synchronous rollout expected weight_version {expected_version!r} but sample "
+            f"{sample}{what} of prompt {prompt} came from {s.weight_version!r} ({s.server})")
+    if s.output_logprobs is None or len(s.output_logprobs) != len(s.output_ids):
+        raise RolloutResponseError(f"{s.server} returned no per-token logprobs for prompt {prompt}{what}")
+
+
+def _single_turn_groups(client, items, tokenizer, *, n, params, seed, expected_version) -> list[ScoredGroup]:
+    out = client.generate([it.prompt_ids for it in items], params, n=n, return_logprob=True, seed=seed)
+    groups = []
+    for item, samples in zip(items, out):
+        for s in samples:
+            check_response(s, item.index, s.sample_index, expected_version)
+        groups.append(ScoredGroup(
+            item=item, response_ids=[list(s.output_ids) for s in samples],
+            logprobs=[list(s.output_logprobs) for s in samples],
+            finish_reasons=[str((s.finish_reason or {}).get("type", "unknown")) for s in samples],
+            texts=[tokenizer.decode(s.output_ids) for s in samples],
+            weight_version=samples[0].weight_version if samples else None,
+            weight_versions=[s.weight_version for s in samples]))
+    return groups
+
+
+def _multi_turn_groups(multi_turn, items, tokenizer, *, n, params, seed, expected_version) -> list[ScoredGroup]:
+    out = multi_turn.generate([it.prompt_ids for it in items], params, n=n, seed=seed)
+    for item, trajs in zip(items, out):
+        for j, t in enumerate(trajs):
+            for turn, r in enumerate(t.responses):
+                check_response(r, item.index, j, expected_version, f", turn {turn + 1}")
+    return [ScoredGroup(
+        item=item, response_ids=[list(t.output_ids) for t in trajs],
+        logprobs=[list(t.output_logprobs) for t in trajs], finish_reasons=[t.finish_reason for t in trajs],
+        texts=[tokenizer.decode(t.output_ids) for t in trajs],
+        weight_version=trajs[0].weight_version if trajs else None,
+        weight_versions=[t.weight_version for t in trajs],
+        loss_masks=[list(t.loss_mask) for t in trajs], tool_stats=[t.stats() for t in trajs])
+        for item, trajs in zip(items, out)]
+
+
+def tool_metrics(stats: Sequence[dict[str, float]], prefix: str) -> dict[str, float]:
+    """Turns per trajectory, tool calls / errors / time-outs, share of response tokens that are tool output."""
+    if not stats:
+        return {}
+    n = len(stats)
+    total = sum(s["response_tokens"] for s in stats)
+    return {f"{prefix}turns_mean": sum(s["turns"] for s in stats) / n,
+            f"{prefix}turns_max": max(s["turns"] for s in stats),
+            f"{prefix}tool_calls": sum(s["tool_calls"] for s in stats),
+            f"{prefix}tool_calls_mean": sum(s["tool_calls"] for s in stats) / n,
+            f"{prefix}tool_errors": sum(s["tool_errors"] for s in stats),
+            f"{prefix}tool_timeouts": sum(s["tool_timeouts"] for s in stats),
+            f"{prefix}tool_token_fraction": sum(s["tool_tokens"] for s in stats) / max(total, 1.0)}
+
+
 def group_metrics(groups: Sequence[ScoredGroup], prefix: str) -> dict[str, float]:
     """Reward mean, accuracy, pass rate and response lengths of scored groups."""
     rewards = [r for g in groups for r in g.rewards]
@@ -102,6 +154,7 @@ def group_metrics(groups: Sequence[ScoredGroup], prefix: str) -> dict[str, float
     if not rewards:
         return {}
     return {
+        **tool_metrics([t for g in groups for t in g.tool_stats], prefix),
         f"{prefix}reward_mean": sum(rewards) / len(rewards),
         f"{prefix}accuracy": sum(r >= CORRECT for r in rewards) / len(rewards),
         f"{prefix}response_length_mean": sum(lengths) / len(lengths),
@@ -116,13 +169,29 @@ def to_train_samples(groups: Sequence[Any], step: int, version: int | None) -> l
     out = []
     for g_index, g in enumerate(groups):
         versions = [version] * len(g.texts) if version is not None else [int(v) for v in g.weight_versions]
-        for ids, lps, reason, text, reward, v in zip(g.response_ids, g.logprobs, g.finish_reasons, g.texts,
-                                                      g.rewards, versions):
+        masks = g.loss_masks or [None] * len(g.texts)
+        for ids, lps, reason, text, reward, v, mask in zip(g.response_ids, g.logprobs, g.finish_reasons,
+                                                            g.texts, g.rewards, versions, masks):
             out.append(Sample(prompt_index=g.item.index, group_id=step * 1_000_000 + g_index,
                               prompt_ids=list(g.item.prompt_ids), response_ids=list(ids),
                               rollout_logprobs=list(lps), weight_version=v, finish_reason=reason,
-                              response_text=text, answer=g.item.answer, reward=float(reward)))
+                              response_text=text, answer=g.item.answer, reward=float(reward),
+                              loss_mask=None if mask is None else list(mask)))
     return out
+
+
+def multi_turn_from_args(args: argparse.Namespace, client, tokenizer) -> MultiTurnRollout | None:
+    """``--rollout-mode multi-turn``'s runner (its tool, call format, turn and length limits); None
+    in single-turn mode."""
+    if getattr(args, "rollout_mode", "single-turn") != "multi-turn":
+        return None
+    start, end, is_json = CALL_FORMATS[args.tool_call_format]
+    # A template typed on a command line carries "\\n" for its line breaks.
+    fmt = ToolCallFormat(args.tool_call_start or start, args.tool_call_end or end, is_json,
+                         args.tool_response_template.replace("\\n", "\n"))
+    return MultiTurnRollout(client, tokenizer, load_tool(args.tool), fmt, max_turns=args.max_turns,
+                            max_total_len=args.max_total_response_len or args.rollout_max_response_len,
+                            max_workers=args.rollout_max_concurrency)
 
 
 class RolloutWorker:
@@ -137,6 +206,7 @@ class RolloutWorker:
         self.rewards = rewards
         self.params = sampling_params(args.rollout_max_response_len, args.rollout_temperature,
                                       args.rollout_top_p, args.rollout_top_k, [tokenizer.eos_id])
+        self.multi_turn = multi_turn_from_args(args, client, tokenizer)
 
     def collect(self, step: int, version: int | None) -> RolloutBatch:
         """Batch ``step``; ``version`` is checked on every response (synchronous), or None
@@ -151,7 +221,7 @@ class RolloutWorker:
             groups, counts = generate_groups(
                 self.client, items, self.tokenizer, self.rewards, n=a.n_samples_per_prompt, params=self.params,
                 seed=request_seed(a.seed, step, rounds, "rollout"),
-                expected_version=None if version is None else str(version))
+                expected_version=None if version is None else str(version), multi_turn=self.multi_turn)
             errors, timeouts = errors + counts.errors, timeouts + counts.timeouts
             generated += groups
             for g in groups:

@@ -6,6 +6,7 @@ real tokens must start at position 0)::
     tokens     p0 p1 p2 r0 r1 r2 PAD PAD          prompt + response, then pad_id
     labels     p1 p2 r0 r1 r2 PAD PAD PAD         labels[:, t] = tokens[:, t + 1]
     loss_mask  0  1  1  1  0  0   0   0           True where labels[:, t] is a response token
+                                                  (multi-turn: a generated one, not a tool's)
 
 Every ``[B, S]`` per-token tensor (``loss_mask``, rollout / old / reference log-probs) is aligned
 with ``labels``: position t holds the prediction of ``tokens[:, t + 1]`` from ``tokens[:, :t + 1]``.
@@ -187,6 +188,10 @@ def collate(samples: Sequence[Sample], pad_id: int, *, pad_to_multiple: int = 8,
             raise TrainBatchError(
                 f"sample {i} (prompt {s.prompt_index}) has {len(s.response_ids)} response tokens "
                 f"but {len(s.rollout_logprobs)} rollout logprobs")
+        if s.loss_mask is not None and len(s.loss_mask) != len(s.response_ids):
+            raise TrainBatchError(
+                f"sample {i} (prompt {s.prompt_index}) has {len(s.response_ids)} response tokens "
+                f"but a loss mask of {len(s.loss_mask)}")
         if min(s.prompt_ids + s.response_ids) < 0:
             raise TrainBatchError(f"sample {i} (prompt {s.prompt_index}) has a negative token id")
         if not math.isfinite(s.advantage):
@@ -208,9 +213,12 @@ def collate(samples: Sequence[Sample], pad_id: int, *, pad_to_multiple: int = 8,
         p, r = len(s.prompt_ids), len(s.response_ids)
         tokens[i, :p + r] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
         # labels[:, t] = tokens[:, t + 1]: response token j is the label of position p - 1 + j.
-        loss_mask[i, p - 1:p - 1 + r] = True
+        # A multi-turn sample's tool-output tokens are context: off the mask, no logprob.
         if r:
-            rollout[i, p - 1:p - 1 + r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+            keep = (torch.ones(r, dtype=torch.bool) if s.loss_mask is None
+                    else torch.tensor(s.loss_mask, dtype=torch.bool))
+            loss_mask[i, p - 1:p - 1 + r] = keep
+            rollout[i, p - 1:p - 1 + r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32) * keep
     labels = torch.full_like(tokens, pad_id)
     labels[:, :-1] = tokens[:, 1:]
     return TrainBatch(

@@ -144,6 +144,19 @@ def _reduce_sums(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:
     return total.cpu()
 
 
+def _reduce_max(values: Sequence[torch.Tensor]) -> float:
+    """Max of the last stage's values over DP ranks (0 when none), known on every rank."""
+    total = torch.zeros(1, dtype=torch.float64, device=current_platform().device())
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for v in values:
+            total = torch.maximum(total, v.to(total.device, torch.float64).reshape(1))
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return float(total.cpu())
+
+
 def _pass_metrics(total: torch.Tensor) -> dict[str, float]:
     n = max(float(total[_TOKENS]), 1.0)
     return {"pg_loss": float(total[_PG_LOSS]), "loss": float(total[_LOSS]),
@@ -405,7 +418,7 @@ class PolicyUpdater:
         old = compute_logprobs(self.setup.model, local, logit_grad_sq=folded, **kwargs)
         plan.logit_grad_sq = None if old is None else old.logit_grad_sq
         ref = compute_logprobs(self.ref_model, local, **kwargs) if self.ref_model else None
-        rows = []
+        rows, seq_diffs = [], []
         if old is not None:
             local.old_logprobs = old.logprobs
             if ref is not None:
@@ -414,13 +427,17 @@ class PolicyUpdater:
             if self.off_policy.track:
                 local.log_weights = sequence_log_ratio(
                     old.logprobs, local.rollout_logprobs.to(old.logprobs.device), mask).cpu()
-            diff = (old.logprobs - local.rollout_logprobs.to(old.logprobs.device)).abs()
+            signed = old.logprobs - local.rollout_logprobs.to(old.logprobs.device)
+            diff = signed.abs()
             rows.append(torch.stack([diff[mask].sum(), old.entropy[mask].sum(),
                                      mask.sum().to(diff.dtype)]))
+            # Per trajectory: |sum over its trained tokens| (multi-turn: tool output excluded).
+            seq_diffs.append((signed * mask).sum(dim=-1).abs().max())
         plan.local = local.split(self.num_mini_batches, "mini-batches")
         total = _reduce_sums(rows, 3)
         n = max(float(total[2]), 1.0)
         return {"rollout/train_logprob_abs_diff": float(total[0]) / n,
+                "rollout/train_logprob_seq_abs_diff_max": _reduce_max(seq_diffs),
                 "actor/entropy_at_theta0": float(total[1]) / n}
 
     def _grad_sq_norms(self, plan: _Plan, local: TrainBatch) -> torch.Tensor | None:

@@ -30,3 +30,8 @@ answer_value.eval_score_floor = 0.95
 def worker_pid(response: str, answer: str, metadata: dict[str, Any]) -> float:
     """The scoring worker's process id: tells whether a reward worker was replaced."""
     return float(os.getpid())
+
+
+def tool_answered(response: str, answer: str, metadata: dict[str, Any]) -> float:
+    """1 when a tool's output " jumps3 over" (the calculator on "1+2") is in the trajectory."""
+    return 1.0 if " jumps3 over" in response else 0.0

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 from launch import PYTHON, REPO, SCRIPTS, TOOLS, child_env, load_module, run
+from safetensors.torch import load_file, save_file
 from tiny_models import save_conversion_models, save_rollout_model
 
 from sfpo_megatron.conversion.hf_mapping import (

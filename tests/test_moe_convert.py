@@ -32,8 +32,7 @@ from sfpo_megatron.conversion.hf_mapping import (
     check_hf_checkpoint,
 )
 from sfpo_megatron.distributed.parallel import LayoutError, check_layout
-from sfpo_megatron.models.hf_config import ParallelLayoutError, check_parallel_layout, \
-    load_hf_config
+from sfpo_megatron.models.hf_config import ParallelLayoutError, check_parallel_layout, load_hf_config
 
 TO_MCORE = TOOLS / "convert_hf_to_mcore.py"
 TO_HF = TOOLS / "convert_mcore_to_hf.py"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from launch import REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, sfpo

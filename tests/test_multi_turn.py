@@ -35,6 +35,7 @@ from sfpo_megatron.rollout.tools.calculator import Calculator
 from sfpo_megatron.rollout.tools.python_sandbox import PythonSandbox
 from sfpo_megatron.trainer.train_batch import collate
 
+
 def letter_o(response: str, answer: str, metadata: dict[str, Any]) -> float:
     return 1.0 if "o" in response else 0.0
 

@@ -16,8 +16,8 @@ from sfpo_megatron.trainer.packing import (
     PackSpec,
     balance_over_dp,
     first_fit_decreasing,
-    pack_shards,
     pack_rows,
+    pack_shards,
     plan_micro_batches,
 )
 from sfpo_megatron.trainer.train_batch import collate

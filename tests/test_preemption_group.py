@@ -102,8 +102,9 @@ def test_helpers_outlive_a_group_wide_sigterm() -> None:
 def test_pretrain_group_wide_sigterm_checkpoints_and_resumes(tmp_path: Path) -> None:
     """`pretrain` saves under the same deferral: the group's SIGTERM after its first checkpoint
     (megatron's save helper now lives) ends in a second checkpoint, exit 143, and a resume."""
-    from sfpo_megatron.components.checkpoint import read_tracker, validate_checkpoint_dir
     from tiny_models import write_tiny_config
+
+    from sfpo_megatron.components.checkpoint import read_tracker, validate_checkpoint_dir
 
     cfg = write_tiny_config(tmp_path / "model")
     out = tmp_path / "run"

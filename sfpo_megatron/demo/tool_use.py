@@ -30,7 +30,16 @@ import sys
 import time
 from typing import Any
 
-from sfpo_megatron.demo.pipeline import DemoConfig, DemoError, Job, Paths, Timer, rl_flags, run_jobs, warm_start
+from sfpo_megatron.demo.pipeline import (
+    DemoConfig,
+    DemoError,
+    Job,
+    Paths,
+    Timer,
+    rl_flags,
+    run_jobs,
+    warm_start,
+)
 from sfpo_megatron.demo.task import TOOL_CALL, TOOL_TASK, TOOL_TEMPLATE, VALID_SEED, get_task
 
 REWARD_FN = "sfpo_megatron.demo.task:final_answer_reward"

@@ -43,8 +43,14 @@ from sfpo_megatron.distributed.rank0 import on_rank0
 from sfpo_megatron.errors import UserError
 from sfpo_megatron.models.hf_config import load_hf_config
 from sfpo_megatron.rollout.engines import RolloutEngines, tokenizer_side_dirs
-from sfpo_megatron.rollout.generate import (CORRECT, generate_groups, multi_turn_from_args, request_seed,
-                                            sampling_params, tool_metrics)
+from sfpo_megatron.rollout.generate import (
+    CORRECT,
+    generate_groups,
+    multi_turn_from_args,
+    request_seed,
+    sampling_params,
+    tool_metrics,
+)
 from sfpo_megatron.trainer.model_setup import build_frozen_model
 
 log = logging.getLogger("sfpo_megatron.eval")

@@ -16,7 +16,10 @@ import requests
 import torch
 import torch.distributed as dist
 
-from sfpo_megatron.distributed.weight_update_group import destroy_weight_update_group, init_weight_update_group
+from sfpo_megatron.distributed.weight_update_group import (
+    destroy_weight_update_group,
+    init_weight_update_group,
+)
 
 
 def form(url: str, name: str) -> dist.ProcessGroup:

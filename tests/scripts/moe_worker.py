@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from sfpo_common import build_setup, make_samples, rl_args, run_worker
 
 STEPS = 2

@@ -17,7 +17,6 @@ import math
 import random
 from pathlib import Path
 
-import torch
 from sfpo_common import build_setup, rl_args, run_worker
 from sfpo_worker import hf_params, reinit, to_rank0
 

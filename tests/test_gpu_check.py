@@ -108,6 +108,7 @@ def test_dry_run_checks_the_plumbing_it_can(dry_run):
     assert not rl["log"].startswith("/")
 
 
+@pytest.mark.slow  # shares the dry run (about a minute)
 def test_report_files(dry_run):
     out = dry_run["out"]
     text = (out / "gpu_check.json").read_text()

@@ -52,6 +52,19 @@ def _rel(a: dict, b: dict) -> float:
     return ((va - vb).norm() / vb.norm()).item()
 
 
+@pytest.mark.parametrize("name", ["ep1", "ep2"])
+def test_refit_path_pushes_every_expert_as_trained(runs, name):
+    """The refit's tensors (each stage's leader; at EP=2 half the experts come from the other
+    rank) are the trained parameters bit for bit, every expert once: the server loads the
+    same weights at EP=2 as at EP=1 (which agree to REL, above)."""
+    refit, params = runs[name]["refit"], runs[name]["params"]
+    assert sorted(refit) == sorted(params)
+    assert sum(".mlp.experts." in n for n in refit) == 8 * 3 * 2  # experts x projections x layers
+    for n, t in params.items():
+        assert torch.equal(refit[n], t), n
+    assert _rel(runs["ep2"]["refit"], runs["ep1"]["refit"]) < REL
+
+
 @pytest.mark.flags("--expert-model-parallel-size", "--moe-token-dispatcher-type")
 @pytest.mark.parametrize("name", ["ep2", "ep2_allgather"])
 def test_sfpo_at_ep2_equals_ep1(runs, name):

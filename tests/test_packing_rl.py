@@ -88,12 +88,6 @@ def test_flag_errors_before_anything_starts(tmp_path: Path) -> None:
     assert refused(flags + ["--context-parallel-size", "2"]) == (
         "sfpo-megatron rl: error: --context-parallel-size 2 splits packed sequences over ranks: add "
         "--use-dynamic-batch-size --max-tokens-per-gpu N")
-    assert refused(flags + ["--context-parallel-size", "2", "--use-dynamic-batch-size",
-                            "--max-tokens-per-gpu", "64", "--vcpo", "--off-policy-baseline", "opob",
-                            "--opob-grad-norm", "exact"]) == (
-        "sfpo-megatron rl: error: --context-parallel-size 2: --opob-grad-norm exact takes "
-        "per-trajectory gradients, which context parallelism splits over ranks: use "
-        "--opob-grad-norm logit")
     assert refused(flags + ["--context-parallel-size", "3", "--use-dynamic-batch-size",
                             "--max-tokens-per-gpu", "64"]) == (
         "sfpo-megatron rl: error: world size 1 is not a multiple of tensor-model-parallel-size 1 x "

@@ -192,6 +192,10 @@ def test_eval_subcommand_reproduces_the_loops_evaluation(run: dict) -> None:
      "its GPUs: add --colocate (disaggregated servers have GPUs of their own)"),
     (["--optimizer-cpu-offload"], "--optimizer-cpu-offload runs megatron-core's HybridDeviceOptimizer "
      "inside the distributed optimizer: add --use-distributed-optimizer"),
+    (["--context-parallel-size", "2", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "64", "--vcpo",
+      "--off-policy-baseline", "opob", "--opob-grad-norm", "exact"],
+     "--context-parallel-size 2: --opob-grad-norm exact takes per-trajectory gradients, which context "
+     "parallelism splits over ranks: use --opob-grad-norm logit"),
 ])
 def test_bad_flags_fail_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
                                            message: str) -> None:

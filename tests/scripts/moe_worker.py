@@ -26,8 +26,11 @@ SCENARIOS = {  # scenario → (expert-parallel size, flags, setting overrides)
 def scenario(name: str, hf: Path, out: Path) -> dict:
     from megatron.core import parallel_state as ps
 
+    from safetensors.torch import load_file
+
     from sfpo_megatron.conversion.hf_mapping import iter_hf_weights
     from sfpo_megatron.distributed import parallel
+    from sfpo_megatron.rollout.refit import export_hf
     from sfpo_megatron.update.policy_update import PolicyUpdater
 
     ep, flags, overrides = SCENARIOS[name]
@@ -39,7 +42,15 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
     updater = PolicyUpdater(args, setup)
     metrics = [updater.update(make_samples(step), step) for step in range(1, STEPS + 1)]
     params = {n: t.detach().float().cpu().clone() for n, t in iter_hf_weights(setup.model, str(hf))}
-    return {"metrics": metrics, "params": params,
+    # The refit's own path (each stage's leader, experts gathered over the expert-parallel
+    # group), written as the disk transport writes what a server loads.
+    exported = export_hf(setup.model, str(hf), out / f"{name}_refit", 1)
+    refit = None
+    if exported is not None:
+        refit = {}
+        for f in sorted(exported.glob("*.safetensors")):
+            refit.update({n: t.float() for n, t in load_file(f).items()})
+    return {"metrics": metrics, "params": params, "refit": refit,
             "aux_coeff": setup.config.moe_aux_loss_coeff,
             "dispatcher": setup.config.moe_token_dispatcher_type}
 

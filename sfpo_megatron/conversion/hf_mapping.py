@@ -677,16 +677,7 @@ def expert_to_hf(b: Binding | None, names: tuple[str, ...], arch: HFArch, device
     if ep_rank == holder:
         if b is None:
             raise MappingError(f"expert-parallel rank {ep_rank} does not hold {names[0]}")
-        data = b.param.data
-        if etp_size > 1:
-            shards = [torch.empty_like(data) for _ in range(etp_size)]
-            dist.all_gather(shards, data.contiguous(), group=etp_group)
-        else:
-            shards = [data]
-        tensors = _export(b.rule.kind, shards, arch)
-        if release:
-            b.param.data = torch.empty(0, dtype=data.dtype, device=data.device)
-        del shards, data
+        tensors = _gather_export(b, arch, etp_size, etp_group, release)  # over expert-TP
     if holder != 0 and etp_rank == 0:
         if ep_rank == holder:
             for t in tensors:

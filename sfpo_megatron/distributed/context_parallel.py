@@ -42,12 +42,15 @@ def gathered_order(cu_seqlens: Sequence[int], cp_size: int) -> torch.Tensor:
 
 
 class _GatherCP(torch.autograd.Function):
-    """All-gather along dim 0 over the CP group. Backward: every rank's output feeds its own
-    loss, so the gradient of a rank's slice is the sum over ranks (all-reduce, then the slice)."""
+    """All-gather along dim 0 over the CP group. Backward with ``reduce_grad``: every rank's
+    output feeds its own loss, so the gradient of a rank's slice is the sum over ranks
+    (all-reduce, then the slice); without it only this rank's slice of the gradient, no
+    reduction: for values every CP rank feeds into the same (replicated) loss, whose ranks'
+    gradients the data-parallel reduction over DP x CP then sums."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
+    def forward(ctx, local: torch.Tensor, group, reduce_grad: bool) -> torch.Tensor:
+        ctx.group, ctx.reduce_grad = group, reduce_grad
         ctx.rank = dist.get_rank(group)
         ctx.size = local.shape[0]
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
@@ -56,27 +59,10 @@ class _GatherCP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size], None
-
-
-class _GatherOwnGradCP(torch.autograd.Function):
-    """All-gather along dim 0 whose backward keeps only this rank's slice of the gradient, no
-    reduction: for values every CP rank feeds into the same (replicated) loss, where the ranks'
-    gradients are then summed by the data-parallel reduction over DP x CP."""
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        ctx.rank = dist.get_rank(group)
-        ctx.size = local.shape[0]
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size], None
+        if ctx.reduce_grad:
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size], None, None
 
 
 def gather_packed(local: torch.Tensor, cu_seqlens: Sequence[int], group, *,
@@ -87,6 +73,5 @@ def gather_packed(local: torch.Tensor, cu_seqlens: Sequence[int], group, *,
     every rank's queries attend to); otherwise each rank keeps its own slice of it (per-token
     log-probs of a loss that every CP rank computes whole)."""
     size = dist.get_world_size(group)
-    fn = _GatherCP if reduce_grad else _GatherOwnGradCP
-    gathered = fn.apply(local, group)
+    gathered = _GatherCP.apply(local, group, reduce_grad)
     return gathered[gathered_order(cu_seqlens, size).to(local.device)]

@@ -29,26 +29,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import rollout as rollout_bench  # noqa: E402  (benchmarks/rollout.py)
+
 LAYOUTS = {"pp1": (1, 1), "pp2": (1, 2), "tp2": (2, 1), "pp2tp2": (2, 2)}
 
 
-def memcpy_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+def memcpy_gbps() -> float:
+    """benchmarks/rollout.py's memcpy measure, with every core's thread."""
     torch.set_num_threads(os.cpu_count() or 1)
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return nbytes / 1e9 / best
+    return rollout_bench.memcpy_gbps()
 
 
 def save_model(path: Path, layers: int) -> None:

@@ -53,20 +53,26 @@ def plan_error(capsys, *argv: str) -> str:
     return capsys.readouterr().err.strip()
 
 
+def measure(hf: Path, out: Path, single: dict, dual: dict) -> dict:
+    """plan_worker's live byte counts of ``single`` (one process) and ``dual`` (torchrun 2)
+    scenarios of the model ``hf``, each with one SFPO update."""
+    common = ["--hf", str(hf), "--out", str(out)]
+    with_update = lambda d: json.dumps({k: v + UPDATE for k, v in d.items()})  # noqa: E731
+    if single:
+        run([PYTHON, WORKER, *common, "--scenarios", with_update(single)], timeout=300)
+    if dual:
+        torchrun(2, [WORKER, *common, "--scenarios", with_update(dual)], timeout=300)
+    return {n: json.loads((out / f"{n}.json").read_text()) for n in {**single, **dual}}
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("plan")
     hf = save_sfpo_model(root / "hf")  # tiny Llama, tied embeddings: PP=2 holds two copies
     out = root / "out"
     out.mkdir()
-    common = ["--hf", str(hf), "--out", str(out)]
-    with_update = lambda d: json.dumps({k: v + UPDATE for k, v in d.items()})  # noqa: E731
-    run([PYTHON, WORKER, *common, "--scenarios", with_update(SINGLE)], timeout=300)
-    torchrun(2, [WORKER, *common, "--scenarios", with_update(DUAL)], timeout=300)
     odd = write_tiny_config(root / "odd", "qwen2", **ODD_MODEL)
-    torchrun(2, [WORKER, "--hf", str(odd), "--out", str(out), "--scenarios", with_update(ODD)],
-             timeout=300)
-    results = {n: json.loads((out / f"{n}.json").read_text()) for n in {**SINGLE, **DUAL, **ODD}}
+    results = {**measure(hf, out, SINGLE, DUAL), **measure(odd, out, {}, ODD)}
     results["hf"], results["odd"] = hf, odd
     return results
 
@@ -77,11 +83,7 @@ def live_moe(tmp_path_factory) -> dict:
     hf = save_moe_model(root / "hf")
     out = root / "out"
     out.mkdir()
-    common = ["--hf", str(hf), "--out", str(out)]
-    with_update = lambda d: json.dumps({k: v + UPDATE for k, v in d.items()})  # noqa: E731
-    run([PYTHON, WORKER, *common, "--scenarios", with_update(MOE_SINGLE)], timeout=300)
-    torchrun(2, [WORKER, *common, "--scenarios", with_update(MOE_DUAL)], timeout=300)
-    results = {n: json.loads((out / f"{n}.json").read_text()) for n in {**MOE_SINGLE, **MOE_DUAL}}
+    results = measure(hf, out, MOE_SINGLE, MOE_DUAL)
     results["hf"] = hf
     return results
 

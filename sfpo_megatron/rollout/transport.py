@@ -106,13 +106,7 @@ def iter_buckets(
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
-    seen: set[str] = set()
-    for name, tensor in named_tensors:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"weight {name!r} is a {type(tensor).__name__}, expected a torch.Tensor")
-        if name in seen:
-            raise ValueError(f"weight {name!r} appears twice in one push")
-        seen.add(name)
+    for name, tensor in _checked(named_tensors):
         nbytes = tensor_bytes(tensor)
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
@@ -121,6 +115,18 @@ def iter_buckets(
         size += nbytes
     if bucket:
         yield bucket
+
+
+def _checked(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The pushed (name, tensor) pairs, refusing a non-tensor and a name pushed twice."""
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"weight {name!r} is a {type(tensor).__name__}, expected a torch.Tensor")
+        if name in seen:
+            raise ValueError(f"weight {name!r} appears twice in one push")
+        seen.add(name)
+        yield name, tensor
 
 
 def flatten_bucket(tensors: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
@@ -153,13 +159,7 @@ def iter_mixed_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket
     big: list[tuple[str, torch.Tensor]] = []
     small: list[tuple[str, torch.Tensor]] = []
     big_size = small_size = 0
-    seen: set[str] = set()
-    for name, tensor in named_tensors:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"weight {name!r} is a {type(tensor).__name__}, expected a torch.Tensor")
-        if name in seen:
-            raise ValueError(f"weight {name!r} appears twice in one push")
-        seen.add(name)
+    for name, tensor in _checked(named_tensors):
         nbytes = tensor_bytes(tensor)
         if nbytes < FLAT_TENSOR_BYTES:
             if small and small_size + nbytes > flat_cap:

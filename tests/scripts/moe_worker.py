@@ -25,7 +25,6 @@ SCENARIOS = {  # scenario → (expert-parallel size, flags, setting overrides)
 
 def scenario(name: str, hf: Path, out: Path) -> dict:
     from megatron.core import parallel_state as ps
-
     from safetensors.torch import load_file
 
     from sfpo_megatron.conversion.hf_mapping import iter_hf_weights

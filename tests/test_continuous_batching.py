@@ -184,3 +184,48 @@ def test_one_sequence_per_forward_is_bitwise_reproducible(hf: torch.nn.Module) -
         assert run([0, 1, 2, 3], 0) == run([3, 1, 0, 2], 3)
     finally:
         engine.shutdown()
+
+
+def test_requests_sent_together_share_one_prefill(hf: torch.nn.Module) -> None:
+    """An idle engine whose decode step takes 200 ms waits a few ms for the requests that arrive
+    with the first one (a client's concurrent calls land milliseconds apart): one prefill for all,
+    rather than late ones joining after a step and finishing a step behind their batch."""
+    engine = GenerationEngine(hf, eos_token_ids={300})
+    engine._step_s = 0.2  # as measured by a previous batch of a large model
+    engine.start()
+    try:
+        seqs = []
+        for i in range(3):
+            spec = SeqSpec(f"t{i}", prompt_of(4 + i, 70 + i), SamplingConfig(max_new_tokens=3, temperature=0), 0, False, -1, 0, None)
+            seqs += engine.submit([spec])
+            time.sleep(0.003)
+        assert all(len(s.future.result(timeout=60)["output_ids"]) == 3 for s in seqs)
+        assert (engine.stats["batches"], engine.stats["prefills"]) == (1, 1)
+    finally:
+        engine.shutdown()
+
+
+def test_prefill_head_gets_one_gemm_input(hf: torch.nn.Module) -> None:
+    """The server loads its model with requires_grad off, where torch's matmul turns the head's
+    strided last-position view into a broadcast batched GEMM (~1.6x the prefill): the engine hands
+    the head a contiguous input, and the logits stay those of transformers."""
+    head = hf.get_output_embeddings()
+    hf.requires_grad_(False)
+    engine = GenerationEngine(hf, eos_token_ids={300})
+    seen: list[bool] = []
+    probe = head.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
+    engine.start()
+    try:
+        prompts = [prompt_of(n, 80 + n) for n in (5, 9)]
+        specs = [SeqSpec(f"h{i}", p, SamplingConfig(max_new_tokens=2, temperature=0), 0, True, -1, 0, None)
+                 for i, p in enumerate(prompts)]
+        outs = [s.future.result(timeout=60) for s in engine.submit(specs)]
+        assert seen and all(seen)
+        for p, out in zip(prompts, outs):
+            ref = hf_log_softmax(hf, p + out["output_ids"][:1])[len(p) - 1]
+            assert out["output_ids"][0] == int(ref.argmax())
+            assert abs(out["meta_info"]["output_token_logprobs"][0][0] - float(ref.max())) < 1e-5
+    finally:
+        probe.remove()
+        engine.shutdown()
+        hf.requires_grad_(True)

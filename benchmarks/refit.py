@@ -15,7 +15,8 @@ pack, send, server stages, commit, version verified):
 
 Each (layout, transport, path) refits ``--repeats`` times after one warm-up (group formation is a
 one-off); the best time is reported. memcpy: ``torch.Tensor.copy_`` of 1 GiB with every core's
-thread, best of 5, measured before and after the refits in the same run. Prints a table; writes
+thread, best of 5, measured before and after the refits in the same run; the wire's ceiling: one
+gloo broadcast of a bucket-sized tensor between two processes with nothing else to do. Prints a table; writes
 benchmarks/results/refit.json (paths relative to the repository).
 """
 
@@ -44,6 +45,38 @@ def memcpy_gbps() -> float:
     """benchmarks/rollout.py's memcpy measure, with every core's thread."""
     torch.set_num_threads(os.cpu_count() or 1)
     return rollout_bench.memcpy_gbps()
+
+
+def _broadcast_worker(rank: int, port: int, nbytes: int, repeats: int, out: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    t = torch.ones(nbytes // 4) if rank == 0 else torch.empty(nbytes // 4)
+    dist.broadcast(t, 0)  # connects, and faults the receiver's pages in
+    best = float("inf")
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.broadcast(t, 0)
+        dist.barrier()
+        best = min(best, time.perf_counter() - start)
+    if rank == 0:
+        Path(out).write_text(json.dumps(nbytes / 1e9 / best))
+    dist.destroy_process_group()
+
+
+def gloo_broadcast_gbps(nbytes: int, work: Path, repeats: int = 5) -> float:
+    """The wire's ceiling: one gloo broadcast of ``nbytes`` between two processes on this machine
+    (warm buffers on both ends, nothing else to do), best of ``repeats``."""
+    import torch.multiprocessing as mp
+
+    from sfpo_megatron.rollout.sglang_launcher import find_free_port
+
+    out = work / "broadcast.json"
+    mp.spawn(_broadcast_worker, args=(find_free_port("127.0.0.1"), nbytes, repeats, str(out)), nprocs=2)
+    return json.loads(out.read_text())
 
 
 def save_model(path: Path, layers: int) -> None:
@@ -117,7 +150,8 @@ def run_layouts(args: argparse.Namespace) -> dict:
     model_dir = work / "model"
     print(f"saving a Qwen2-0.5B-shaped model ({args.layers} layers) to {model_dir}", flush=True)
     save_model(model_dir, args.layers)
-    results: dict = {"memcpy_before_gb_per_s": memcpy_gbps()}
+    results: dict = {"memcpy_before_gb_per_s": memcpy_gbps(),
+                     "gloo_broadcast_gb_per_s": gloo_broadcast_gbps(args.bucket_bytes // 2, work)}
     cfg = LaunchConfig(model_path=str(model_dir), backend="cpu", log_dir=str(work / "logs"), health_timeout_s=600,
                        extra_args=["--weight-update-timeout", "600"], env={"OMP_NUM_THREADS": "1"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -161,11 +195,12 @@ def _healthy(url: str) -> bool:
 def report(results: dict, args: argparse.Namespace) -> None:
     mem = results["memcpy_gb_per_s"]
     print()
-    print("| layout | transport | path | GB | best s | GB/s | % of memcpy | slowest stage s | vs funnel |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    wire = results["gloo_broadcast_gb_per_s"]
+    print("| layout | transport | path | GB | best s | GB/s | % of memcpy | % of gloo broadcast | slowest stage s | vs funnel |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, layout in results["layouts"].items():
         if "error" in layout:
-            print(f"| {name} | {layout['error']} | | | | | | | |")
+            print(f"| {name} | {layout['error']} | | | | | | | | |")
             continue
         for key, r in layout.items():
             transport, path = key.split("/")
@@ -173,8 +208,10 @@ def report(results: dict, args: argparse.Namespace) -> None:
             ratio = f"{r['gb_per_s'] / funnel['gb_per_s']:.2f}x" if funnel and path == "stages" else ""
             slowest = max(s["seconds"] for s in r["stages"])
             print(f"| {name} | {transport} | {path} | {r['gb']:.2f} | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | "
-                  f"{r['gb_per_s'] / mem * 100:.0f}% | {slowest:.2f} | {ratio} |")
+                  f"{r['gb_per_s'] / mem * 100:.0f}% | {r['gb_per_s'] / wire * 100:.0f}% | {slowest:.2f} | {ratio} |")
     print(f"\nmemcpy (torch copy_, 1 GiB fp32, {os.cpu_count()} threads, best of 5, before/after): {mem:.2f} GB/s")
+    print(f"gloo broadcast (two processes, one {args.bucket_bytes // 2 / 2**20:.0f} MiB tensor, warm buffers, best of 5): "
+          f"{wire:.2f} GB/s = {wire / mem * 100:.0f}% of memcpy")
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "layers": args.layers, "bucket_bytes": args.bucket_bytes, "repeats": args.repeats}
     out = Path(args.out)

@@ -7,7 +7,9 @@ Quick cases (this process plays two stages, one thread each):
   and reports its old weights and version; the commit applies every tensor at once, and the
   server then holds exactly the pushed tensors;
 * a stage whose broadcast breaks voids the whole update: the other stage's staged tensors are
-  dropped, the server keeps its previous weights and version.
+  dropped, the server keeps its previous weights and version;
+* the engine's receive buffers: never a live parameter, and from the third update on the ones
+  that the previous commit replaced (no fresh memory to fault in), each commit exact.
 
 Slow cases (real torchrun trainers, tests/scripts/stage_refit_worker.py): PP=2, TP=2 and
 PP=2 x TP=2 refits leave the server with exactly the PP=1 refit's weights, greedy tokens and
@@ -33,6 +35,7 @@ from launch import SCRIPTS, child_env, torchrun
 from safetensors.torch import load_file
 from tiny_models import save_rollout_model
 
+from sfpo_megatron.cpu_server.engine import GenerationEngine
 from sfpo_megatron.rollout.client import RolloutClient
 from sfpo_megatron.rollout.transport import DistributedTransport
 
@@ -121,6 +124,26 @@ def test_a_broken_stage_voids_the_whole_update(rollout_server: Any, rollout_mode
     assert all(torch.equal(t, current[n]) for n, t in served(url, names, shapes).items())
     s0.close(), s1.close()
     client.close()
+
+
+def test_receive_buffers_are_recycled_and_never_live(rollout_model: Path) -> None:
+    model = load_hf(rollout_model)
+    engine = GenerationEngine(model, eos_token_ids=set())
+    names = sorted(load_file(str(rollout_model / "model.safetensors")))
+    params = model.state_dict(keep_vars=True)
+    received: list[set[int]] = []
+    for update in range(4):
+        state = perturbed_state(rollout_model, seed=20 + update, scale=0.3)
+        live = {p.data_ptr() for p in model.parameters()}
+        buffers = {n: engine._host_buffer(list(state[n].shape), state[n].dtype) for n in names}
+        assert not live & {b.data_ptr() for b in buffers.values()}
+        for n, b in buffers.items():
+            b.copy_(state[n])
+        engine.stage("g", buffers)
+        assert engine.apply_staged() == len(names)
+        assert all(torch.equal(params[n], state[n]) for n in names)
+        received.append({b.data_ptr() for b in buffers.values()})
+    assert received[2] == received[0] and received[3] == received[1] and not received[0] & received[1]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,14 +13,19 @@ the answer after the last tool output (`task.final_answer_reward`). Finally
 (multi-turn) and without it (single-turn: the model writes the "output" itself, so the reward
 measures its own arithmetic).
 
-Measured (2 shared CPU cores, default sizes: 64-dim 2-layer model, 800 SFT iterations, 20 RL
-steps of 32 x 8 trajectories, 200 x 2 validation samples; 19 min): the warm start learns the
-call format (every validation trajectory calls the calculator, no malformed call) but not to
-copy the 3-digit terms into the call or the tool's answer out of its output (SFT loss plateau
-~1.1 against ~0.65 for perfect copying; greedy exact copies 0 / 40), so accuracy is 0.8 % with
-and without the tool before RL and 0.2 % / 0.0 % after. A 128-dim model after 2500 SFT
-iterations copies no better (loss 1.03, 0 / 40 calls). The pipeline is the deliverable here;
-showing the tool's benefit needs a model that can copy (more SFT, or a larger model).
+Measured (2 CPU cores, default sizes: 64-dim 2-layer model, 12,000 SFT iterations, 20 RL steps of
+32 x 8 trajectories, 200 x 2 validation samples at T = 1, top-p 0.7; one seed; 6.6 min):
+
+    policy                  with the tool   without
+    SFT warm start                  95.8%      2.8%
+    after 20 RL steps               90.5%      1.8%
+
+The tool is what solves the task: the model cannot add 3-digit numbers itself (2-3 %), but it has
+learned to copy the terms into the call and the tool's answer out of its output. Copying takes
+long SFT: at 800 iterations (loss 1.09) the model wrote plausible digits but copied none of 100
+calls exactly (greedy); at 5,000 (loss 0.73) 44 of 100; at 12,000 (loss 0.66) the warm start is already at
+96 %. RL from there does not improve it (its five evaluations: 95.8, 92.5, 95.5, 94.8, 90.5 %),
+every trajectory makes exactly one call, and no call fails.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def tool_config(quick: bool = False, **overrides: Any) -> DemoConfig:
     """The demo's sizes for the tool task: longer responses, SFT for a fixed number of
     iterations; ``quick``: every phase runs in a few minutes, nothing is expected to learn."""
     base = dict(task=TOOL_TASK, max_response_len=PER_TURN_TOKENS, sft_stop_at_target=False,
-                sft_iters=800, rl_steps=20, rollout_prompts=32, eval_prompts=200, eval_interval=5)
+                sft_iters=12_000, rl_steps=20, rollout_prompts=32, eval_prompts=200, eval_interval=5)
     if quick:
         base.update(sft_docs=2_000, sft_iters=30, rl_steps=2, rollout_prompts=8, samples_per_prompt=4,
                     mini_batches=2, train_prompts=200, eval_prompts=16, eval_interval=1, sfpo_window=2)

@@ -22,9 +22,9 @@ Measured (2 CPU cores, default sizes: 64-dim 2-layer model, 12,000 SFT iteration
 
 The tool is what solves the task: the model cannot add 3-digit numbers itself (2-3 %), but it has
 learned to copy the terms into the call and the tool's answer out of its output. Copying takes
-long SFT: at 800 iterations (loss 1.09) the model wrote plausible digits but copied none of 100
-calls exactly (greedy); at 5,000 (loss 0.73) 44 of 100; at 12,000 (loss 0.66) the warm start is already at
-96 %. RL from there does not improve it (its five evaluations: 95.8, 92.5, 95.5, 94.8, 90.5 %),
+long SFT: at 800 iterations (loss 1.09) the model wrote plausible digits but copied none of
+100 calls exactly (greedy); at 5,000 (loss 0.73) 44 of 100; at 12,000 (loss 0.66) the warm
+start is already at 96 %. RL from there does not improve it (its five evaluations: 95.8, 92.5, 95.5, 94.8, 90.5 %),
 every trajectory makes exactly one call, and no call fails.
 """
 

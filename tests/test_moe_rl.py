@@ -2,8 +2,9 @@
 
 A real ``torchrun`` trainer (2 ranks, each holding 4 of the 8 experts of every layer, the
 distributed optimizer) starts its own CPU rollout server, which serves the model with
-transformers' Qwen3-MoE, and runs 3 SFPO steps. After each update the refit gathers the experts
-over the expert-parallel group and pushes every HF tensor (experts one by one) to the server:
+transformers' Qwen3-MoE, and runs 3 SFPO steps. After each update each expert-parallel rank
+pushes the experts it holds through its own weight-update group, beside stage 0's leader with
+the dense tensors, every HF tensor once (experts one by one):
 the train–inference logprob gap of the next step's rollouts (server vs trainer on the same tokens)
 stays at float rounding, which holds only if the server got every expert right. The router's load
 balance and aux loss are logged every step.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from launch import REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, sfpo
@@ -55,7 +57,16 @@ def test_rl_at_ep2_refits_every_expert(run: dict) -> None:
         assert m["weight_version"] == i and m["rollout/weight_version"] == i - 1
         # 2 layers x (4 attention + 2 q/k norms + 2 norms + router + 8 experts x 3) + 3
         assert m["refit/num_tensors"] == 2 * (4 + 2 + 2 + 1 + 8 * 3) + 3
+        # Two pushing units: stage 0's leader, and expert-parallel rank 1 with its own experts.
+        assert m["refit/num_pushers"] == 2 and m["refit/num_stages"] == 1
+        assert m["refit/stage0_gb"] > m["refit/stage0_ep1_gb"] > 0
         # Server and trainer hold the same weights: only float rounding separates them.
         assert m["rollout/train_inference_logprob_gap"] < 1e-4, (i, m)
         assert 1.0 <= m["moe/tokens_per_expert_max_over_mean"] <= 4.0
         assert math.isfinite(m["moe/aux_loss"]) and m["moe/aux_loss"] > 0
+    # Rank 1 pushed exactly its 4 of the 8 experts of both layers (4 x 3 projections x 2 layers).
+    pushed = re.findall(r"refit stage 0 expert-parallel rank 1 \(global rank 1\): (\d+) tensors \((\S+) \.\.\. (\S+)\)",
+                        run["output"])
+    assert len(pushed) == STEPS  # one refit per step
+    assert all(p == ("24", "model.layers.0.mlp.experts.4.gate_proj.weight", "model.layers.1.mlp.experts.7.down_proj.weight")
+               for p in pushed), pushed

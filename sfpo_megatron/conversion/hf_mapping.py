@@ -29,8 +29,9 @@ Two directions:
   (``expert_to_hf``), PP stages sent to the first stage, and global rank 0 yields
   ``(hf_name, full tensor)`` one tensor at a time in HF order (other ranks yield nothing).
 * ``iter_unit_hf_weights(model_chunks, hf_config)``: the refit's; each pushing unit (a pipeline
-  stage, ``push_unit``) gathers its own tensors over its TP group and its leader yields them;
-  nothing crosses stages, so the units push at the same time.
+  stage, and in an MoE stage each expert-parallel rank's experts, ``push_unit``) gathers its own
+  tensors over its TP (expert-TP) group and its leader yields them; nothing crosses stages or
+  expert-parallel ranks, so the units push at the same time.
 
 Padded vocab rows are zero: their logits are 0, so drop ``logits[..., vocab_size:]`` before any
 softmax over the vocabulary.
@@ -715,24 +716,25 @@ def _gather_export(b: Binding, arch: HFArch, tp_size: int, tp_group: Any, releas
 class PushUnit:
     """The part of the policy one trainer process pushes on its own at refit.
 
-    Today a unit is a pipeline stage: its TP ranks (of data-parallel replica 0) gather each
-    tensor the stage owns and its TP rank 0 (the ``leader``) pushes it; ``member`` is false on the
-    other data-parallel replicas. MoE experts are gathered to the leader over the stage's
-    expert-parallel group (``expert_to_hf``), so the ranks of the first expert-data-parallel
-    replica take part too. Ownership and gathering live in ``iter_unit_hf_weights``; which
-    parameters map to which HF tensors stays with the rule table, so new kinds of units
-    (expert-parallel ranks pushing the experts they hold through groups of their own) add a case
-    here and to ``_unit_heads`` without touching the table.
+    A pipeline stage's dense tensors: its TP ranks (of data-parallel replica 0, ``member``) gather
+    each one and its TP rank 0 (the ``leader``, ``ep`` 0) pushes it, with the experts of
+    expert-parallel rank 0 when the stage is MoE. Each other expert-parallel rank ``ep`` of the
+    stage's first expert-data-parallel replica is a unit of its own: its expert-TP rank 0 (also
+    ``leader``) pushes the experts that rank holds. Megatron orders ranks TP-first inside a stage,
+    so the stage's first rank is both TP rank 0 and expert-parallel rank 0. Ownership and
+    gathering live in ``iter_unit_hf_weights``; which parameters map to which HF tensors stays
+    with the rule table.
     """
 
     index: int
     count: int
     leader: bool
     member: bool
+    ep: int = 0
 
     @property
     def name(self) -> str:
-        return f"stage{self.index}"
+        return f"stage{self.index}" + (f"_ep{self.ep}" if self.ep else "")
 
 
 def push_unit() -> PushUnit:
@@ -742,15 +744,19 @@ def push_unit() -> PushUnit:
     member = ps.get_data_parallel_rank(with_context_parallel=True) == 0
     pp_rank = ps.get_pipeline_model_parallel_rank()
     pp_size = ps.get_pipeline_model_parallel_world_size()
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    return PushUnit(pp_rank, pp_size, member and tp_rank == 0, member)
+    leader = member and ps.get_tensor_model_parallel_rank() == 0
+    ep_rank, ep_size, _ = _ep()
+    if (not leader and ep_size > 1 and ep_rank > 0 and ps.get_expert_data_parallel_rank() == 0
+            and ps.get_expert_tensor_parallel_rank() == 0):
+        return PushUnit(pp_rank, pp_size, True, member, ep_rank)
+    return PushUnit(pp_rank, pp_size, leader, member)
 
 
 def _unit_heads(model_chunks: Sequence[torch.nn.Module], arch: HFArch
                 ) -> tuple[list[str], dict[str, Binding], dict[str, str]]:
     """This stage's exported rules in HF order, as (first HF names, this rank's bindings by
     first name, every expert rule of the stage → its dtype). An MoE layer's experts count for the
-    whole stage: each is held by one rank of its expert-parallel group (``expert_to_hf``)."""
+    whole stage: each is held by one rank of its expert-parallel group."""
     bindings = [b for b in bind(model_chunks, arch) if b.rule.export]
     local = {b.hf[0]: b for b in bindings}
     experts: dict[str, str] = {}
@@ -762,20 +768,14 @@ def _unit_heads(model_chunks: Sequence[torch.nn.Module], arch: HFArch
     return [n for n in hf_shapes(arch) if n in wanted], local, experts
 
 
-def unit_hf_names(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> list[str]:
-    """The HF tensors this process's unit pushes, in the order ``iter_unit_hf_weights`` yields them."""
-    arch = load_hf_config(hf_config)
-    heads, _, _ = _unit_heads(model_chunks, arch)
-    return [n for head in heads for n in _names_of(head, arch)]
-
-
 def iter_unit_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Collective generator over this unit's TP group (and, for MoE experts, over its stage's
-    expert-parallel group): every process must exhaust it. The unit's leader yields each HF
-    tensor its unit owns (full, unpadded, HF order), one at a time; other members yield nothing;
-    the ranks of the first expert-data-parallel replica that are not members hand their experts
-    to the leader; everyone else returns at once. Nothing crosses pipeline stages, so all units
-    run at the same time. Yielded tensors may alias parameters (copy to keep them)."""
+    """Collective generator over this stage's TP group (and, for MoE experts, each expert's
+    expert-TP group): every process must exhaust it. A unit's leader (``push_unit``) yields each
+    HF tensor its unit owns (full, unpadded, HF order), one at a time: the stage leader the dense
+    tensors and expert-parallel rank 0's experts, each other expert-parallel rank's leader that
+    rank's experts; other processes yield nothing. Nothing crosses pipeline stages or
+    expert-parallel ranks, so all units run at the same time. Yielded tensors may alias
+    parameters (copy to keep them)."""
     unit = push_unit()
     arch = load_hf_config(hf_config)
     expert_on = arch.is_moe and (not dist.is_initialized() or ps.get_expert_data_parallel_rank() == 0)
@@ -783,19 +783,23 @@ def iter_unit_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_config: Any
         return
     _, tp_size, tp_group = _tp()
     heads, local, experts = _unit_heads(model_chunks, arch)
-    device = next((b.param.device for b in local.values()), torch.device("cpu"))
+    ep_rank, ep_size, _ = _ep()
+    etp_rank, etp_size, etp_group = _etp()
     for head in heads:
         names = _names_of(head, arch)
         if head in experts:
-            if not expert_on:
-                continue
-            dtype = getattr(torch, experts[head].split(".")[-1])
-            tensors = expert_to_hf(local.get(head), names, arch, device, dtype)
+            if not expert_on or int(names[0].split(".")[5]) // (arch.num_experts // ep_size) != ep_rank:
+                continue  # another expert-parallel rank's expert: that rank's unit pushes it
+            if head not in local:
+                raise MappingError(f"expert-parallel rank {ep_rank} does not hold {names[0]}")
+            tensors = _gather_export(local[head], arch, etp_size, etp_group)  # over expert-TP
+            mine = unit.leader and etp_rank == 0
         elif unit.member:
             tensors = _gather_export(local[head], arch, tp_size, tp_group)
+            mine = unit.leader and unit.ep == 0
         else:
             continue
-        if unit.leader:
+        if mine:
             yield from zip(names, tensors)
         del tensors
 

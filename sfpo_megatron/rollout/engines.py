@@ -110,8 +110,9 @@ class RolloutEngines:
         return urls
 
     def _connect_stage(self, urls: list[str]) -> None:
-        """The leaders of the other pipeline stages get their own client and transport: each
-        stage pushes its weights through its own weight-update group (rank 0's is stage 0's)."""
+        """The leaders of the other pushing units (pipeline stages; in MoE stages, the other
+        expert-parallel ranks) get their own client and transport: each unit pushes its weights
+        through its own weight-update group (rank 0's is stage 0's)."""
         unit = push_unit()
         if rank() == 0 or not unit.leader or self.args.weight_transport not in ("distributed", "disk"):
             return

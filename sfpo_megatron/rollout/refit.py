@@ -1,23 +1,27 @@
-"""Weight refit: every pipeline stage pushes the HF tensors it owns, at the same time.
+"""Weight refit: every pipeline stage (and every expert-parallel rank) pushes the HF tensors it
+owns, at the same time.
 
-Each stage's leader (its TP rank 0 of data-parallel replica 0, see
-``conversion.hf_mapping.push_unit``) runs ``iter_unit_hf_weights``: the stage's TP shards are
-all-gathered inside the stage and nothing crosses pipeline stages. The leader streams them into
-its own transport:
+Each unit's leader (``conversion.hf_mapping.push_unit``: a stage's TP rank 0 of data-parallel
+replica 0 for its dense tensors and expert-parallel rank 0's experts; in an MoE stage, each other
+expert-parallel rank's expert-TP rank 0 for that rank's experts) runs ``iter_unit_hf_weights``:
+shards are all-gathered inside the stage (experts inside their expert-TP group) and nothing
+crosses pipeline stages or expert-parallel ranks. The leader streams them into its own transport:
 
-* ``distributed``: its own weight-update group (``group_name`` ending in ``_stage{i}``) with every
-  server; buckets travel as one flat buffer each and are staged on the servers, not applied.
+* ``distributed``: its own weight-update group (``group_name`` ending in ``_stage{i}`` or
+  ``_stage{i}_ep{r}``) with every server; buckets travel as one flat buffer each and are staged
+  on the servers, not applied.
 * ``disk``: its own safetensors shard files, written in parallel into one temporary directory.
 
-Then every rank learns every stage's outcome (``all_gather_object``). If all stages pushed, global
+Then every rank learns every unit's outcome (``all_gather_object``). If all units pushed, global
 rank 0 ends the update once: ``/update_weight_version`` on every server (the CPU server applies
 the staged tensors with it, atomically; see ``cpu_server/server.py``) or, for disk, one
 ``model.safetensors.index.json`` over all stages' shards and ``/update_weights_from_disk``; and
-checks that every server reports the version. Rank 0 also checks the stages together pushed every
-HF tensor exactly once. A stage that failed fails the refit on every rank with the stage, its
-rank and the server named; the servers keep their previous version (the staged tensors of a broken
-update are dropped). A stage that lost servers mid-broadcast (``ServersDropped``) makes every stage
-push again to the survivors, each retry with at least one server fewer, as before.
+checks that every server reports the version. Rank 0 also checks the units together pushed every
+HF tensor exactly once. A unit that failed fails the refit on every rank with the unit (stage,
+expert-parallel rank), its leader's rank and the server named; the servers keep their previous
+version (the staged tensors of a broken update are dropped). A unit that lost servers
+mid-broadcast (``ServersDropped``) makes every unit push again to the survivors, each retry with
+at least one server fewer, as before.
 
 ``tensor`` (CUDA IPC, colocated) and ``funnel=True`` (kept to measure against) take the old path:
 every tensor gathered to global rank 0, which pushes alone.
@@ -38,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from sfpo_megatron.conversion.hf_mapping import (
+    PushUnit,
     copy_hf_side_files,
     hf_shapes,
     iter_hf_weights,
@@ -52,7 +57,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StageStats:
-    """What one stage pushed in the attempt that succeeded."""
+    """What one pushing unit (a stage, or an expert-parallel rank's experts) pushed in the
+    attempt that succeeded."""
 
     stage: int
     rank: int  # global rank of its leader
@@ -61,6 +67,15 @@ class StageStats:
     bytes: int
     seconds: float
     names: tuple[str, ...] = ()
+    ep: int = 0  # the expert-parallel rank whose experts it pushed alone; 0: the stage's own unit
+
+    @property
+    def name(self) -> str:
+        return f"stage{self.stage}" + (f"_ep{self.ep}" if self.ep else "")
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.stage}" + (f" expert-parallel rank {self.ep}" if self.ep else "")
 
     @property
     def gb_per_s(self) -> float:
@@ -78,7 +93,7 @@ class RefitStats:
     dropped: tuple[str, ...] = ()  # servers dropped during this refit
     live_servers: int = 0  # after it
     dropped_total: int = 0  # servers out of rotation so far (refits and /generate failover)
-    stages: tuple[StageStats, ...] = ()  # one per pushing stage (the funnel: one, rank 0's)
+    stages: tuple[StageStats, ...] = ()  # one per pushing unit (the funnel: one, rank 0's)
     commit_s: float = 0.0  # ending the update on the servers, after every stage pushed
 
     @property
@@ -93,13 +108,15 @@ class RefitStats:
         out = {"refit/time_s": self.seconds, "refit/gb_per_s": self.gb_per_s,
                "refit/gb": self.bytes / 1e9, "refit/num_buckets": float(self.num_buckets),
                "refit/num_tensors": float(self.num_tensors), "refit/attempts": float(self.attempts),
-               "refit/servers_dropped": float(len(self.dropped)), "refit/num_stages": float(len(self.stages)),
+               "refit/servers_dropped": float(len(self.dropped)),
+               "refit/num_stages": float(len({s.stage for s in self.stages})),
+               "refit/num_pushers": float(len(self.stages)),
                "refit/commit_s": self.commit_s,
                "rollout/live_servers": float(self.live_servers),
                "rollout/servers_dropped_total": float(self.dropped_total)}
         for s in self.stages:
-            out.update({f"refit/stage{s.stage}_time_s": s.seconds, f"refit/stage{s.stage}_gb": s.bytes / 1e9,
-                        f"refit/stage{s.stage}_gb_per_s": s.gb_per_s})
+            out.update({f"refit/{s.name}_time_s": s.seconds, f"refit/{s.name}_gb": s.bytes / 1e9,
+                        f"refit/{s.name}_gb_per_s": s.gb_per_s})
         slowest = self.slowest_stage
         if slowest is not None:
             out.update({"refit/slowest_stage": float(slowest.stage), "refit/slowest_stage_time_s": slowest.seconds})
@@ -109,7 +126,7 @@ class RefitStats:
 def refit_weights(model_chunks: Sequence, hf_config: Any, transport, weight_version: int, *,
                   funnel: bool = False) -> RefitStats:
     """Collective: push this policy's weights as ``weight_version``. ``transport``: this rank's
-    stage transport on each stage leader (global rank 0's also talks for the run), else None."""
+    transport on each pushing unit's leader (global rank 0's also talks for the run), else None."""
     start = time.perf_counter()
     kind = _from_rank0(lambda: transport.name if transport is not None else None)
     if kind is None:
@@ -135,10 +152,14 @@ def refit_weights(model_chunks: Sequence, hf_config: Any, transport, weight_vers
                        sum(s.bytes for s in stages), time.perf_counter() - start, attempts,
                        tuple(dropped + pushed_dropped), live, total, tuple(stages), commit_s)
     if rank() == 0 and per_stage:
+        for s in stages:  # every unit's outcome reached rank 0 (other ranks log warnings only)
+            log.info("refit %s (global rank %d): %d tensors (%s ... %s), %.3f GB in %.2fs (%.2f GB/s)",
+                     s.label, s.rank, s.num_tensors, s.names[0] if s.names else "-",
+                     s.names[-1] if s.names else "-", s.bytes / 1e9, s.seconds, s.gb_per_s)
         slowest = stats.slowest_stage
-        log.info("refit to weight_version %d: %d stage(s), %.3f GB in %.2fs (%.2f GB/s); slowest stage %d "
+        log.info("refit to weight_version %d: %d pushing unit(s), %.3f GB in %.2fs (%.2f GB/s); slowest %s "
                  "(%.2fs); commit %.3fs", weight_version, len(stages), stats.bytes / 1e9, stats.seconds,
-                 stats.gb_per_s, slowest.stage, slowest.seconds, commit_s)
+                 stats.gb_per_s, slowest.label, slowest.seconds, commit_s)
     return stats
 
 
@@ -156,7 +177,7 @@ def _live(transport) -> list[str]:
 
 def _push_stages(model_chunks: Sequence, hf_config: Any, transport, weight_version: int,
                  kind: str) -> tuple[str, Any]:
-    """One attempt: every stage pushes its own tensors at once, then rank 0 ends the update.
+    """One attempt: every unit pushes its own tensors at once, then rank 0 ends the update.
     Returns the same decision on every rank: ("ok", (stages, dropped, live, dropped_total,
     commit_s)), ("retry", dropped urls) or ("error", message naming stage, rank and server)."""
     version = str(weight_version)
@@ -169,7 +190,7 @@ def _push_stages(model_chunks: Sequence, hf_config: Any, transport, weight_versi
                  len(live), unit.count)
     outcome: tuple | None = None
     if unit.leader:
-        outcome = _push_unit(model_chunks, hf_config, transport, version, kind, unit.index, live, tmp)
+        outcome = _push_unit(model_chunks, hf_config, transport, version, kind, unit, live, tmp)
     else:
         for _ in iter_unit_hf_weights(model_chunks, hf_config):  # a TP peer: take part in the gathers
             pass
@@ -190,10 +211,11 @@ def _push_stages(model_chunks: Sequence, hf_config: Any, transport, weight_versi
     return box[0]
 
 
-def _push_unit(model_chunks: Sequence, hf_config: Any, transport, version: str, kind: str, stage: int,
+def _push_unit(model_chunks: Sequence, hf_config: Any, transport, version: str, kind: str, unit: PushUnit,
                live: list[str], tmp: str | None) -> tuple:
-    """A stage leader pushes its stage's tensors: ("ok", StageStats, shards), ("retry", dropped,
-    message) or ("error", message). The gather is always run to its end, for the TP peers."""
+    """A unit's leader pushes its unit's tensors: ((stage, ep), "ok", StageStats, shards),
+    ((stage, ep), "retry", dropped, message) or ((stage, ep), "error", message). The gather is
+    always run to its end, for the TP peers."""
     names: list[str] = []
     weights = iter_unit_hf_weights(model_chunks, hf_config)
 
@@ -205,7 +227,7 @@ def _push_unit(model_chunks: Sequence, hf_config: Any, transport, version: str, 
     start = time.perf_counter()
     try:
         if transport is None:
-            raise RefitError("this stage leader has no weight transport")
+            raise RefitError("this pushing unit's leader has no weight transport")
         if not live:
             raise RefitError("no live rollout server")
         for url in transport.client.live_urls():  # servers rank 0 has dropped since the last refit
@@ -213,13 +235,13 @@ def _push_unit(model_chunks: Sequence, hf_config: Any, transport, version: str, 
                 transport.client.drop(url, "dropped by the refit's global rank 0")
         if kind == "distributed":
             st = transport.push_part(recorded(), version)
-            stats = StageStats(stage, rank(), st.num_tensors, st.num_buckets, st.bytes,
-                               time.perf_counter() - start, tuple(names))
+            stats = StageStats(unit.index, rank(), st.num_tensors, st.num_buckets, st.bytes,
+                               time.perf_counter() - start, tuple(names), unit.ep)
             result: tuple = ("ok", stats, None)
         else:
-            shards = transport.write_part(recorded(), tmp, f"stage{stage}")
-            stats = StageStats(stage, rank(), len(names), len(shards), sum(s[2] for s in shards),
-                               time.perf_counter() - start, tuple(names))
+            shards = transport.write_part(recorded(), tmp, unit.name)
+            stats = StageStats(unit.index, rank(), len(names), len(shards), sum(s[2] for s in shards),
+                               time.perf_counter() - start, tuple(names), unit.ep)
             result = ("ok", stats, shards)
     except ServersDropped as e:
         result = ("retry", e.dropped, str(e))
@@ -230,18 +252,13 @@ def _push_unit(model_chunks: Sequence, hf_config: Any, transport, version: str, 
             pass
     except Exception:  # noqa: BLE001 - the first error is the one to report
         pass
-    if result[0] == "ok":
-        s = result[1]
-        log.info("refit stage %d (global rank %d): %d tensors (%s ... %s), %.3f GB in %.2fs (%.2f GB/s)",
-                 s.stage, s.rank, s.num_tensors, names[0] if names else "-", names[-1] if names else "-",
-                 s.bytes / 1e9, s.seconds, s.gb_per_s)
-    return (stage, *result)
+    return ((unit.index, unit.ep), *result)
 
 
 def _decide(transport, hf_config: Any, version: str, kind: str, tmp: str | None, outcomes: list) -> tuple[str, Any]:
-    """Global rank 0: from every stage's outcome, end the update or say why not."""
+    """Global rank 0: from every unit's outcome, end the update or say why not."""
     by_stage = {o[0]: (r, o) for r, o in enumerate(outcomes) if o is not None}
-    errors = [f"stage {i} (global rank {r}): {o[2]}" for i, (r, o) in sorted(by_stage.items()) if o[1] == "error"]
+    errors = [f"{_label(i)} (global rank {r}): {o[2]}" for i, (r, o) in sorted(by_stage.items()) if o[1] == "error"]
     lost = sorted({u for _, o in by_stage.values() if o[1] == "retry" for u in o[2]})
     try:
         if errors:
@@ -249,7 +266,7 @@ def _decide(transport, hf_config: Any, version: str, kind: str, tmp: str | None,
         if lost:
             for i, (r, o) in sorted(by_stage.items()):
                 if o[1] == "retry":
-                    log.warning("refit stage %d (global rank %d): %s", i, r, o[3])
+                    log.warning("refit %s (global rank %d): %s", _label(i), r, o[3])
             for url in lost:  # out of rank 0's rotation too (each stage dropped them from its own)
                 transport.client.drop(url, f"refit to weight_version {version} failed in another stage")
             if not transport.client.live_urls():
@@ -279,6 +296,11 @@ def _decide(transport, hf_config: Any, version: str, kind: str, tmp: str | None,
     finally:
         if tmp is not None:  # disk: a version that did not finish
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _label(key: tuple[int, int]) -> str:
+    stage, ep = key
+    return f"stage {stage}" + (f" expert-parallel rank {ep}" if ep else "")
 
 
 def _push_once(model_chunks: Sequence, hf_config: Any, transport, weight_version: int) -> tuple[str, Any]:
@@ -314,7 +336,7 @@ def _push_once(model_chunks: Sequence, hf_config: Any, transport, weight_version
 def export_hf(model_chunks: Sequence, hf_config: Any, directory: str | os.PathLike, weight_version: int,
               side_file_dirs: Sequence[str | os.PathLike] = ()) -> Path | None:
     """Collective: write the policy as a loadable HF directory (safetensors shards, config.json,
-    tokenizer files found in ``side_file_dirs``), each stage writing its own shards at once.
+    tokenizer files found in ``side_file_dirs``), each pushing unit writing its own shards at once.
     Returns its path on rank 0, None elsewhere."""
     unit = push_unit()
     # The disk transport's writer: sharded safetensors + index, renamed into place atomically.
@@ -324,15 +346,15 @@ def export_hf(model_chunks: Sequence, hf_config: Any, directory: str | os.PathLi
     weights = iter_unit_hf_weights(model_chunks, hf_config)
     if unit.leader:
         try:
-            outcome = ("ok", writer.write_part(weights, tmp, f"stage{unit.index}"))
+            outcome = ("ok", writer.write_part(weights, tmp, unit.name))
         except Exception as e:  # noqa: BLE001 - reported on every rank
-            outcome = ("error", f"stage {unit.index} (global rank {rank()}): {type(e).__name__}: {e}")
+            outcome = ("error", f"{_label((unit.index, unit.ep))} (global rank {rank()}): {type(e).__name__}: {e}")
     for _ in weights:
         pass
     outcomes = [outcome]
     if dist.is_initialized() and dist.get_world_size() > 1:
         outcomes = [None] * dist.get_world_size()
-        dist.all_gather_object(outcomes, (unit.index, outcome) if outcome is not None else None)
+        dist.all_gather_object(outcomes, ((unit.index, unit.ep), outcome) if outcome is not None else None)
         outcomes = [o[1] for o in sorted((o for o in outcomes if o is not None), key=lambda o: o[0])]
     errors = [o[1] for o in outcomes if o[0] == "error"]
     if errors:

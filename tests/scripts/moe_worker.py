@@ -41,8 +41,8 @@ def scenario(name: str, hf: Path, out: Path) -> dict:
     updater = PolicyUpdater(args, setup)
     metrics = [updater.update(make_samples(step), step) for step in range(1, STEPS + 1)]
     params = {n: t.detach().float().cpu().clone() for n, t in iter_hf_weights(setup.model, str(hf))}
-    # The refit's own path (each stage's leader, experts gathered over the expert-parallel
-    # group), written as the disk transport writes what a server loads.
+    # The refit's own path (each stage's leader and each expert-parallel rank its own experts),
+    # written as the disk transport writes what a server loads.
     exported = export_hf(setup.model, str(hf), out / f"{name}_refit", 1)
     refit = None
     if exported is not None:

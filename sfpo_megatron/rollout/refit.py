@@ -55,6 +55,12 @@ from sfpo_megatron.rollout.transport import DiskTransport, DistributedTransport,
 log = logging.getLogger(__name__)
 
 
+def _label(unit: tuple[int, int]) -> str:
+    """How messages name a pushing unit (stage, expert-parallel rank)."""
+    stage, ep = unit
+    return f"stage {stage}" + (f" expert-parallel rank {ep}" if ep else "")
+
+
 @dataclass(frozen=True)
 class StageStats:
     """What one pushing unit (a stage, or an expert-parallel rank's experts) pushed in the
@@ -75,7 +81,7 @@ class StageStats:
 
     @property
     def label(self) -> str:
-        return f"stage {self.stage}" + (f" expert-parallel rank {self.ep}" if self.ep else "")
+        return _label((self.stage, self.ep))
 
     @property
     def gb_per_s(self) -> float:
@@ -296,11 +302,6 @@ def _decide(transport, hf_config: Any, version: str, kind: str, tmp: str | None,
     finally:
         if tmp is not None:  # disk: a version that did not finish
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _label(key: tuple[int, int]) -> str:
-    stage, ep = key
-    return f"stage {stage}" + (f" expert-parallel rank {ep}" if ep else "")
 
 
 def _push_once(model_chunks: Sequence, hf_config: Any, transport, weight_version: int) -> tuple[str, Any]:

@@ -111,6 +111,7 @@ def dp2(tmp_path_factory) -> argparse.Namespace:
                               lines=read_jsonl(root / "logs" / "metrics.jsonl"))
 
 
+@pytest.mark.slow  # the module's two DP=2 pretrain runs: ~40 s
 @pytest.mark.flags("--eval-interval", "--eval-iters", "--tensorboard-dir", "--train-iters", "--log-dir",
                    "--global-batch-size", cmd="pretrain")
 def test_validation_logged_at_the_interval_and_the_end(dp2):
@@ -131,6 +132,7 @@ def test_validation_logged_at_the_interval_and_the_end(dp2):
         assert value == pytest.approx(evaluated[i]["validation/lm_loss"], rel=1e-6)
 
 
+@pytest.mark.slow  # the module's two DP=2 pretrain runs: ~40 s
 @pytest.mark.flags("--data-path", "--split", "--seq-length", "--load", cmd="pretrain")
 def test_first_training_loss_equals_hf_cross_entropy(dp2):
     train, _ = _datasets(dp2.data + ["--train-iters", "5"])
@@ -141,6 +143,7 @@ def test_first_training_loss_equals_hf_cross_entropy(dp2):
     assert not _close(got, _hf_loss(_load_hf(dp2.hf), train, range(GBS, 2 * GBS)))
 
 
+@pytest.mark.slow  # the module's two DP=2 pretrain runs: ~40 s
 @pytest.mark.flags("--save", "--save-interval", "--split", cmd="pretrain")
 def test_validation_loss_equals_hf_cross_entropy_of_the_checkpoint(dp2):
     """Iteration 2 scores validation samples 0..7 with the weights after 2 steps; iteration 5 (the
@@ -157,6 +160,7 @@ def test_validation_loss_equals_hf_cross_entropy_of_the_checkpoint(dp2):
             assert not _close(logged[iteration], _hf_loss(hf, valid, range(0, PER_EVAL)))
 
 
+@pytest.mark.slow  # the module's two DP=2 pretrain runs: ~40 s
 @pytest.mark.flags("--mock-data", "--eval-iters", "--lr", cmd="pretrain")
 def test_mock_data_eval_iters_alone_evaluates_at_the_end(dp2, tmp_path):
     """--mock-data, --eval-iters without --eval-interval: one evaluation, at the end. lr 0 keeps

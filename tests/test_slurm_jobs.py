@@ -208,6 +208,7 @@ RL_FLAGS = ["--num-rollouts", "2", "--rollout-batch-size", "2", "--n-samples-per
             "--save-interval", "1"]
 
 
+@pytest.mark.slow  # two Slurm nodes, a trainer and a server: ~20 s
 def test_disaggregated_sfpo_job_runs_two_steps_across_both_nodes(cluster, tmp_path: Path,
                                                                  rollout_model: Path) -> None:
     run = tmp_path / "run"

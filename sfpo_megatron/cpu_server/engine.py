@@ -901,7 +901,7 @@ class GenerationEngine:
             with self._staged_lock:
                 self._spare.setdefault((tuple(t.shape), t.dtype), []).append(t)
 
-    def drop_spare_buffers(self) -> None:
+    def _drop_spare_buffers(self) -> None:
         with self._staged_lock:
             self._spare.clear()
             self._own_buffers.clear()
@@ -967,7 +967,7 @@ class GenerationEngine:
         self.offload_dir.mkdir(parents=True, exist_ok=True)
         path = self.offload_dir / f"rollout-offload-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
         save_model(self.model, str(path))
-        self.drop_spare_buffers()
+        self._drop_spare_buffers()
         self._param_shapes = {}
         for name, p in self.model.named_parameters():  # unique Parameters; ties share one object
             self._param_shapes[name] = (p.shape, p.dtype)

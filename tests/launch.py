@@ -9,8 +9,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -59,6 +63,22 @@ def sfpo(nproc: int, subcommand: str, flags: list[str], **kw) -> subprocess.Comp
     if nproc == 1:
         return run([PYTHON, "-m", "sfpo_megatron.cli", subcommand] + flags, **kw)
     return torchrun(nproc, ["-m", "sfpo_megatron.cli", subcommand] + flags, **kw)
+
+
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str, poll_s: float = 0.05,
+                 timeout: float = 600) -> None:
+    """SIGKILL ``proc`` and its whole process tree (servers, reward workers) as soon as
+    ``ready()``; fail if the run ends first or ``what`` does not happen within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"run ended (code {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(poll_s)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    proc.wait(timeout=60)
+    for p in psutil.wait_procs(children, timeout=30)[1]:
+        p.kill()
 
 
 def read_jsonl(path: Path) -> list[dict]:

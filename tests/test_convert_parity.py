@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from launch import torchrun
+from megatron_forward import megatron_logits
 from tiny_models import CONVERSION, CONVERSION_MODELS, save_conversion_models
 
 VOCAB = CONVERSION["vocab_size"]
@@ -36,34 +37,6 @@ IMPL = os.environ.get("SFPO_TEST_TRANSFORMER_IMPL", "local")
 def _tokens(batch: int = 2, seq: int = 48) -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
-
-
-def _megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Full (padded) vocab logits on the last pipeline stage (TP shards gathered), on the CPU."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    device = next(model.parameters()).device
-    tokens = tokens.to(device)
-    b, s = tokens.shape
-    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
-    pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), \
-        ps.get_pipeline_model_parallel_world_size()
-    with torch.no_grad():
-        if pp_size > 1 and pp_rank > 0:
-            hidden = torch.empty(s, b, model.config.hidden_size, device=device)
-            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-            model.set_input_tensor(hidden)
-        out = model(tokens, pos, None)
-        if pp_size > 1 and pp_rank < pp_size - 1:
-            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-            return None
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp > 1:
-        parts = [torch.empty_like(out) for _ in range(tp)]
-        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-        out = torch.cat(parts, dim=-1)
-    return out.float().cpu()
 
 
 def _packed_check(model, hf_model) -> float:
@@ -126,7 +99,7 @@ def worker(hf_root: str, out_path: str) -> None:
                 continue
             model.to(device).eval()
             load_hf_weights([model], d, d)
-            logits = _megatron_logits(model, tokens)
+            logits = megatron_logits(model, tokens)
             entry: dict = {}
             if logits is not None:
                 entry["padded_vocab"] = logits.shape[-1]

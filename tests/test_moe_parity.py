@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from launch import torchrun
+from megatron_forward import megatron_logits
 from tiny_models import CONVERSION, save_moe_model
 
 VOCAB = CONVERSION["vocab_size"]
@@ -37,32 +38,6 @@ LAYOUTS_4 = {"ep2_pp2": (1, 2, 2, 1, "alltoall")}
 def _tokens(batch: int = 2, seq: int = 40) -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
-
-
-def _megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Full (padded) vocab logits on the last pipeline stage (TP shards gathered)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    b, s = tokens.shape
-    pos = torch.arange(s).unsqueeze(0).expand(b, -1)
-    pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), \
-        ps.get_pipeline_model_parallel_world_size()
-    with torch.no_grad():
-        if pp_size > 1 and pp_rank > 0:
-            hidden = torch.empty(s, b, model.config.hidden_size)
-            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-            model.set_input_tensor(hidden)
-        out = model(tokens, pos, None)
-        if pp_size > 1 and pp_rank < pp_size - 1:
-            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-            return None
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp > 1:
-        parts = [torch.empty_like(out) for _ in range(tp)]
-        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-        out = torch.cat(parts, dim=-1)
-    return out.float()
 
 
 def worker(hf_root: str, out_path: str, layouts: str) -> None:
@@ -90,7 +65,7 @@ def worker(hf_root: str, out_path: str, layouts: str) -> None:
             model = model_provider(d, tp=tp, pp=pp, ep=ep, etp=etp, perform_initialization=False,
                                    moe_token_dispatcher_type=dispatcher).eval()
             load_hf_weights([model], d, d)
-            logits = _megatron_logits(model, tokens)
+            logits = megatron_logits(model, tokens)
             entry: dict = {}
             if logits is not None:
                 entry["max_diff"] = (logits[..., :VOCAB] - refs[name]).abs().max().item()

@@ -27,9 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, run
+from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, run, sigkill_when
 from tiny_models import save_rollout_model
 
 ENV = child_env(PYTHONPATH=f"{REPO}:{SCRIPTS}", **SERVER_ENV)
@@ -79,16 +78,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     proc = subprocess.Popen(command(model, data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=ENV)
     tracker = out / "ckpt" / "latest_checkpointed_iteration.txt"
-    deadline = time.monotonic() + 600
-    while not (tracker.exists() and tracker.read_text() == "2"):
-        assert proc.poll() is None, f"run ended (code {proc.returncode}) before its step-2 checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
-        time.sleep(0.05)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    proc.kill()
-    proc.wait(timeout=60)
-    for p in psutil.wait_procs(children, timeout=30)[1]:
-        p.kill()
+    sigkill_when(proc, lambda: tracker.exists() and tracker.read_text() == "2", "its step-2 checkpoint")
     killed_at = max(batches(out))
     state = dist_checkpointing.load_common_state_dict(str(out / "ckpt" / "iter_0000002"))["extra_state"]["rl"]
     sync_out = root / "sync_resume"

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
-from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, run
+from launch import PYTHON, REPO, SCRIPTS, SERVER_ENV, child_env, read_jsonl, run, sigkill_when
 from tiny_models import TOOL_CALL, TOOL_TEMPLATE, save_tool_model
 
 ENV = child_env(PYTHONPATH=f"{REPO}:{SCRIPTS}", **SERVER_ENV)
@@ -93,16 +91,7 @@ def test_async_vcpo_multi_turn_resumes_after_sigkill_without_losing_or_repeating
     cmd = command(setup["model"], setup["data"], out, steps, asynchronous=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     tracker = out / "ckpt" / "latest_checkpointed_iteration.txt"
-    deadline = time.monotonic() + 600
-    while not (tracker.exists() and tracker.read_text() == "2"):
-        assert proc.poll() is None, f"run ended (code {proc.returncode}) before its step-2 checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
-        time.sleep(0.05)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    proc.kill()
-    proc.wait(timeout=60)
-    for p in psutil.wait_procs(children, timeout=30)[1]:
-        p.kill()
+    sigkill_when(proc, lambda: tracker.exists() and tracker.read_text() == "2", "its step-2 checkpoint")
     run(cmd, timeout=900, env=ENV)  # the same command line resumes
     recs, m = batches(out), metrics(out)
     assert sorted(recs) == list(range(1, steps + 1))

@@ -18,8 +18,8 @@ import pytest
 import torch
 import transformers
 from launch import PYTHON, REPO, SCRIPTS, TOOLS, child_env, load_module, run
-from safetensors.torch import load_file, save_file
-from tiny_models import save_conversion_models, save_rollout_model
+from safetensors.torch import load_file
+from tiny_models import edited_copy, save_conversion_models, save_rollout_model
 
 from sfpo_megatron.conversion.hf_mapping import (
     ArchitectureMismatchError,
@@ -48,20 +48,12 @@ def _gpt2() -> transformers.GPT2LMHeadModel:
         vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32))
 
 
-def _edited_copy(src: Path, dst: Path, edit) -> Path:
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 def test_intact_checkpoint_passes(qwen2_dir):
     check_hf_checkpoint(SafetensorsSource(str(qwen2_dir)), qwen2_dir, qwen2_dir)
 
 
 def test_missing_tensor_is_named(qwen2_dir, tmp_path):
-    d = _edited_copy(qwen2_dir, tmp_path / "missing", lambda t: t.pop(DOWN))
+    d = edited_copy(qwen2_dir, tmp_path / "missing", lambda t: t.pop(DOWN))
     with pytest.raises(MissingTensorError) as err:
         check_hf_checkpoint(SafetensorsSource(str(d)), d)
     assert str(err.value) == f"checkpoint is missing tensor {DOWN}"
@@ -69,7 +61,7 @@ def test_missing_tensor_is_named(qwen2_dir, tmp_path):
 
 def test_extra_tensor_is_named(qwen2_dir, tmp_path):
     extra = "model.layers.0.self_attn.gate.weight"
-    d = _edited_copy(qwen2_dir, tmp_path / "extra",
+    d = edited_copy(qwen2_dir, tmp_path / "extra",
                      lambda t: t.__setitem__(extra, torch.zeros(3)))
     with pytest.raises(ExtraTensorError) as err:
         check_hf_checkpoint(SafetensorsSource(str(d)), d)

@@ -13,14 +13,13 @@ for checkpoints and layouts that do not fit.
 from __future__ import annotations
 
 import glob
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from launch import PYTHON, TOOLS, load_module, read_jsonl, run, sfpo, torchrun
-from safetensors.torch import load_file, save_file
-from tiny_models import save_moe_model
+from safetensors.torch import load_file
+from tiny_models import edited_copy, save_moe_model
 from transformers import AutoModelForCausalLM
 
 from sfpo_megatron.conversion.hf_mapping import (
@@ -89,27 +88,19 @@ def moe_dir(tmp_path_factory) -> Path:
     return save_moe_model(tmp_path_factory.mktemp("moe") / "hf")
 
 
-def _edited_copy(src: Path, dst: Path, edit) -> Path:
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 def test_intact_moe_checkpoint_passes(moe_dir):
     check_hf_checkpoint(SafetensorsSource(str(moe_dir)), moe_dir, moe_dir)
 
 
 def test_missing_expert_is_named(moe_dir, tmp_path):
-    d = _edited_copy(moe_dir, tmp_path / "missing", lambda t: t.pop(EXPERT.format(x=5)))
+    d = edited_copy(moe_dir, tmp_path / "missing", lambda t: t.pop(EXPERT.format(x=5)))
     with pytest.raises(MissingTensorError) as err:
         check_hf_checkpoint(SafetensorsSource(str(d)), d)
     assert str(err.value) == f"checkpoint is missing tensor {EXPERT.format(x=5)}"
 
 
 def test_extra_expert_is_named(moe_dir, tmp_path):
-    d = _edited_copy(moe_dir, tmp_path / "extra", lambda t: t.__setitem__(
+    d = edited_copy(moe_dir, tmp_path / "extra", lambda t: t.__setitem__(
         EXPERT.format(x=8), t[EXPERT.format(x=7)].clone()))
     with pytest.raises(ExtraTensorError) as err:
         check_hf_checkpoint(SafetensorsSource(str(d)), d)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 FAMILIES = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig",
             "qwen3_moe": "Qwen3MoeConfig"}
@@ -255,3 +258,12 @@ def save_tool_model(path: Path, gap: float = 6.0, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = EOS
     model.save_pretrained(path)
     return path
+
+
+def edited_copy(src: Path, dst: Path, edit: Callable[[dict], object]) -> Path:
+    """A copy of the one-file HF checkpoint ``src`` at ``dst`` with ``edit`` applied to its tensors."""
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
